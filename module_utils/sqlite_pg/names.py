@@ -1,0 +1,28 @@
+"""Identifiers on both sides.
+
+PostgreSQL identifiers go through psycopg2.sql.Identifier everywhere. SQLite has
+no client-side identifier quoting in the standard library, so SQLite names are
+quoted here (double quotes, inner quotes doubled: the SQL standard rule SQLite
+documents); values are always bound parameters.
+"""
+
+PG_MAX_IDENTIFIER_BYTES = 63  # NAMEDATALEN - 1: PostgreSQL silently cuts longer names
+
+
+def sqlite_ident(name):
+    return '"' + name.replace('"', '""') + '"'
+
+
+def pg_name(name):
+    """The name PostgreSQL will actually store for ``name`` (cut to 63 bytes on a character boundary)."""
+    encoded = name.encode("utf-8")
+    if len(encoded) <= PG_MAX_IDENTIFIER_BYTES:
+        return name
+    return encoded[:PG_MAX_IDENTIFIER_BYTES].decode("utf-8", "ignore")
+
+
+def derived_name(*parts, suffix):
+    """A constraint or index name in PostgreSQL's own style (table_col_suffix), cut to fit."""
+    base = "_".join(parts)
+    room = PG_MAX_IDENTIFIER_BYTES - len(suffix.encode("utf-8")) - 1
+    return pg_name(base.encode("utf-8")[:room].decode("utf-8", "ignore") + "_" + suffix)

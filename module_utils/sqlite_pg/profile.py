@@ -1,0 +1,407 @@
+"""Profiling one source table against its target types, before anything is written.
+
+One aggregate query per table (SQLite's C code does the per-value work): row
+count, storage classes and NULLs per column, integer ranges where a new
+table's width depends on them, and per column the number of values its target
+type would refuse. Python then looks only at what SQL cannot judge: values of
+storage classes a rule marks as Python-checked, text that must pass UTF-8/NUL
+checks (read in slices of a few MB that SQLite concatenates, so Python
+touches a slice, not a value), and the first offending rows for the messages.
+"""
+
+import json
+import sqlite3
+from dataclasses import dataclass, field
+
+from .errors import MigrationError, shorten
+from .names import sqlite_ident
+from .rules import Invalid, TimestampRule, rule_for
+from .typemap import map_declared
+
+TEXT_SCAN_ROWS = 8192
+TEXT_SCAN_BYTES = 4 << 20
+STORAGE_CLASSES = ("integer", "real", "text", "blob")
+
+
+@dataclass
+class BadValue:
+    key: list  # rowid, or the primary key values of a WITHOUT ROWID table
+    column: str
+    reason: str
+    value: object
+
+    def record(self, table, key_columns):
+        """A reject-file line (JSON-ready)."""
+        rowid = self.key[0] if len(key_columns) == 1 and key_columns[0] in ("rowid", "_rowid_", "oid") else None
+        record = {"table": table, "rowid": rowid, "column": self.column, "reason": self.reason,
+                  "value": _json_value(self.value)}
+        if rowid is None:
+            record["key"] = dict(zip(key_columns, (_json_value(v) for v in self.key)))
+        return record
+
+
+@dataclass
+class ColumnProfile:
+    name: str
+    declared: str
+    target: object  # TargetType
+    storage: list
+    invalid: int = 0
+    conversion: str = "sql"  # 'sql': SQLite formats it; 'python': Python formats it
+    zoned_text: int = 0
+    specials: bool = False  # holds characters COPY must escape
+    note: str = ""
+
+    def summary(self):
+        summary = {"declared": self.declared, "target": self.target.sql, "storage": self.storage,
+                   "invalid": self.invalid, "conversion": self.conversion}
+        if self.note:
+            summary["note"] = self.note
+        return summary
+
+
+@dataclass
+class TableProfile:
+    table: str
+    rows: int
+    columns: list
+    key_columns: list
+    bad_values: list = field(default_factory=list)  # BadValue, first ones per column (all in reject mode)
+    invalid_sql: str = ""  # SQL true for rows SQL judged invalid
+    invalid_sql_rows: int = 0
+    python_excluded: list = field(default_factory=list)  # keys of rows only Python (or PRAGMAs) found invalid
+    uncollected_rejects: int = 0  # invalid rows past the collection limit (the run fails on them anyway)
+    problems: list = field(default_factory=list)  # one-line messages that fail the run whatever on_invalid says
+    notes: list = field(default_factory=list)
+
+    def exclude(self, key):
+        """Leave the row out of the load (reject mode); each row counts once whatever its problems."""
+        if key not in self.python_excluded:
+            self.python_excluded.append(key)
+
+    @property
+    def rejected_rows(self):
+        return self.invalid_sql_rows + len(self.python_excluded) + self.uncollected_rejects
+
+    def summary(self):
+        return {
+            "rows": self.rows,
+            "invalid_rows": self.rejected_rows,
+            "columns": {c.name: c.summary() for c in self.columns},
+            "problems": self.problems,
+            "notes": self.notes,
+        }
+
+
+def _json_value(value):
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return "\\x" + bytes(value).hex()
+    return value
+
+
+def display(value):
+    """A value read with bytes as text factory, shortened for a message."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    return shorten(value)
+
+
+def describe_key(key_columns, key):
+    if len(key_columns) == 1 and key_columns[0] in ("rowid", "_rowid_", "oid"):
+        return f"rowid {key[0]}"
+    return "key (" + ", ".join(f"{c}={display(v)}" for c, v in zip(key_columns, key)) + ")"
+
+
+def profile_table(connection, table, targets, options):
+    """Profile ``table`` (a SourceTable) read through ``connection`` (bytes text factory, read transaction open).
+
+    ``targets`` maps column names to the existing target column's TargetType, or
+    None when the table will be created (the type is then chosen here).
+    ``options``: dict with on_invalid, max_rejects, source_timezone, notnull (set
+    of target columns that are NOT NULL).
+    """
+    ident = sqlite_ident(table.name)
+    key_columns = table.key_columns
+    if not key_columns:
+        raise MigrationError(f"table {table.name} has neither a rowid nor a primary key: rows cannot be identified")
+    key_sql = ", ".join(sqlite_ident(c) if c not in ("rowid", "_rowid_", "oid") else c for c in key_columns)
+    timezone = options.get("source_timezone", "UTC")
+    notnull = options.get("notnull", set())
+    collect = options.get("on_invalid") == "reject"
+    limit = (options.get("max_rejects", 0) + 1) if collect else 1
+
+    # What the declaration (or the existing column) fixes before any value is seen. A new table's
+    # integer width and content-typed columns are settled after, from the values; neither can make a
+    # value invalid (the width is chosen to fit, content typing to hold every storage class found).
+    provisional = {}
+    for column in table.columns:
+        target = targets.get(column.name)
+        if target is None:
+            target, _ = map_declared(column, table.rowid_alias, STORAGE_CLASSES, None)
+            if target.category == "integer":
+                target, _ = map_declared(column, table.rowid_alias, ("integer",), (-(2**63), 2**63 - 1))
+        provisional[column.name] = rule_for(target, timezone)
+
+    select, slots, checks = ["count(*)"], {}, {}
+    for column in table.columns:
+        q = sqlite_ident(column.name)
+        slots[column.name] = {"storage": len(select)}
+        select.append(f"group_concat(DISTINCT typeof({q}))")
+        if targets.get(column.name) is None and provisional[column.name].target.category == "integer":
+            slots[column.name]["range"] = len(select)
+            select += [f"min(CASE WHEN typeof({q}) IN ('integer', 'real') THEN {q} END)",
+                       f"max(CASE WHEN typeof({q}) IN ('integer', 'real') THEN {q} END)"]
+        if provisional[column.name].target.category == "timestamp":
+            slots[column.name]["zoned"] = len(select)
+            select.append(f"sum({TimestampRule.has_zone_sql(q)})")
+        valid = _valid_sql(provisional[column.name], q, column, notnull)
+        if valid:
+            checks[column.name] = valid
+    if checks:
+        # One test for the whole row (short-circuit, one aggregate); per-column counts only if it fails.
+        select.append("sum(NOT (" + " AND ".join(f"({v})" for v in checks.values()) + "))")
+    row = _fetch_one(connection, table, "SELECT " + ", ".join(select) + " FROM " + ident)  # noqa: S608 - quoted
+    invalid_counts = {}
+    if checks and row[-1]:
+        counts = _fetch_one(connection, table, "SELECT " + ", ".join(  # noqa: S608 - quoted identifiers
+            f"sum(NOT ({v}))" for v in checks.values()) + " FROM " + ident)
+        invalid_counts = dict(zip(checks, counts))
+
+    profile = TableProfile(table.name, row[0], [], key_columns)
+    invalid_terms = []
+    for column in table.columns:
+        q = sqlite_ident(column.name)
+        slot = slots[column.name]
+        storage = sorted(_text(row[slot["storage"]]).split(",")) if row[slot["storage"]] else []
+        target = targets.get(column.name)
+        note = ""
+        if target is None:
+            int_range = (row[slot["range"]], row[slot["range"] + 1]) if "range" in slot else None
+            if int_range and int_range[0] is None:
+                int_range = None
+            target, note = map_declared(column, table.rowid_alias, storage, int_range)
+        rule = rule_for(target, timezone)
+        column_profile = ColumnProfile(column.name, column.declared, target, storage, note=note)
+        column_profile.zoned_text = row[slot["zoned"]] if "zoned" in slot else 0
+        profile.columns.append(column_profile)
+        if note:
+            profile.notes.append(f"{table.name}.{column.name}: {note}")
+        if invalid_counts.get(column.name):
+            column_profile.invalid += invalid_counts[column.name]
+            invalid_terms.append(f"NOT ({checks[column.name]})")
+            _collect_sql_bad(connection, profile, table, column, rule, q, checks[column.name], key_sql, limit)
+        for storage_class in sorted(set(storage) & rule.python_classes):
+            _python_check(connection, profile, table, column, rule, q, storage_class, key_sql, limit, collect)
+
+    text_columns = [c for c in profile.columns if rule_for(c.target, timezone).text_scan and "text" in c.storage]
+    if text_columns and profile.rows:
+        _text_scan(connection, profile, table, text_columns, key_sql, limit, collect)
+    for column_profile in profile.columns:
+        rule = rule_for(column_profile.target, timezone)
+        classes = set(column_profile.storage) - {"null"}
+        if rule.format_sql("x", classes, zoned_text=bool(column_profile.zoned_text),
+                           specials=column_profile.specials) is None:
+            column_profile.conversion = "python"
+
+    _foreign_key_check(connection, profile, table, collect, limit)
+    if invalid_terms:
+        profile.invalid_sql = " OR ".join(invalid_terms)
+        profile.invalid_sql_rows = _fetch_one(
+            connection, table, f"SELECT count(*) FROM {ident} WHERE {profile.invalid_sql}")[0]  # noqa: S608
+        if profile.python_excluded and table.rowid:
+            # Rows SQL already leaves out must not be counted twice.
+            overlap = {found[0] for found in connection.execute(
+                f"SELECT {table.rowid} FROM {ident} WHERE ({profile.invalid_sql}) "  # noqa: S608 - quoted
+                f"AND {table.rowid} IN (SELECT value FROM json_each(?))",
+                (json.dumps([key[0] for key in profile.python_excluded]),))}
+            profile.python_excluded = [key for key in profile.python_excluded if key[0] not in overlap]
+    return profile
+
+
+def _valid_sql(rule, q, column, notnull):
+    """The column's validity test, or None when nothing can fail.
+
+    Never NULL: a NULL would hide the row from sum() and from NOT (...). A NULL value is valid
+    unless the target column is NOT NULL; a value whose test yields NULL is not.
+    """
+    valid = rule.valid_sql(q)
+    null_allowed = column.name not in notnull or column.notnull  # SQLite enforced NOT NULL itself
+    if valid is None and null_allowed:
+        return None
+    return f"CASE WHEN {q} IS NULL THEN {int(null_allowed)} ELSE coalesce({valid or 1}, 0) END"
+
+
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _fetch_one(connection, table, query, parameters=()):
+    try:
+        return connection.execute(query, parameters).fetchone()
+    except sqlite3.DatabaseError as error:
+        raise MigrationError(f"source table {table.name} cannot be read: {error}") from None
+
+
+def _reason(rule, storage_class, value):
+    if value is None:
+        return f"is NULL but the target column is NOT NULL ({rule.target.sql})"
+    try:
+        rule.convert(_text(storage_class), value)
+    except Invalid as error:
+        return str(error)
+    return f"cannot become {rule.target.sql}"
+
+
+def _collect_sql_bad(connection, profile, table, column, rule, q, valid, key_sql, limit):
+    query = f"SELECT {key_sql}, typeof({q}), {q} FROM {sqlite_ident(table.name)} WHERE NOT ({valid}) LIMIT ?"  # noqa: S608
+    try:
+        rows = connection.execute(query, (limit,)).fetchall()
+    except sqlite3.DatabaseError as error:
+        raise MigrationError(f"source table {table.name} cannot be read: {error}") from None
+    width = len(profile.key_columns)
+    for found in rows:
+        key, storage_class, value = list(found[:width]), found[width], found[width + 1]
+        profile.bad_values.append(BadValue(key, column.name, _reason(rule, storage_class, value), value))
+
+
+def _python_check(connection, profile, table, column, rule, q, storage_class, key_sql, limit, collect):
+    query = f"SELECT {key_sql}, {q} FROM {sqlite_ident(table.name)} WHERE typeof({q}) = ?"  # noqa: S608
+    width = len(profile.key_columns)
+    column_profile = next(c for c in profile.columns if c.name == column.name)
+    column_profile.conversion = "python"
+    try:
+        cursor = connection.execute(query, (storage_class,))
+        for found in cursor:
+            try:
+                rule.convert(storage_class, found[width])
+            except Invalid as error:
+                key = list(found[:width])
+                column_profile.invalid += 1
+                if len([b for b in profile.bad_values if b.column == column.name]) < limit:
+                    profile.bad_values.append(BadValue(key, column.name, str(error), found[width]))
+                profile.exclude(key)
+                if not collect and len(profile.python_excluded) >= limit:
+                    break
+    except sqlite3.DatabaseError as error:
+        raise MigrationError(f"source table {table.name} cannot be read: {error}") from None
+
+
+def _text_scan(connection, profile, table, columns, key_sql, limit, collect):
+    """UTF-8 and NUL checks over every text value that reaches PostgreSQL as it is, and whether a
+    column holds characters COPY must escape (tab, newline, CR, backslash): the load escapes only those.
+
+    SQLite has no UTF-8 validation, so Python decodes; SQLite concatenates each
+    column over a slice of rows first, so Python does one decode per slice and
+    column, never one per value.
+    """
+    ident = sqlite_ident(table.name)
+    if not table.rowid:
+        # WITHOUT ROWID: no cheap slicing by rowid; these tables are rare and usually small.
+        _text_detail(connection, profile, table, columns, key_sql, "1", (), limit, collect, scan_specials=True)
+        return
+    rowid = table.rowid
+    names = [sqlite_ident(c.name) for c in columns]
+    concatenated = ", ".join(f"group_concat(c{i}, x'')" for i in range(len(names)))
+    renamed = ", ".join(f"{name} AS c{i}" for i, name in enumerate(names))
+    query = (f"SELECT max(r), {concatenated} FROM (SELECT {rowid} AS r, {renamed} FROM {ident} "  # noqa: S608
+             f"WHERE {rowid} > ? ORDER BY {rowid} LIMIT ?)")
+    pending = set(range(len(columns)))  # columns not yet known to hold special characters
+    last, rows = -(2**63), 8
+    while True:
+        found = _fetch_one(connection, table, query, (last, rows))
+        high = found[0]
+        if high is None:
+            return
+        # Slices of about TEXT_SCAN_BYTES whatever the width of the rows: memory stays flat.
+        size = sum(len(blob) for blob in found[1:] if blob)
+        rows = max(1, min(TEXT_SCAN_ROWS, rows * 2 if size < TEXT_SCAN_BYTES // 2 else
+                          rows * TEXT_SCAN_BYTES // max(size, 1)))
+        broken = False
+        for position, blob in enumerate(found[1:]):
+            if not blob:
+                continue
+            if position in pending and any(ch in blob for ch in _SPECIALS):
+                columns[position].specials = True
+                pending.discard(position)
+            if b"\x00" in blob or not _is_utf8(blob):
+                broken = True
+        if broken:
+            _text_detail(connection, profile, table, columns, key_sql, f"{rowid} > ? AND {rowid} <= ?",
+                         (last, high), limit, collect)
+            if not collect:
+                return
+        last = high
+
+
+_SPECIALS = (b"\\", b"\t", b"\n", b"\r")
+
+
+def _is_utf8(blob):
+    try:
+        blob.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _text_detail(connection, profile, table, columns, key_sql, where, parameters, limit, collect,
+                 scan_specials=False):
+    names = ", ".join(sqlite_ident(c.name) for c in columns)
+    query = f"SELECT {key_sql}, {names} FROM {sqlite_ident(table.name)} WHERE {where}"  # noqa: S608
+    width = len(profile.key_columns)
+    for found in connection.execute(query, parameters):
+        for column, value in zip(columns, found[width:]):
+            if not isinstance(value, bytes):
+                continue
+            if scan_specials and not column.specials and any(ch in value for ch in _SPECIALS):
+                column.specials = True
+            reason = ""
+            if b"\x00" in value:
+                reason = "contains a NUL character, which PostgreSQL text cannot hold"
+            else:
+                try:
+                    value.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    reason = f"is not valid UTF-8 (byte {error.start})"
+            if not reason:
+                continue
+            key = list(found[:width])
+            column.invalid += 1
+            if len(profile.bad_values) < limit * len(profile.columns):
+                profile.bad_values.append(BadValue(key, column.name, reason, value))
+            profile.exclude(key)
+            if not collect:
+                return
+
+
+def _foreign_key_check(connection, profile, table, collect, limit):
+    try:
+        violations = connection.execute(
+            "SELECT rowid, parent, fkid FROM pragma_foreign_key_check(?)", (table.name,)).fetchall()
+    except sqlite3.DatabaseError as error:
+        profile.problems.append(f"table {table.name}: PRAGMA foreign_key_check failed: {error}")
+        return
+    for rowid, parent, fk_id in violations[:limit]:
+        fk = table.foreign_keys[fk_id] if fk_id < len(table.foreign_keys) else None
+        columns = ", ".join(fk.columns) if fk else "?"
+        reason = f"foreign key ({columns}) references a row missing from {_text(parent)}"
+        if rowid is None:
+            profile.problems.append(f"table {table.name}: {reason} (WITHOUT ROWID table: the row cannot be named)")
+            continue
+        profile.bad_values.append(BadValue([rowid], fk.columns[0] if fk else "", reason, None))
+        profile.exclude([rowid])
+    profile.uncollected_rejects += max(0, len(violations) - limit)
+
+
+def integrity_check(connection, quick=False):
+    """[] when the database passes PRAGMA integrity_check (or quick_check), else the first problems."""
+    pragma = "quick_check" if quick else "integrity_check"
+    rows = connection.execute(f"PRAGMA {pragma}(20)").fetchall()
+    messages = [_text(r[0]) for r in rows]
+    return [] if messages == ["ok"] else messages

@@ -1,0 +1,602 @@
+"""Conversion rules: how a SQLite value becomes text in a COPY stream for a target type.
+
+Each rule exists twice, on purpose:
+
+* as SQLite SQL, evaluated by SQLite's C code while it reads: a validity test
+  (used by the profile, and to leave bad rows out in reject mode) and a
+  formatting expression (used by the load). These cost no Python per value,
+  which is what keeps the load fast;
+* as Python (``convert``), for the storage classes SQL cannot format exactly
+  (REAL values: SQLite prints 15 digits, and even quote() rounds some doubles
+  wrongly in 3.40), for values only Python can judge (a number stored as text
+  in an integer column), for defaults, and to say why a value is invalid.
+
+Every formatting result is already escaped for COPY's text format, so the load
+only joins fields with tabs and rows with newlines.
+"""
+
+import datetime
+import json
+import re
+import uuid
+from decimal import Decimal, InvalidOperation
+
+from .typemap import FLOAT4_MAX
+
+try:
+    from zoneinfo import ZoneInfo
+except ImportError:  # Python < 3.9
+    ZoneInfo = None
+
+EPOCH_MS_THRESHOLD = 100_000_000_000  # |n| below this is epoch seconds (to year 5138), above it milliseconds
+EPOCH_MIN_MS, EPOCH_MAX_MS = -62135596800000, 253402300799999  # 0001-01-01 .. 9999-12-31 23:59:59.999
+UTC = datetime.timezone.utc
+UNIX_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=UTC)
+TRUE_WORDS = ("true", "t", "yes", "y", "on", "1")
+FALSE_WORDS = ("false", "f", "no", "n", "off", "0")
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_INTEGER_TEXT = re.compile(r"^\s*[+-]?\d+\s*$")
+_DECIMAL_TEXT = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
+_FLOAT_TEXT = re.compile(r"^\s*[+-]?((\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|inf|infinity|nan)\s*$", re.IGNORECASE)
+_TIMESTAMP_TEXT = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?)?\s*(Z|z|[+-]\d{2}:\d{2})?\s*$"
+)
+_TIME_TEXT = re.compile(r"^\d{2}:\d{2}(:\d{2}(\.\d+)?)?$")
+_UUID_TEXT = re.compile(
+    r"^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[0-9a-fA-F]{32})$")
+# SQLite's date parser skips tabs and line breaks that COPY would take as field and row ends.
+_NO_BREAKS = "instr({q}, char(9)) = 0 AND instr({q}, char(10)) = 0 AND instr({q}, char(13)) = 0"
+_HEX_DIGIT = "[0-9a-fA-F]"
+_UUID_GLOB = "-".join(_HEX_DIGIT * n for n in (8, 4, 4, 4, 12))
+_DATE_PREFIX = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-"  # year and month of YYYY-MM-DD, for GLOB
+
+
+class Invalid(ValueError):
+    """A value that cannot become the target type; the message says why."""
+
+
+def escape_copy(text):
+    return text.translate(_COPY_ESCAPES).encode("utf-8")
+
+
+def sql_escape(q):
+    """SQL that escapes a text value for COPY; only values holding a special character pay for replace()."""
+    return (
+        f"CASE WHEN {q} GLOB '*[' || char(9, 10, 13, 92) || ']*' THEN "
+        f"replace(replace(replace(replace({q}, '\\', '\\\\'), char(9), '\\t'), char(10), '\\n'), char(13), '\\r') "
+        f"ELSE {q} END"
+    )
+
+
+def decode_text(value):
+    if isinstance(value, str):
+        text = value
+    else:
+        try:
+            text = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise Invalid(f"is not valid UTF-8 (byte {error.start})") from None
+    if "\x00" in text:
+        raise Invalid("contains a NUL character, which PostgreSQL text cannot hold")
+    return text
+
+
+def float_text(value):
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "Infinity" if value > 0 else "-Infinity"
+    return repr(value)  # the shortest text that reads back as exactly this double
+
+
+class Rule:
+    """The conversion for one target type. Subclasses fill in the category's details."""
+
+    category = ""
+    python_classes = frozenset()  # storage classes only Python can validate
+    text_scan = False  # text values pass through as they are: UTF-8 and NUL must be checked
+
+    def __init__(self, target, source_timezone="UTC"):
+        self.target = target
+        self.source_timezone = source_timezone
+
+    def valid_sql(self, q):
+        """SQL true for every value of any storage class that converts (NULL included), or None: all do."""
+        return None
+
+    def format_sql(self, q, classes, zoned_text=False, specials=True):
+        """SQL giving the COPY field for the given storage classes, or None when Python must format some.
+
+        ``zoned_text``: the profile found text timestamps with a zone (matters for timestamp without time zone).
+        ``specials``: the profile found tabs, newlines, CRs or backslashes in the column's text (else no escaping).
+        """
+        return None
+
+    def convert(self, storage_class, value):
+        """The COPY field (bytes) for one value; raises Invalid with the reason."""
+        raise NotImplementedError
+
+    def field(self, storage_class, value):
+        if value is None:
+            return b"\\N"
+        return self.convert(storage_class, value)
+
+
+class TextRule(Rule):
+    category = "text"
+    python_classes = frozenset({"blob"})
+    text_scan = True
+
+    def valid_sql(self, q):
+        if not self.target.length:
+            return None
+        return f"length({q}) <= {int(self.target.length)}"
+
+    def format_sql(self, q, classes, zoned_text=False, specials=True):
+        text = sql_escape(q) if specials else q
+        if classes <= {"text"}:
+            return text
+        if classes <= {"integer"}:
+            return f"CAST({q} AS TEXT)"
+        if classes <= {"text", "integer"}:
+            return f"CASE WHEN typeof({q}) = 'integer' THEN CAST({q} AS TEXT) ELSE {text} END"
+        return None
+
+    def convert(self, storage_class, value):
+        if storage_class == "real":
+            text = float_text(value)
+        elif storage_class == "integer":
+            text = str(value)
+        else:
+            text = decode_text(value)
+        if self.target.length and len(text) > self.target.length:
+            raise Invalid(f"is {len(text)} characters long, more than {self.target.sql} holds")
+        return escape_copy(text)
+
+
+class OtherRule(TextRule):
+    """Types the engine does not know (enums, inet, interval, ...): text goes through, PostgreSQL judges it."""
+
+    category = "other"
+
+    def valid_sql(self, q):
+        return f"typeof({q}) <> 'blob'"
+
+    def convert(self, storage_class, value):
+        if storage_class == "blob":
+            raise Invalid(f"is a BLOB, which cannot become {self.target.sql}")
+        return super().convert(storage_class, value)
+
+
+class IntegerRule(Rule):
+    category = "integer"
+    python_classes = frozenset({"text"})
+
+    def valid_sql(self, q):
+        low, high = self.target.low, self.target.high
+        in_range = "1" if high >= 2**63 - 1 else f"{q} BETWEEN {low} AND {high}"
+        return (
+            f"CASE typeof({q}) WHEN 'integer' THEN {in_range} "
+            f"WHEN 'real' THEN ({q} = CAST({q} AS INTEGER) AND {q} >= {float(low)!r} AND {q} <= {float(high)!r}) "
+            f"WHEN 'blob' THEN 0 ELSE 1 END"
+        )
+
+    def format_sql(self, q, classes, zoned_text=False, specials=True):
+        if classes <= {"integer"}:
+            return f"CAST({q} AS TEXT)"
+        if classes <= {"integer", "real"}:
+            return f"CAST(CAST({q} AS INTEGER) AS TEXT)"
+        return None
+
+    def convert(self, storage_class, value):
+        if storage_class == "integer":
+            number = value
+        elif storage_class == "real":
+            if not float(value).is_integer():
+                raise Invalid(f"is not a whole number, so it cannot become {self.target.sql}")
+            number = int(value)
+        elif storage_class == "text":
+            text = decode_text(value)
+            if not _INTEGER_TEXT.match(text):
+                raise Invalid(f"is not an integer, so it cannot become {self.target.sql}")
+            number = int(text)
+        else:
+            raise Invalid(f"is a BLOB, which cannot become {self.target.sql}")
+        if not self.target.low <= number <= self.target.high:
+            raise Invalid(f"is out of range for {self.target.sql}")
+        return str(number).encode()
+
+
+class FloatRule(Rule):
+    category = "float"
+    python_classes = frozenset({"text"})
+
+    def valid_sql(self, q):
+        if self.target.float4:
+            return f"CASE typeof({q}) WHEN 'blob' THEN 0 WHEN 'text' THEN 1 ELSE abs({q}) <= {FLOAT4_MAX!r} END"
+        return f"typeof({q}) <> 'blob'"
+
+    def format_sql(self, q, classes, zoned_text=False, specials=True):
+        if classes <= {"integer"}:
+            return f"CAST({q} AS TEXT)"
+        return None
+
+    def convert(self, storage_class, value):
+        if storage_class == "integer":
+            number = float(value)
+            text = str(value)
+        elif storage_class == "real":
+            number = value
+            text = float_text(value)
+        elif storage_class == "text":
+            raw = decode_text(value)
+            if not _FLOAT_TEXT.match(raw):
+                raise Invalid(f"is not a number, so it cannot become {self.target.sql}")
+            number = float(raw)
+            text = float_text(number)
+        else:
+            raise Invalid(f"is a BLOB, which cannot become {self.target.sql}")
+        if self.target.float4 and abs(number) > FLOAT4_MAX and number != float("inf"):
+            raise Invalid(f"is out of range for {self.target.sql}")
+        return text.encode()
+
+
+class NumericRule(Rule):
+    category = "numeric"
+    python_classes = frozenset({"text"})
+
+    def _integer_digits(self):
+        return self.target.precision - self.target.scale if self.target.precision else 0
+
+    def valid_sql(self, q):
+        digits = self._integer_digits()
+        if not digits:
+            return f"typeof({q}) <> 'blob'"
+        # A value fits when, rounded to the scale, it has at most precision - scale integer digits.
+        limit = f"1e{digits}"
+        return (
+            f"CASE typeof({q}) WHEN 'blob' THEN 0 WHEN 'text' THEN 1 "
+            f"ELSE abs(round({q}, {int(self.target.scale)})) < {limit} END"
+        )
+
+    def format_sql(self, q, classes, zoned_text=False, specials=True):
+        if classes <= {"integer"}:
+            return f"CAST({q} AS TEXT)"
+        return None
+
+    def convert(self, storage_class, value):
+        if storage_class == "integer":
+            text = str(value)
+        elif storage_class == "real":
+            if value != value or value in (float("inf"), float("-inf")):
+                if self.target.precision:
+                    raise Invalid(f"is not finite, so it cannot become {self.target.sql}")
+                return float_text(value).encode()
+            text = repr(value)
+        elif storage_class == "text":
+            text = decode_text(value).strip()
+            if not _DECIMAL_TEXT.match(text):
+                raise Invalid(f"is not a decimal number, so it cannot become {self.target.sql}")
+        else:
+            raise Invalid(f"is a BLOB, which cannot become {self.target.sql}")
+        digits = self._integer_digits()
+        if digits:
+            try:
+                rounded = Decimal(text).quantize(Decimal(1).scaleb(-self.target.scale))
+            except InvalidOperation:
+                raise Invalid(f"does not fit {self.target.sql}") from None
+            if rounded.adjusted() >= digits:
+                raise Invalid(f"does not fit {self.target.sql}")
+        return text.encode()
+
+
+class BooleanRule(Rule):
+    category = "boolean"
+    _WORDS = ", ".join(f"'{word}'" for word in TRUE_WORDS + FALSE_WORDS)
+    _TRUE = ", ".join(f"'{word}'" for word in TRUE_WORDS)
+
+    def valid_sql(self, q):
+        return (
+            f"CASE typeof({q}) WHEN 'integer' THEN {q} IN (0, 1) WHEN 'real' THEN {q} IN (0.0, 1.0) "
+            f"WHEN 'text' THEN lower(trim({q})) IN ({self._WORDS}) WHEN 'blob' THEN 0 ELSE 1 END"
+        )
+
+    def format_sql(self, q, classes, zoned_text=False, specials=True):
+        numeric = f"CASE {q} WHEN 1 THEN 't' WHEN 0 THEN 'f' END"
+        if classes <= {"integer", "real"}:
+            return numeric
+        word = f"CASE WHEN lower(trim({q})) IN ({self._TRUE}) THEN 't' ELSE 'f' END"
+        if classes <= {"text"}:
+            return word
+        return f"CASE WHEN typeof({q}) IN ('integer', 'real') THEN {numeric} ELSE {word} END"
+
+    def convert(self, storage_class, value):
+        if storage_class in ("integer", "real") and value in (0, 1):
+            return b"t" if value == 1 else b"f"
+        if storage_class == "text":
+            word = decode_text(value).strip().lower()
+            if word in TRUE_WORDS:
+                return b"t"
+            if word in FALSE_WORDS:
+                return b"f"
+        raise Invalid("is not a boolean (0/1, true/false, t/f, yes/no, y/n, on/off)")
+
+
+class TimestampRule(Rule):
+    """timestamptz and timestamp: text dates in ISO 8601 shapes, or unix epoch seconds/milliseconds."""
+
+    category = "timestamptz"
+
+    def __init__(self, target, source_timezone="UTC"):
+        super().__init__(target, source_timezone)
+        self.aware = target.category == "timestamptz"
+        self.zone = _zone(source_timezone)
+
+    def valid_sql(self, q):
+        # julianday() parses every shape SQLite knows; the date GLOB rules out its julian-day numbers,
+        # bare times and 'now'. SQLite accepts Feb 30 (and normalises it): days that could be past a
+        # month's end (29, 30, 31) are checked against the calendar, the others pass on the GLOB.
+        return (
+            f"CASE typeof({q}) WHEN 'text' THEN (julianday({q}) IS NOT NULL AND {q} NOT GLOB '0000*' "
+            f"AND ({q} GLOB '{_DATE_PREFIX}[0-2][0-8]*' OR ({q} GLOB '{_DATE_PREFIX}[0-9][0-9]*' "
+            f"AND date(substr({q}, 1, 10), '+0 days') = substr({q}, 1, 10))) "
+            f"AND {_NO_BREAKS.format(q=q)}) "
+            f"WHEN 'integer' THEN {q} BETWEEN {EPOCH_MIN_MS} AND {EPOCH_MAX_MS} "
+            f"WHEN 'real' THEN {q} BETWEEN {EPOCH_MIN_MS}.0 AND {EPOCH_MAX_MS}.0 "
+            f"WHEN 'blob' THEN 0 ELSE 1 END"
+        )
+
+    @staticmethod
+    def has_zone_sql(q):
+        """SQL true for text timestamps that carry a zone (Z or an offset after the date)."""
+        return f"(typeof({q}) = 'text' AND (substr({q}, 11) GLOB '*[+-]*' OR {q} GLOB '*[Zz]*'))"
+
+    def _epoch_sql(self, q):
+        seconds = f"strftime('%Y-%m-%d %H:%M:%S', {q}, 'unixepoch')"
+        whole = f"(({q} - ((({q} % 1000) + 1000) % 1000)) / 1000)"
+        millis = (
+            f"strftime('%Y-%m-%d %H:%M:%S', {whole}, 'unixepoch') || printf('.%03d', (({q} % 1000) + 1000) % 1000)"
+        )
+        text = f"CASE WHEN abs({q}) < {EPOCH_MS_THRESHOLD} THEN {seconds} ELSE {millis} END"
+        return f"{text} || '+00'" if self.aware else text
+
+    def format_sql(self, q, classes, zoned_text=False, specials=True):
+        epochs_in_sql = self.aware or self.source_timezone == "UTC"
+        if "real" in classes or "blob" in classes:
+            return None
+        if "integer" in classes and not epochs_in_sql:
+            return None
+        if "text" in classes and zoned_text and not self.aware:
+            return None  # PostgreSQL would silently drop the zone: convert in Python
+        if classes <= {"text"}:
+            return q  # validated: digits, dashes, colons, dot, T, Z, +: nothing to escape
+        if classes <= {"integer"}:
+            return self._epoch_sql(q)
+        return f"CASE WHEN typeof({q}) = 'integer' THEN {self._epoch_sql(q)} ELSE {q} END"
+
+    def parse(self, storage_class, value):
+        """An aware datetime for epochs and zoned text, a naive one for naive text."""
+        if storage_class in ("integer", "real"):
+            if not EPOCH_MIN_MS <= value <= EPOCH_MAX_MS:
+                raise Invalid("is out of range for a unix epoch in seconds or milliseconds")
+            exact = Decimal(value) if storage_class == "integer" else Decimal(repr(value))
+            micros = exact * (1_000_000 if abs(value) < EPOCH_MS_THRESHOLD else 1_000)
+            return UNIX_EPOCH + datetime.timedelta(microseconds=int(micros.to_integral_value()))
+        if storage_class != "text":
+            raise Invalid(f"is a BLOB, which cannot become {self.target.sql}")
+        text = decode_text(value)
+        match = _TIMESTAMP_TEXT.match(text)
+        if not match:
+            raise Invalid(f"is not a timestamp (YYYY-MM-DD[ HH:MM[:SS[.ffffff]]][Z|±HH:MM] or epoch), "
+                          f"so it cannot become {self.target.sql}")
+        year, month, day, hour, minute, second, fraction, zone = match.groups()
+        # Round extra digits as PostgreSQL's input does (rint of the fraction in microseconds), so the
+        # SQL path, which sends the text as it is, and this one store the same instant.
+        micros = round(float("0." + (fraction or "0")) * 1_000_000)
+        try:
+            moment = datetime.datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0),
+                                       int(second or 0)) + datetime.timedelta(microseconds=micros)
+        except ValueError as error:
+            raise Invalid(f"is not a valid timestamp ({error})") from None
+        if zone:
+            offset = datetime.timedelta(0) if zone in "Zz" else datetime.timedelta(
+                hours=int(zone[1:3]), minutes=int(zone[4:6])) * (1 if zone[0] == "+" else -1)
+            moment = moment.replace(tzinfo=datetime.timezone(offset))
+        return moment
+
+    def convert(self, storage_class, value):
+        moment = self.parse(storage_class, value)
+        if self.aware:
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=self.zone)
+            return moment.isoformat(" ").encode()
+        if moment.tzinfo is not None:
+            moment = moment.astimezone(self.zone).replace(tzinfo=None)
+        return moment.isoformat(" ").encode()
+
+
+class DateRule(Rule):
+    category = "date"
+
+    def valid_sql(self, q):
+        return (
+            f"CASE typeof({q}) WHEN 'text' THEN ({q} GLOB '{_DATE_PREFIX}[0-9][0-9]' AND substr({q}, 1, 4) <> '0000' "
+            f"AND date({q}, '+0 days') = {q}) "
+            f"WHEN 'integer' THEN {q} BETWEEN {EPOCH_MIN_MS} AND {EPOCH_MAX_MS} "
+            f"WHEN 'real' THEN 0 WHEN 'blob' THEN 0 ELSE 1 END"
+        )
+
+    def format_sql(self, q, classes, zoned_text=False, specials=True):
+        epoch = (f"CASE WHEN abs({q}) < {EPOCH_MS_THRESHOLD} THEN date({q}, 'unixepoch') "
+                 f"ELSE date(({q} - ((({q} % 1000) + 1000) % 1000)) / 1000, 'unixepoch') END")
+        if classes <= {"text"}:
+            return q
+        if classes <= {"integer"}:
+            return epoch
+        if classes <= {"text", "integer"}:
+            return f"CASE WHEN typeof({q}) = 'integer' THEN {epoch} ELSE {q} END"
+        return None
+
+    def convert(self, storage_class, value):
+        if storage_class == "integer":
+            moment = TimestampRule(self.target).parse("integer", value)
+            return moment.date().isoformat().encode()
+        if storage_class == "text":
+            text = decode_text(value)
+            try:
+                if len(text) != 10:
+                    raise ValueError
+                return datetime.date.fromisoformat(text).isoformat().encode()
+            except ValueError:
+                raise Invalid("is not a date (YYYY-MM-DD or epoch)") from None
+        raise Invalid(f"is not a date, so it cannot become {self.target.sql}")
+
+
+class TimeRule(Rule):
+    category = "time"
+
+    def valid_sql(self, q):
+        return (f"CASE typeof({q}) WHEN 'text' THEN ({q} GLOB '[0-2][0-9]:[0-5][0-9]*' AND time({q}) IS NOT NULL "
+                f"AND {_NO_BREAKS.format(q=q)}) "
+                f"WHEN 'null' THEN 1 ELSE 0 END")
+
+    def format_sql(self, q, classes, zoned_text=False, specials=True):
+        return q if classes <= {"text"} else None
+
+    def convert(self, storage_class, value):
+        if storage_class == "text":
+            text = decode_text(value)
+            if _TIME_TEXT.match(text):
+                return text.encode()
+        raise Invalid("is not a time of day (HH:MM[:SS[.ffffff]])")
+
+
+class JsonRule(Rule):
+    category = "json"
+    python_classes = frozenset({"blob"})
+    text_scan = True
+
+    def valid_sql(self, q):
+        # jsonb refuses the \u0000 escape (it cannot store NUL in text).
+        return (f"CASE typeof({q}) WHEN 'text' THEN (json_valid({q}) AND instr({q}, '\\u0000') = 0) "
+                f"WHEN 'real' THEN abs({q}) < 9e999 ELSE 1 END")
+
+    def format_sql(self, q, classes, zoned_text=False, specials=True):
+        text = sql_escape(q) if specials else q
+        if classes <= {"text"}:
+            return text
+        if classes <= {"integer"}:
+            return f"CAST({q} AS TEXT)"
+        if classes <= {"text", "integer"}:
+            return f"CASE WHEN typeof({q}) = 'integer' THEN CAST({q} AS TEXT) ELSE {text} END"
+        return None
+
+    def convert(self, storage_class, value):
+        if storage_class == "integer":
+            return str(value).encode()
+        if storage_class == "real":
+            if value != value or value in (float("inf"), float("-inf")):
+                raise Invalid("is not finite, so it cannot be a JSON number")
+            return repr(value).encode()
+        text = decode_text(value)
+        try:
+            json.loads(text, parse_constant=_reject_constant)
+        except ValueError as error:
+            raise Invalid(f"is not valid JSON ({str(error).split(':')[0]})") from None
+        if "\\u0000" in text:
+            raise Invalid("holds the JSON escape \\u0000, which jsonb cannot store")
+        return escape_copy(text)
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+class UuidRule(Rule):
+    category = "uuid"
+
+    def valid_sql(self, q):
+        return (
+            f"CASE typeof({q}) WHEN 'text' THEN ({q} GLOB '{_UUID_GLOB}' OR {q} GLOB '{_HEX_DIGIT * 32}') "
+            f"WHEN 'blob' THEN length({q}) = 16 WHEN 'null' THEN 1 ELSE 0 END"
+        )
+
+    def format_sql(self, q, classes, zoned_text=False, specials=True):
+        if classes <= {"text"}:
+            return q  # validated hexadecimal and dashes
+        if classes <= {"blob"}:
+            h = f"lower(hex({q}))"
+            return (f"substr({h}, 1, 8) || '-' || substr({h}, 9, 4) || '-' || substr({h}, 13, 4) || '-' || "
+                    f"substr({h}, 17, 4) || '-' || substr({h}, 21, 12)")
+        return None
+
+    def convert(self, storage_class, value):
+        if storage_class == "blob" and len(value) == 16:
+            return str(uuid.UUID(bytes=bytes(value))).encode()
+        if storage_class == "text":
+            text = decode_text(value)
+            if _UUID_TEXT.match(text):
+                return text.encode()
+        raise Invalid("is not a UUID")
+
+
+class ByteaRule(Rule):
+    category = "bytea"
+
+    def format_sql(self, q, classes, zoned_text=False, specials=True):
+        if classes <= {"blob", "text", "integer"}:
+            return f"'\\\\x' || hex({q})"  # \\x in COPY text is \x: bytea's hex format
+        return None
+
+    def convert(self, storage_class, value):
+        if storage_class == "real":
+            raw = float_text(value).encode()
+        elif storage_class == "integer":
+            raw = str(value).encode()
+        else:
+            raw = bytes(value)
+        return b"\\\\x" + raw.hex().encode()
+
+
+RULES = {
+    "text": TextRule, "other": OtherRule, "integer": IntegerRule, "float": FloatRule, "numeric": NumericRule,
+    "boolean": BooleanRule, "timestamptz": TimestampRule, "timestamp": TimestampRule, "date": DateRule,
+    "time": TimeRule, "json": JsonRule, "uuid": UuidRule, "bytea": ByteaRule,
+}
+
+
+def rule_for(target, source_timezone="UTC"):
+    return RULES[target.category](target, source_timezone)
+
+
+def _zone(name):
+    if name.upper() == "UTC" or ZoneInfo is None:
+        return UTC
+    return ZoneInfo(name)
+
+
+def check_timezone(name):
+    """Raise ValueError unless ``name`` is a time zone both Python and PostgreSQL know (IANA name)."""
+    if name.upper() == "UTC":
+        return
+    if ZoneInfo is None:
+        raise ValueError("this Python has no zoneinfo: only UTC is supported")
+    try:
+        ZoneInfo(name)
+    except Exception:  # zoneinfo raises several types for bad keys
+        raise ValueError(f"unknown time zone {name!r} (use an IANA name such as Europe/Berlin)") from None
+
+
+
+def storage_class_of(value):
+    """The SQLite storage class of a Python value as sqlite3 returns it with str as the text factory
+    (with bytes as the text factory, text and blobs both arrive as bytes: select typeof() alongside)."""
+    if value is None:
+        return "null"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "real"
+    if isinstance(value, str):
+        return "text"
+    return "blob"

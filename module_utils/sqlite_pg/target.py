@@ -1,0 +1,382 @@
+"""The PostgreSQL side: connections, the catalog, the state table, DDL and post-data."""
+
+from dataclasses import dataclass, field
+
+import psycopg2
+from psycopg2 import sql
+
+from .errors import MigrationError
+from .names import derived_name, pg_name
+from .typemap import from_catalog
+
+STATE_TABLE = "sqlite_to_postgres_state"
+APPLICATION_NAME = "sqlite_to_postgres"
+MAINTENANCE_WORK_MEM = "256MB"  # for this run's own index and foreign key builds only (SET, not ALTER SYSTEM)
+FK_ACTIONS = {"NO ACTION": "NO ACTION", "RESTRICT": "RESTRICT", "CASCADE": "CASCADE", "SET NULL": "SET NULL",
+              "SET DEFAULT": "SET DEFAULT"}
+
+
+def first_line(error, conninfo=None):
+    """An exception as one line, with the password (if any) never in it."""
+    text = " ".join(str(getattr(error, "pgerror", None) or error).split())
+    password = (conninfo or {}).get("password")
+    if password:
+        text = text.replace(password, "********")
+    return text
+
+
+def connect(conninfo, read_only=False):
+    """A psycopg2 connection; read_only sessions (check mode) cannot write even by mistake."""
+    options = dict(conninfo)
+    options.setdefault("application_name", APPLICATION_NAME)
+    if read_only:
+        options["options"] = (options.get("options", "") + " -c default_transaction_read_only=on").strip()
+    try:
+        connection = psycopg2.connect(**options)
+    except psycopg2.Error as error:
+        where = options.get("host") or "the local socket"
+        raise MigrationError(
+            f"cannot connect to PostgreSQL at {where} port {options.get('port', 5432)} "
+            f"as {options.get('user', 'the default user')}: {first_line(error, conninfo)}"
+        ) from None
+    return connection
+
+
+@dataclass
+class TargetColumn:
+    name: str
+    type: object  # TargetType
+    notnull: bool
+    has_default: bool
+    generated: bool
+
+
+@dataclass
+class TargetTable:
+    name: str
+    columns: list
+    primary_key: list = field(default_factory=list)
+
+    def column(self, name):
+        """The column matched by name: exactly, else case-insensitively if that is unambiguous."""
+        for column in self.columns:
+            if column.name == name:
+                return column
+        folded = [c for c in self.columns if c.name.lower() == name.lower()]
+        return folded[0] if len(folded) == 1 else None
+
+
+def schema_exists(cursor, schema):
+    cursor.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,))
+    return cursor.fetchone() is not None
+
+
+def read_table(cursor, schema, name):
+    """The existing table ``schema.name`` as a TargetTable, or None."""
+    cursor.execute(
+        "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
+        (schema, name),
+    )
+    found = cursor.fetchone()
+    if not found:
+        return None
+    cursor.execute(
+        """
+        SELECT a.attname, a.attnotnull, a.atthasdef OR a.attidentity <> '', a.attgenerated <> '',
+               format_type(a.atttypid, a.atttypmod),
+               b.typname, CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END
+        FROM pg_attribute a
+        JOIN pg_type t ON t.oid = a.atttypid
+        JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+        WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
+        ORDER BY a.attnum
+        """,
+        (found[0],),
+    )
+    columns = [TargetColumn(column, from_catalog(typname, typmod, formatted), notnull, has_default, generated)
+               for column, notnull, has_default, generated, formatted, typname, typmod in cursor.fetchall()]
+    cursor.execute(
+        "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+        "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = %s AND i.indisprimary",
+        (found[0],),
+    )
+    return TargetTable(name, columns, [r[0] for r in cursor.fetchall()])
+
+
+def has_rows(cursor, schema, name):
+    cursor.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {}.{})").format(sql.Identifier(schema), sql.Identifier(name)))
+    return cursor.fetchone()[0]
+
+
+def count_rows(cursor, schema, name):
+    cursor.execute(sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(name)))
+    return cursor.fetchone()[0]
+
+
+# The state table ------------------------------------------------------------------------
+
+def state_table_ddl(schema):
+    """One row per (source snapshot, target table) loaded, committed in the same transaction as the rows.
+
+    content_checksum and key_range_checksums are kept for incremental sync (a
+    checksum of the table's content, and per primary-key range ones); this
+    version leaves them NULL.
+    """
+    return sql.SQL(
+        """
+        CREATE TABLE IF NOT EXISTS {}.{} (
+            source_id           text NOT NULL,
+            table_name          text NOT NULL,
+            source_table        text NOT NULL,
+            source_path         text NOT NULL,
+            status              text NOT NULL,
+            rows_loaded         bigint NOT NULL,
+            rows_rejected       bigint NOT NULL DEFAULT 0,
+            content_checksum    text,
+            key_range_checksums jsonb,
+            started_at          timestamptz NOT NULL,
+            loaded_at           timestamptz NOT NULL DEFAULT now(),
+            seconds             double precision NOT NULL,
+            PRIMARY KEY (source_id, table_name)
+        )
+        """
+    ).format(sql.Identifier(schema), sql.Identifier(STATE_TABLE))
+
+
+def state_rows(cursor, schema):
+    """{table_name: [(source_id, source_path, rows_loaded, rows_rejected, loaded_at), ...]}, {} without state."""
+    cursor.execute("SELECT to_regclass(%s)", (sql.Identifier(schema, STATE_TABLE).as_string(cursor),))
+    if cursor.fetchone()[0] is None:
+        return {}
+    cursor.execute(
+        sql.SQL("SELECT table_name, source_id, source_path, rows_loaded, rows_rejected, loaded_at FROM {}.{} "
+                "WHERE status = 'loaded' ORDER BY loaded_at").format(sql.Identifier(schema),
+                                                                     sql.Identifier(STATE_TABLE))
+    )
+    rows = {}
+    for table_name, *rest in cursor.fetchall():
+        rows.setdefault(table_name, []).append(tuple(rest))
+    return rows
+
+
+def record_load(cursor, schema, source_id, table_name, source_table, source_path, rows, rejected, started_at, seconds):
+    cursor.execute(
+        sql.SQL(
+            "INSERT INTO {}.{} (source_id, table_name, source_table, source_path, status, rows_loaded, "
+            "rows_rejected, started_at, seconds) VALUES (%s, %s, %s, %s, 'loaded', %s, %s, %s, %s) "
+            "ON CONFLICT (source_id, table_name) DO UPDATE SET source_table = EXCLUDED.source_table, "
+            "source_path = EXCLUDED.source_path, status = EXCLUDED.status, rows_loaded = EXCLUDED.rows_loaded, "
+            "rows_rejected = EXCLUDED.rows_rejected, started_at = EXCLUDED.started_at, loaded_at = now(), "
+            "seconds = EXCLUDED.seconds"
+        ).format(sql.Identifier(schema), sql.Identifier(STATE_TABLE)),
+        (source_id, table_name, source_table, source_path, rows, rejected, started_at, seconds),
+    )
+
+
+# DDL ------------------------------------------------------------------------------------
+
+def create_table_sql(schema, name, columns):
+    """CREATE TABLE for [(name, TargetType, notnull, default Composable or None)]; keys come after the load."""
+    parts = []
+    for column, target, notnull, default in columns:
+        part = [sql.Identifier(column), sql.SQL(target.sql)]  # type text built by typemap from a fixed vocabulary
+        if notnull and not target.identity:
+            part.append(sql.SQL("NOT NULL"))
+        if default is not None:
+            part += [sql.SQL("DEFAULT"), default]
+        parts.append(sql.SQL(" ").join(part))
+    return sql.SQL("CREATE TABLE {}.{} ({})").format(sql.Identifier(schema), sql.Identifier(name),
+                                                     sql.SQL(", ").join(parts))
+
+
+def default_literal(text, target):
+    """A typed constant for DEFAULT: the converted text as a literal, cast to the column's type."""
+    return sql.SQL("{}::{}").format(sql.Literal(text), sql.SQL(target.sql.split(" GENERATED")[0]))
+
+
+# Post-data ----------------------------------------------------------------------------
+
+@dataclass
+class Step:
+    phase: int  # 1 indexes (parallel), 2 key constraints (one session), 3 validations (parallel), 4 sequences
+    table: str
+    kind: str
+    name: str
+    statement: object  # Composable
+    note: str = ""
+
+
+def _relation_exists(cursor, schema, name):
+    cursor.execute(
+        "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s "
+        "AND c.relname = %s", (schema, name))
+    return cursor.fetchone() is not None
+
+
+def _existing_indexes(cursor, schema, table):
+    """[(columns tuple, unique, primary)] of the table's indexes on plain columns."""
+    cursor.execute(
+        """
+        SELECT i.indisunique, i.indisprimary,
+               ARRAY(SELECT a.attname FROM unnest(i.indkey) WITH ORDINALITY k(attnum, n)
+                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum ORDER BY k.n)
+        FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace s ON s.oid = c.relnamespace
+        WHERE s.nspname = %s AND c.relname = %s AND i.indexprs IS NULL AND i.indpred IS NULL
+        """,
+        (schema, table),
+    )
+    return [(tuple(columns), unique, primary) for unique, primary, columns in cursor.fetchall()]
+
+
+def _existing_foreign_keys(cursor, schema, table):
+    """{(columns tuple, parent table, parent columns tuple)} of the table's foreign keys."""
+    cursor.execute(
+        """
+        SELECT ARRAY(SELECT a.attname FROM unnest(k.conkey) WITH ORDINALITY u(n, o)
+                     JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.n ORDER BY u.o),
+               p.relname,
+               ARRAY(SELECT a.attname FROM unnest(k.confkey) WITH ORDINALITY u(n, o)
+                     JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = u.n ORDER BY u.o)
+        FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace s ON s.oid = c.relnamespace
+        JOIN pg_class p ON p.oid = k.confrelid
+        WHERE k.contype = 'f' AND s.nspname = %s AND c.relname = %s
+        """,
+        (schema, table),
+    )
+    return {(tuple(columns), parent, tuple(parent_columns)) for columns, parent, parent_columns in cursor.fetchall()}
+
+
+def plan_post_data(cursor, schema, tables):
+    """The post-data steps still missing in the target, skipping every object that already exists.
+
+    ``tables``: [dict(source=SourceTable, name=target table, columns={source col: target col}, exists=bool)].
+    Returns (steps, notes).
+    """
+    steps, notes = [], []
+    by_source = {t["source"].name.lower(): t for t in tables}
+    unique_sets = {}  # target table -> set of column tuples that are (or will be) unique
+    taken = set()
+
+    def free(name):
+        candidate, number = name, 1
+        while candidate in taken or _relation_exists(cursor, schema, candidate):
+            number += 1
+            candidate = pg_name(f"{name[:58]}{number}")
+        taken.add(candidate)
+        return candidate
+
+    for entry in tables:
+        source, target, mapping = entry["source"], entry["name"], entry["columns"]
+        existing = _existing_indexes(cursor, schema, target) if entry["exists"] else []
+        have = {(cols, unique) for cols, unique, _primary in existing}
+        has_primary = any(primary for _c, _u, primary in existing)
+        unique_sets[target] = {cols for cols, unique, _p in existing if unique}
+        table_ident = sql.Identifier(schema, target)
+        if source.primary_key:
+            columns = tuple(mapping[c] for c in source.primary_key)
+            unique_sets[target].add(columns)
+            if not has_primary:
+                name = free(derived_name(target, suffix="pkey"))
+                steps.append(Step(1, target, "primary key index", name, sql.SQL(
+                    "CREATE UNIQUE INDEX {} ON {} ({})").format(
+                    sql.Identifier(name), table_ident, sql.SQL(", ").join(map(sql.Identifier, columns)))))
+                steps.append(Step(2, target, "primary key", name, sql.SQL(
+                    "ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY USING INDEX {}").format(
+                    table_ident, sql.Identifier(name), sql.Identifier(name))))
+                have.add((columns, True))
+        for index in source.indexes:
+            if index.origin == "pk":
+                continue
+            if index.skipped:
+                notes.append(f"index {index.name} on {source.name} not rebuilt: {index.skipped}")
+                continue
+            columns = tuple(mapping[c] for c, _desc in index.columns)
+            if index.unique:
+                unique_sets[target].add(columns)
+            if (columns, index.unique) in have or (index.unique and (columns, True) in have) or (
+                    not index.unique and any(cols[: len(columns)] == columns for cols, _u in have)):
+                continue
+            have.add((columns, index.unique))
+            base = derived_name(target, *columns, suffix="key") if index.origin == "u" else pg_name(index.name)
+            name = free(base)
+            keys = sql.SQL(", ").join(
+                sql.SQL("{}{}").format(sql.Identifier(mapping[c]), sql.SQL(" DESC" if desc else ""))
+                for c, desc in index.columns)
+            statement = sql.SQL("CREATE {}INDEX {} ON {} ({})").format(
+                sql.SQL("UNIQUE " if index.unique else ""), sql.Identifier(name), table_ident, keys)
+            steps.append(Step(1, target, "unique index" if index.unique else "index", name, statement))
+
+    for entry in tables:
+        source, target, mapping = entry["source"], entry["name"], entry["columns"]
+        existing = _existing_foreign_keys(cursor, schema, target) if entry["exists"] else set()
+        for fk in source.foreign_keys:
+            parent = by_source.get(fk.parent.lower())
+            if parent is None:
+                notes.append(f"foreign key of {source.name} ({', '.join(fk.columns)}) not built: "
+                             f"its parent {fk.parent} is not migrated")
+                continue
+            parent_columns = fk.parent_columns or parent["source"].primary_key
+            if not parent_columns or len(parent_columns) != len(fk.columns):
+                notes.append(f"foreign key of {source.name} ({', '.join(fk.columns)}) not built: "
+                             f"{fk.parent} has no matching key")
+                continue
+            try:
+                child_cols = tuple(mapping[c] for c in fk.columns)
+                parent_cols = tuple(parent["columns"][_source_name(parent["source"], c)] for c in parent_columns)
+            except (KeyError, StopIteration):
+                notes.append(f"foreign key of {source.name} ({', '.join(fk.columns)}) not built: unknown column")
+                continue
+            if (child_cols, parent["name"], parent_cols) in existing:
+                continue
+            if not any(set(cols) == set(parent_cols) for cols in unique_sets.get(parent["name"], ())):
+                notes.append(f"foreign key of {source.name} ({', '.join(fk.columns)}) not built: "
+                             f"{fk.parent} ({', '.join(parent_columns)}) is not unique")
+                continue
+            name = free(derived_name(target, *child_cols, suffix="fkey"))
+            on_delete = FK_ACTIONS.get((fk.on_delete or "").upper(), "NO ACTION")
+            on_update = FK_ACTIONS.get((fk.on_update or "").upper(), "NO ACTION")
+            table_ident = sql.Identifier(schema, target)
+            steps.append(Step(2, target, "foreign key", name, sql.SQL(
+                "ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({}) "
+                "ON DELETE {} ON UPDATE {} NOT VALID").format(
+                table_ident, sql.Identifier(name), sql.SQL(", ").join(map(sql.Identifier, child_cols)),
+                sql.Identifier(schema, parent["name"]), sql.SQL(", ").join(map(sql.Identifier, parent_cols)),
+                sql.SQL(on_delete), sql.SQL(on_update))))
+            steps.append(Step(3, target, "foreign key validation", name, sql.SQL(
+                "ALTER TABLE {} VALIDATE CONSTRAINT {}").format(table_ident, sql.Identifier(name))))
+    return steps, notes
+
+
+def _source_name(source, name):
+    """The source column a foreign key names (SQLite matches names case-insensitively)."""
+    return next(c.name for c in source.columns if c.name.lower() == name.lower())
+
+
+def sequence_steps(cursor, schema, tables):
+    """setval steps for identity and serial columns still behind max(column) (the app's next insert must work)."""
+    steps = []
+    for table in tables:
+        cursor.execute(
+            "SELECT a.attname, pg_get_serial_sequence(quote_ident(n.nspname) || '.' || quote_ident(c.relname), "
+            "a.attname) FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped",
+            (schema, table),
+        )
+        for column, sequence in cursor.fetchall():
+            if not sequence:
+                continue
+            cursor.execute(sql.SQL("SELECT max({}) FROM {}").format(sql.Identifier(column),
+                                                                     sql.Identifier(schema, table)))
+            highest = cursor.fetchone()[0]
+            if highest is None:
+                continue
+            cursor.execute("SELECT last_value FROM pg_sequences WHERE format('%%I.%%I', schemaname, sequencename)"
+                           "::regclass = %s::regclass", (sequence,))
+            last_value = cursor.fetchone()[0]  # NULL until the sequence is first used
+            if last_value is not None and last_value >= highest:
+                continue
+            steps.append(Step(4, table, "sequence", sequence, sql.SQL("SELECT setval({}::regclass, {}, true)").format(
+                sql.Literal(sequence), sql.Literal(highest))))
+    return steps

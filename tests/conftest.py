@@ -1,0 +1,297 @@
+"""Shared fixtures: a real PostgreSQL server for the whole session, a fresh database per test.
+
+The server is started here with initdb and pg_ctl in a temporary directory (as
+the ``postgres`` user when the tests run as root, since PostgreSQL refuses to
+run as root), on a free port on 127.0.0.1 with scram-sha-256 password
+authentication, and stopped at the end of the session even when tests fail.
+Set PG_BIN to use another PostgreSQL installation's binaries.
+"""
+
+import glob
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg2
+import pytest
+from psycopg2 import sql
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "module_utils"))  # the engine imports without Ansible
+
+
+def _pg_bin():
+    if os.environ.get("PG_BIN"):
+        return Path(os.environ["PG_BIN"])
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    if candidates:
+        return Path(candidates[-1]).parent
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).parent
+    raise RuntimeError("PostgreSQL server binaries not found: install postgresql or set PG_BIN")
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class PostgresServer:
+    host: str
+    port: int
+    user: str
+    password: str
+    directory: str
+    bin: Path
+
+    def conninfo(self, dbname="postgres"):
+        return {"host": self.host, "port": self.port, "user": self.user, "password": self.password,
+                "dbname": dbname}
+
+    def connect(self, dbname="postgres", autocommit=True):
+        connection = psycopg2.connect(**self.conninfo(dbname))
+        connection.autocommit = autocommit
+        return connection
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server of this session's own (see the module docstring)."""
+    pg_bin = _pg_bin()
+    as_root = os.geteuid() == 0
+    directory = tempfile.mkdtemp(prefix="pytest-postgres-")
+    prefix = []
+    if as_root:
+        owner = pwd.getpwnam("postgres")
+        os.chown(directory, owner.pw_uid, owner.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    password = secrets.token_urlsafe(18)
+    data = os.path.join(directory, "data")
+    password_file = os.path.join(directory, "pwfile")
+    with open(password_file, "w") as stream:
+        stream.write(password + "\n")
+    if as_root:
+        os.chown(password_file, owner.pw_uid, owner.pw_gid)
+    subprocess.run(prefix + [str(pg_bin / "initdb"), "-D", data, "-U", "postgres", "-E", "UTF8", "--no-locale",
+                             "--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={password_file}"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    os.unlink(password_file)
+    port = _free_port()
+    settings = ["-p", str(port), "-k", directory, "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+                "-c", "full_page_writes=off", "-c", "max_connections=60", "-c", "shared_buffers=64MB"]
+    log = os.path.join(directory, "server.log")
+    server = PostgresServer("127.0.0.1", port, "postgres", password, directory, pg_bin)
+    try:
+        subprocess.run(prefix + [str(pg_bin / "pg_ctl"), "-D", data, "-l", log, "-w", "-t", "60",
+                                 "-o", " ".join(settings), "start"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        yield server
+    finally:
+        subprocess.run(prefix + [str(pg_bin / "pg_ctl"), "-D", data, "-m", "immediate", "-w", "stop"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_database(postgres_server):
+    """A fresh, empty database for one test: its libpq connection parameters (a dict, password included)."""
+    name = "test_" + uuid.uuid4().hex[:12]
+    admin = postgres_server.connect()
+    try:
+        admin.cursor().execute(f'CREATE DATABASE "{name}"')
+    finally:
+        admin.close()
+    try:
+        yield postgres_server.conninfo(name)
+    finally:
+        admin = postgres_server.connect()
+        try:
+            admin.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            admin.close()
+
+
+@pytest.fixture
+def pgpass_file(postgres_server, tmp_path):
+    """A libpq password file for the session's server (pass it as PGPASSFILE)."""
+    path = tmp_path / "pgpass"
+    path.write_text(f"{postgres_server.host}:{postgres_server.port}:*:{postgres_server.user}:"
+                    f"{postgres_server.password}\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_template(tmp_path_factory):
+    """The guide's 125-row FileShareSystem sample, written once by scripts/make_sample_db.py."""
+    path = tmp_path_factory.mktemp("sample") / "fileshare.db"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_sample_db.py"), "--out", str(path), "--quiet"],
+                   check=True)
+    return path
+
+
+@pytest.fixture
+def sample_db(sample_template, tmp_path):
+    """A private copy of the 125-row sample."""
+    path = tmp_path / "fileshare.db"
+    shutil.copyfile(sample_template, path)
+    return path
+
+
+def wait_until(predicate, timeout=30.0, interval=0.02):
+    """Poll ``predicate`` until it returns something true; that value, or None on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return None
+
+
+# Helpers the tests share ---------------------------------------------------------------
+
+def file_digests(path):
+    """sha256 of a SQLite file and of its -wal and -shm files (None for a missing one)."""
+    import hashlib
+
+    digests = {}
+    for suffix in ("", "-wal", "-shm"):
+        candidate = f"{path}{suffix}"
+        digests[suffix or "db"] = hashlib.sha256(Path(candidate).read_bytes()).hexdigest() \
+            if os.path.exists(candidate) else None
+    return digests
+
+
+def target_snapshot(conninfo):
+    """Everything user-visible in a database: relations, columns, constraints, and each table's content hash."""
+    connection = psycopg2.connect(**conninfo)
+    try:
+        cursor = connection.cursor()
+        cursor.execute(
+            "SELECT n.nspname, c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') ORDER BY 1, 2")
+        relations = cursor.fetchall()
+        cursor.execute("SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint "
+                       "WHERE connamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace) "
+                       "ORDER BY 1, 2")
+        constraints = cursor.fetchall()
+        contents = {}
+        for schema, name, kind in relations:
+            if kind == "r":
+                cursor.execute(sql.SQL("SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) "
+                                       "FROM {} t").format(sql.Identifier(schema, name)))
+                contents[f"{schema}.{name}"] = cursor.fetchone()
+        cursor.execute("SELECT nspname FROM pg_namespace ORDER BY 1")
+        schemas = cursor.fetchall()
+        return {"relations": relations, "constraints": constraints, "contents": contents, "schemas": schemas}
+    finally:
+        connection.close()
+
+
+def _expected(value, pg_type):
+    """What a SQLite value must read back as from a column of this PostgreSQL type (independent of the engine)."""
+    import datetime
+    import json
+    from decimal import Decimal
+
+    if value is None:
+        return None
+    if pg_type == "boolean":
+        if isinstance(value, str):
+            return value.strip().lower() in ("true", "t", "yes", "y", "on", "1")
+        return bool(value)
+    if pg_type.startswith("timestamp"):
+        if isinstance(value, (int, float)):
+            seconds = value if abs(value) < 100_000_000_000 else value / 1000
+            moment = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc) + datetime.timedelta(
+                microseconds=round(Decimal(repr(seconds)) * 1_000_000))
+        else:
+            moment = datetime.datetime.fromisoformat(value.strip())
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=datetime.timezone.utc)
+        return moment.astimezone(datetime.timezone.utc) if pg_type.endswith("with time zone") else moment
+    if pg_type == "date":
+        return datetime.date.fromisoformat(value)
+    if pg_type in ("jsonb", "json"):
+        return json.loads(value) if isinstance(value, str) else value
+    if pg_type == "uuid":
+        return str(uuid.UUID(value if isinstance(value, str) else None, bytes=value if isinstance(value, bytes)
+                             else None))
+    if pg_type == "bytea":
+        return value if isinstance(value, bytes) else (value.encode() if isinstance(value, str) else
+                                                       str(value).encode())
+    if pg_type.startswith("numeric"):
+        return Decimal(repr(value)) if isinstance(value, float) else Decimal(str(value))
+    if pg_type in ("double precision", "real"):
+        return float(value)
+    if pg_type in ("bigint", "integer", "smallint"):
+        return int(value)
+    return value if isinstance(value, str) else (repr(value) if isinstance(value, float) else str(value))
+
+
+def _normalise(value, pg_type):
+    import datetime
+
+    if isinstance(value, memoryview):
+        return bytes(value)
+    if isinstance(value, datetime.datetime) and value.tzinfo is not None:
+        return value.astimezone(datetime.timezone.utc)
+    if pg_type == "uuid":
+        return str(value)
+    return value
+
+
+def _quote(name):
+    return '"' + name.replace('"', '""') + '"'
+
+
+def assert_same_content(sqlite_path, conninfo, table, target=None, schema="public", order_by=None):
+    """Every value of a SQLite table equals, once read back from PostgreSQL, what its column type makes of it.
+
+    Rows are matched in ``order_by`` order (column names; default the first column), which the
+    C collation of the test server sorts as SQLite does.
+    """
+    import sqlite3
+
+    target = target or table
+    source = sqlite3.connect(f"file:{sqlite_path}?mode=ro", uri=True)
+    try:
+        columns = [r[1] for r in source.execute(f'PRAGMA table_info("{table}")')]
+        order = ", ".join(_quote(c) for c in (order_by or columns[:1]))
+        column_list = ", ".join(_quote(c) for c in columns)
+        rows = source.execute(f"SELECT {column_list} FROM {_quote(table)} ORDER BY {order}").fetchall()  # noqa: S608
+    finally:
+        source.close()
+    connection = psycopg2.connect(**conninfo)
+    try:
+        cursor = connection.cursor()
+        cursor.execute("SET TIME ZONE 'UTC'")
+        cursor.execute(
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+            "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+            (f"{_quote(schema)}.{_quote(target)}",))
+        types = dict(cursor.fetchall())
+        pg_order = ", ".join(f"{_quote(c)} NULLS FIRST" for c in (order_by or columns[:1]))  # SQLite's NULL order
+        cursor.execute(f"SELECT {column_list} FROM {_quote(schema)}.{_quote(target)} ORDER BY {pg_order}")  # noqa: S608
+        loaded = cursor.fetchall()
+    finally:
+        connection.close()
+    column_types = [types[c] for c in columns]
+    assert len(loaded) == len(rows), f"{table}: {len(loaded)} rows in PostgreSQL, {len(rows)} in SQLite"
+    for source_row, loaded_row in zip(rows, loaded):
+        want = tuple(_expected(v, t) for v, t in zip(source_row, column_types))
+        got = tuple(_normalise(v, t) for v, t in zip(loaded_row, column_types))
+        assert got == want, f"{table}: PostgreSQL has {got!r}, SQLite gives {want!r}"

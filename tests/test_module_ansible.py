@@ -1,0 +1,98 @@
+"""The real module through Ansible: AnsiballZ packaging, pgpass, check mode, no_log, failures."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from conftest import ROOT, target_snapshot
+
+BIN = Path(sys.executable).parent  # the virtualenv's ansible, whatever PATH says
+
+
+def ansible(args, env=None, as_json=True, check=False):
+    """Run `ansible localhost -m sqlite_to_postgres` from the repository (its ansible.cfg finds library/)."""
+    environment = dict(os.environ, ANSIBLE_DEPRECATION_WARNINGS="false", ANSIBLE_NOCOLOR="1", **(env or {}))
+    if as_json:
+        environment.update(ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="ansible.posix.json")
+    command = [str(BIN / "ansible"), "localhost", "-m", "sqlite_to_postgres"] + args + (["--check"] if check else [])
+    done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    if not as_json:
+        return done, None
+    output = json.loads(done.stdout)
+    return done, output["plays"][0]["tasks"][0]["hosts"]["localhost"]
+
+
+def module_args(src, conninfo, **extra):
+    args = {"src": str(src), "login_host": conninfo["host"], "login_port": conninfo["port"],
+            "login_user": conninfo["user"], "login_db": conninfo["dbname"], **extra}
+    return ["-a", json.dumps(args)]
+
+
+def test_module_runs_through_ansible_with_pgpass_and_is_idempotent(sample_db, pg_database, pgpass_file):
+    env = {"PGPASSFILE": str(pgpass_file)}
+
+    done, result = ansible(module_args(sample_db, pg_database), env)
+
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert result["changed"] is True and result["status"] == "completed"
+    assert result["total_tables"] == 4 and result["total_rows"] == 125
+    assert {t: e["migrated"] for t, e in result["tables"].items()} == {
+        "files": 50, "storage_nodes": 3, "tasks": 45, "replication_logs": 27}
+
+    done, again = ansible(module_args(sample_db, pg_database), env)
+    assert done.returncode == 0 and again["changed"] is False and again["total_rows"] == 125
+
+
+def test_check_mode_through_ansible_writes_nothing(sample_db, pg_database, pgpass_file, tmp_path):
+    snapshot = target_snapshot(pg_database)
+    progress = tmp_path / "progress.json"
+
+    done, result = ansible(module_args(sample_db, pg_database, progress_file=str(progress)),
+                           {"PGPASSFILE": str(pgpass_file)}, check=True)
+
+    assert done.returncode == 0
+    assert result["changed"] is True and "nothing was written" in result["msg"]
+    assert target_snapshot(pg_database) == snapshot
+    assert not progress.exists()
+
+
+def test_password_never_appears_even_with_vvv(sample_db, pg_database, tmp_path):
+    secrets_file = tmp_path / "vault.yml"
+    secrets_file.write_text(yaml.safe_dump({"db_password": pg_database["password"]}))
+    args = module_args(sample_db, pg_database)
+    args[1] = json.dumps(dict(json.loads(args[1]), login_password="{{ db_password }}"))
+
+    done, _ = ansible(args + ["-e", f"@{secrets_file}", "-vvv"], as_json=False)
+
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert "total_rows: 125" in done.stdout
+    assert pg_database["password"] not in done.stdout + done.stderr
+
+    wrong = "Not-The-Right-Pa55word"
+    secrets_file.write_text(yaml.safe_dump({"db_password": wrong}))
+    done, _ = ansible(args + ["-e", f"@{secrets_file}", "-vvv"], as_json=False)
+    assert done.returncode != 0
+    assert "password authentication failed" in done.stdout + done.stderr
+    assert wrong not in done.stdout + done.stderr
+
+
+def test_failure_is_one_line_and_non_zero(tmp_path, pg_database, pgpass_file):
+    missing = tmp_path / "missing.db"
+
+    done, result = ansible(module_args(missing, pg_database), {"PGPASSFILE": str(pgpass_file)})
+
+    assert done.returncode != 0
+    assert result["failed"] is True and result["status"] == "failed"
+    assert result["msg"] == f"source {missing} does not exist"
+
+
+def test_ansible_doc_shows_the_module():
+    done = subprocess.run([str(BIN / "ansible-doc"), "-M", "library", "sqlite_to_postgres"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    for option in ("src", "jobs", "on_invalid", "max_rejects", "reject_file", "source_timezone", "progress_file",
+                   "post_data", "login_password", "tables", "create_tables"):
+        assert option in done.stdout
