@@ -1,0 +1,296 @@
+"""The runbook against a plain PostgreSQL: one server, no Patroni, no PgBouncer.
+
+Starts a throwaway PostgreSQL 15 (initdb + pg_ctl, password authentication,
+reached through a pgpass file like the lab), writes an inventory with only a
+postgres_cluster group of one host, and runs `ansible-playbook migrate.yml`
+as an operator would. Each test works in its own database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pwd
+import re
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg2
+import psycopg2.sql
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path("/usr/lib/postgresql/15/bin")
+PASSWORD = "runbook-test-secret-4f1c"
+LOCK_KEY = 4608230915
+GUIDE_VARIABLES = ("DATABASE_URL", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "POSTGRES_PORT", "SQLITE_PATH")
+
+pytestmark = pytest.mark.skipif(not (BIN / "initdb").exists(), reason="PostgreSQL 15 server binaries not installed")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def as_postgres(args, **kwargs):
+    """initdb and postgres refuse to run as root."""
+    if os.geteuid() == 0:
+        args = ["runuser", "-u", "postgres", "--", *args]
+    return subprocess.run(args, check=True, capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def server():
+    # Not under pytest's tmp_path: the postgres user cannot enter root's 0700 directory.
+    base = Path(tempfile.mkdtemp(prefix="runbook-plain-pg-"))
+    data = base / "data"
+    if os.geteuid() == 0:
+        postgres = pwd.getpwnam("postgres")
+        os.chown(base, postgres.pw_uid, postgres.pw_gid)
+    password_file = base / "pw"
+    password_file.write_text(PASSWORD)
+    password_file.chmod(0o644)
+    as_postgres([str(BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "scram-sha-256",
+                 f"--pwfile={password_file}", "-E", "UTF8"])
+    password_file.unlink()
+    port = free_port()
+    as_postgres([str(BIN / "pg_ctl"), "-D", str(data), "-w", "-l", str(base / "log"), "-o",
+                 f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"])
+    pgpass = base / "pgpass"
+    pgpass.write_text(f"127.0.0.1:{port}:*:postgres:{PASSWORD}\n")
+    pgpass.chmod(0o600)
+    yield {"port": port, "pgpass": pgpass, "base": base}
+    as_postgres([str(BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"])
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def execute(server, dbname, sql, parameters=None):
+    conn = psycopg2.connect(host="127.0.0.1", port=server["port"], user="postgres", password=PASSWORD, dbname=dbname)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, parameters)
+            return cur.fetchall() if cur.description else None
+    finally:
+        conn.close()
+
+
+class Workspace:
+    """One database, one SQLite source, one inventory, one backup and report directory."""
+
+    def __init__(self, server, path: Path, name: str):
+        self.server, self.path, self.db = server, path, name
+        execute(server, "postgres", psycopg2.sql.SQL("CREATE DATABASE {}").format(psycopg2.sql.Identifier(name)))
+        self.source = path / "fileshare.db"
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_sample_db.py"), "--out", str(self.source),
+                        "--quiet"], check=True)
+        inventory = path / "inventory"
+        inventory.mkdir()
+        (inventory / "hosts.yml").write_text(
+            "all:\n"
+            "  vars:\n"
+            "    ansible_connection: local\n"
+            '    ansible_python_interpreter: "{{ ansible_playbook_python }}"\n'
+            f"    pg_pgpass_file: {server['pgpass']}\n"
+            "  children:\n"
+            "    postgres_cluster:\n"
+            "      hosts:\n"
+            "        db1:\n"
+            "          ansible_host: 127.0.0.1\n"
+            f"          postgresql_port: {server['port']}\n")
+        self.inventory = inventory
+        self.backups = path / "backups"
+        self.reports = path / "reports"
+
+    def run(self, *extra, wait=True):
+        env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), PWD=str(self.path), ANSIBLE_NOCOLOR="1")
+        for name in GUIDE_VARIABLES:
+            env.pop(name, None)
+        args = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(self.inventory),
+                str(ROOT / "migrate.yml"), "-e", f"fileshare_db_name={self.db}", "-e", f"backup_dir={self.backups}",
+                "-e", f"report_dir={self.reports}", "-e", "sqlite_path=fileshare.db", *extra]
+        if not wait:
+            return subprocess.Popen(args, cwd=self.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)
+        return subprocess.run(args, cwd=self.path, env=env, capture_output=True, text=True, timeout=600)
+
+    def query(self, sql, parameters=None):
+        return execute(self.server, self.db, sql, parameters)
+
+    def snapshot(self):
+        """Every table of the public schema with its rows, in a comparable form."""
+        tables = [row[0] for row in self.query(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1")]
+        return {table: sorted(map(repr, self.query(
+            psycopg2.sql.SQL("SELECT * FROM public.{}").format(psycopg2.sql.Identifier(table))))) for table in tables}
+
+
+@pytest.fixture
+def workspace(server, tmp_path, request):
+    name = "fs_" + re.sub(r"\W", "_", request.node.name)[:40].lower()
+    return Workspace(server, tmp_path, name)
+
+
+def recap_changed(output: str) -> dict:
+    return {host: int(changed) for host, changed in re.findall(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", output, re.M)}
+
+
+def words(output: str) -> str:
+    """Output with whitespace collapsed: the default callback wraps long messages."""
+    return " ".join(output.split())
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+SUMMARY = """\
+============================================================
+SQLite to PostgreSQL Data Migration
+============================================================
+Status: completed
+Total tables migrated: 4
+Total rows migrated: 125
+
+files:
+  Total rows: 50
+  Migrated: 50
+  Status: completed
+
+storage_nodes:
+  Total rows: 3
+  Migrated: 3
+  Status: completed
+
+tasks:
+  Total rows: 45
+  Migrated: 45
+  Status: completed
+
+replication_logs:
+  Total rows: 27
+  Migrated: 27
+  Status: completed
+
+============================================================
+VALIDATION
+============================================================
+Validation status: completed
+✓ files: SQLite=50, PostgreSQL=50
+✓ storage_nodes: SQLite=3, PostgreSQL=3
+✓ tasks: SQLite=45, PostgreSQL=45
+✓ replication_logs: SQLite=27, PostgreSQL=27
+============================================================"""
+
+
+def printed_summary(output: str) -> str:
+    """The summary as the default callback prints it: a YAML block, indented."""
+    first = output.rfind("\n", 0, output.index("=" * 60)) + 1
+    lines = output[first:].splitlines()
+    indent = len(lines[0]) - len(lines[0].lstrip())
+    block = []
+    for line in lines:
+        block.append(line[indent:])
+        if len(block) > 1 and block[-1] == "=" * 60 and block[-2].startswith(("✓", "✗", "Validation status")):
+            break
+    return "\n".join(block)
+
+
+def test_migrates_a_plain_postgresql_then_changes_nothing(workspace):
+    source_digest = sha256(workspace.source)
+    first = workspace.run()
+    assert first.returncode == 0, first.stdout[-4000:]
+    assert printed_summary(first.stdout) == SUMMARY
+    for skipped in ("Patroni checks skipped", "etcd checks skipped", "PgBouncer checks skipped",
+                    "pool summary skipped", "cluster state skipped"):
+        assert skipped in words(first.stdout)
+    counts = dict(workspace.query(
+        "SELECT 'files', count(*) FROM files UNION ALL SELECT 'storage_nodes', count(*) FROM storage_nodes "
+        "UNION ALL SELECT 'tasks', count(*) FROM tasks "
+        "UNION ALL SELECT 'replication_logs', count(*) FROM replication_logs"))
+    assert counts == {"files": 50, "storage_nodes": 3, "tasks": 45, "replication_logs": 27}
+    # post-data is in place and new ids continue after the migrated ones
+    assert workspace.query("SELECT count(*) FROM pg_constraint WHERE contype = 'f' "
+                           "AND connamespace = 'public'::regnamespace")[0][0] == 3
+    assert workspace.query("SELECT nextval(pg_get_serial_sequence('files', 'id')) > max(id) FROM files")[0][0]
+    [run_dir] = workspace.reports.iterdir()
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["status"] == "completed"
+    assert [stage["name"] for stage in report["stages"]] == [
+        "readiness", "backup", "schema", "migrate", "post_data", "validate", "post_checks"]
+    assert (run_dir / "report.md").read_text().startswith("# FileShareSystem migration run")
+    [backup] = workspace.backups.iterdir()
+    assert (backup / f"{workspace.db}.pgc").stat().st_size > 0
+    assert sha256(workspace.source) == source_digest
+    for text in (first.stdout, first.stderr, (run_dir / "report.json").read_text(),
+                 (run_dir / "report.md").read_text(), (backup / "manifest.json").read_text()):
+        assert PASSWORD not in text
+
+    second = workspace.run()
+    assert second.returncode == 0, second.stdout[-4000:]
+    assert set(recap_changed(second.stdout).values()) == {0}, second.stdout[-3000:]
+    assert "no backup needed" in words(second.stdout)
+    assert len(list(workspace.backups.iterdir())) == 1
+
+
+def test_check_mode_writes_nothing(workspace):
+    before = workspace.snapshot()
+    result = workspace.run("--check")
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "would create" in words(result.stdout)
+    assert "check mode: no report written" in words(result.stdout)
+    assert workspace.snapshot() == before
+    assert not workspace.backups.exists()
+    assert not workspace.reports.exists()
+    assert set(recap_changed(result.stdout).values()) == {0}
+
+
+def test_second_concurrent_run_fails_at_once(workspace):
+    first = workspace.run(wait=False)
+    try:
+        deadline = time.monotonic() + 120
+        held = False
+        while time.monotonic() < deadline and first.poll() is None and not held:
+            held = workspace.query(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND (classid::bigint << 32) + objid::bigint = %s", (LOCK_KEY,))[0][0] > 0
+            time.sleep(0.2)
+        assert held, "the first run never took the migration lock"
+        second = workspace.run()
+        assert second.returncode != 0
+        assert "a migration is already running" in words(second.stdout)
+    finally:
+        output, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, output[-4000:]
+    # the first run released its lock
+    assert workspace.query("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")[0][0] == 0
+
+
+def test_broken_source_rolls_back_and_fails(workspace):
+    workspace.query("CREATE TABLE keep_me (id int PRIMARY KEY, note text); INSERT INTO keep_me VALUES (1, 'before')")
+    with sqlite3.connect(workspace.source) as source:
+        source.execute("UPDATE tasks SET task_type = 'unknown_kind' WHERE id = 7")
+    source.close()
+    digest = sha256(workspace.source)
+    before = workspace.snapshot()
+    result = workspace.run()
+    assert result.returncode != 0
+    assert "rollback: target restored from" in words(result.stdout)
+    assert re.search(r"Migration failed in stage \w+, task '[^']+': .*tasks", words(result.stdout))
+    assert workspace.snapshot() == before
+    assert sha256(workspace.source) == digest
+    [run_dir] = workspace.reports.iterdir()
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["status"] == "failed"
+    assert report["rollback"]["restored"] is True
+    assert report["failure"]["stage"] in ("migrate", "post_data", "validate")
+
