@@ -11,7 +11,7 @@ echo "== yamllint"; yamllint --strict .
 echo "== ansible-lint"; ansible-lint
 echo "== ruff"; ruff check .
 echo "== pytest"; pytest
-for scenario in default; do
+for scenario in default rollback failover; do
   echo "== molecule test -s $scenario"
   molecule test --scenario-name "$scenario"
 done
