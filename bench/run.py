@@ -1,0 +1,695 @@
+#!/usr/bin/env python3
+"""Benchmark: the FileShareSystem sample from SQLite into PostgreSQL, several ways, one run.
+
+Every system loads the same SQLite sample into a fresh database holding the
+same typed tables (the pre-data section of the runbook's schema file), then
+the same post-data section (unique constraints, indexes, foreign keys,
+sequence resets) is applied; the figure is load + post-data as one wall time.
+Row counts are checked against SQLite after each system. The baseline
+(`pipeline`) always runs, so every ratio compares figures from the same run on
+the same machine. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import pwd
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import psycopg2
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_SCRIPT = REPO / "scripts" / "make_sample_db.py"
+SCHEMA_FILE = REPO / "roles" / "schema_init" / "files" / "postgres_init_schema.sql"
+MODULE_FILE = REPO / "library" / "sqlite_to_postgres.py"
+DEFAULT_PG_BIN = "/usr/lib/postgresql/15/bin"
+DEFAULT_FILES = 1_000_000
+BASELINE = "pipeline"
+# Parents before children, as the foreign keys (built afterwards) expect.
+TABLES = ("storage_nodes", "files", "tasks", "replication_logs")
+RSS_SAMPLE_SECONDS = 0.05
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+# The benchmark server is configured as a production primary would be, not
+# for speed tricks: durable (fsync, synchronous_commit, full_page_writes),
+# wal_level=replica as under Patroni, data checksums as the lab's initdb, and
+# memory sized for a shared 2-core box. Trust auth on loopback only, for the
+# few minutes the throwaway server lives: no password exists to leak.
+SERVER_SETTINGS = {
+    "listen_addresses": "127.0.0.1",
+    "max_connections": "100",
+    "shared_buffers": "1GB",
+    "maintenance_work_mem": "256MB",
+    "work_mem": "16MB",
+    "wal_level": "replica",
+    "max_wal_senders": "10",
+    "fsync": "on",
+    "synchronous_commit": "on",
+    "full_page_writes": "on",
+    "max_wal_size": "4GB",
+    "checkpoint_timeout": "15min",
+    "timezone": "UTC",
+    "logging_collector": "off",
+}
+INITDB_OPTIONS = ["--encoding=UTF8", "--locale=C.UTF-8", "--data-checksums", "--auth=trust", "--username=postgres"]
+
+
+class BenchError(Exception):
+    """A failure to report as one line (no traceback)."""
+
+
+@dataclass
+class Sample:
+    path: Path
+    files: int
+    seed: int
+    size_bytes: int
+    counts: dict[str, int]
+    columns: dict[str, list[str]]
+
+    @property
+    def rows(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass
+class Context:
+    sample: Sample
+    server: Server
+    run_dir: Path
+    timeout: float
+    deadline: float  # of the system running now, on the time.monotonic() clock
+    pre_data: str
+    post_data: str
+    module_jobs: int
+    module_integrity_check: str
+
+
+@dataclass
+class Outcome:
+    """What a loader reports back: its peak RSS and how it was run."""
+
+    peak_rss_bytes: int
+    details: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- measuring
+
+
+class PeakRss:
+    """Highest summed RSS of some processes and all their descendants.
+
+    Sampled from /proc every RSS_SAMPLE_SECONDS: the kernel here has no
+    /proc/<pid>/task/<tid>/children, so the tree is rebuilt from each
+    process's parent id. /proc is enough; psutil would add a dependency.
+    """
+
+    def __init__(self, roots: list[int]):
+        self.roots = set(roots)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self):
+        while True:
+            self.peak = max(self.peak, self.sample())
+            if self._stop.wait(RSS_SAMPLE_SECONDS):
+                return
+
+    def sample(self) -> int:
+        children: dict[int, list[int]] = {}
+        resident: dict[int, int] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                    text = stat.read()
+            except OSError:  # the process ended between listing and reading
+                continue
+            # Fields after the parenthesised command name: state, ppid, ... rss is the 22nd.
+            fields = text[text.rindex(b")") + 2:].split()
+            pid = int(entry.name)
+            children.setdefault(int(fields[1]), []).append(pid)
+            resident[pid] = int(fields[21]) * PAGE_SIZE
+        total, pending, seen = 0, list(self.roots), set()
+        while pending:
+            pid = pending.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            total += resident.get(pid, 0)
+            pending.extend(children.get(pid, ()))
+        return total
+
+
+def run_processes(commands: list[list[str]], log: Path, deadline: float, env: dict[str, str] | None = None,
+                  cwd: Path | None = None) -> int:
+    """Run commands as a pipeline (each one's stdout into the next one's stdin),
+    stderr and the last stdout to `log`; return the peak RSS of all their trees.
+    Each process leads its own session, so a timeout or Ctrl-C can stop its whole tree.
+    `deadline` is on the time.monotonic() clock."""
+    processes: list[subprocess.Popen] = []
+    with open(log, "ab") as log_file:
+        try:
+            upstream = subprocess.DEVNULL
+            for index, command in enumerate(commands):
+                last = index == len(commands) - 1
+                process = subprocess.Popen(command, stdin=upstream, stdout=log_file if last else subprocess.PIPE,
+                                           stderr=log_file, env=env, cwd=cwd, start_new_session=True)
+                if upstream is not subprocess.DEVNULL:
+                    upstream.close()  # only the reader holds it now, so the writer sees a closed pipe
+                upstream = process.stdout
+                processes.append(process)
+            with PeakRss([process.pid for process in processes]) as rss:
+                for process in processes:
+                    process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"{Path(commands[0][0]).name} still running at the --timeout; stopped") from None
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+    for command, process in zip(commands, processes):
+        if process.returncode != 0:
+            raise BenchError(f"{Path(command[0]).name} exited with {process.returncode}: {last_line(log)}")
+    return rss.peak
+
+
+def last_line(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else f"no output (see {log})"
+
+
+# ---------------------------------------------------------------- the sample
+
+
+def sample_script_default_seed() -> int:
+    """make_sample_db.py's own default, so the cache name says which sample it holds."""
+    spec = importlib.util.spec_from_file_location("make_sample_db", SAMPLE_SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script.DEFAULT_SEED
+
+
+def build_sample(data_dir: Path, files: int, seed: int) -> Sample:
+    """The sample database, built once per (files, seed) and reused afterwards."""
+    path = data_dir / f"sample-{files}-seed{seed}.db"
+    if not path.exists():
+        progress(f"building the sample: {files:,} files -> {path}")
+        result = subprocess.run([sys.executable, str(SAMPLE_SCRIPT), "--files", str(files), "--seed", str(seed),
+                                 "--out", str(path)], stdout=subprocess.DEVNULL)
+        if result.returncode != 0:
+            raise BenchError(f"make_sample_db.py failed (exit {result.returncode}) building {path}")
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        counts = {t: db.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in TABLES}  # noqa: S608
+        columns = {t: [row[1] for row in db.execute(f'PRAGMA table_info("{t}")')] for t in TABLES}
+    return Sample(path, files, seed, path.stat().st_size, counts, columns)
+
+
+# ---------------------------------------------------------------- the server
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """A throwaway PostgreSQL for one benchmark run, stopped whatever happens."""
+
+    def __init__(self, pg_bin: Path, directory: Path, log: Path):
+        self.pg_bin = pg_bin
+        self.directory = directory
+        self.data = directory / "data"
+        self.log = log  # outside `directory`, which goes away with the server
+        self.port = free_port()
+        # initdb and postgres refuse to run as root: run them as `postgres`.
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    def start(self):
+        self.directory.mkdir(parents=True)
+        self.log.touch()
+        if self.as_user:
+            account = pwd.getpwnam("postgres")
+            for path in (self.directory, self.log):
+                os.chown(path, account.pw_uid, account.pw_gid)
+        self.directory.chmod(0o700)
+        if self.as_user and subprocess.run([*self.as_user, "test", "-w", str(self.directory)]).returncode != 0:
+            raise BenchError(f"the postgres account cannot reach {self.directory}: use a --data-dir it can traverse")
+        self._run([str(self.pg_bin / "initdb"), "-D", str(self.data), *INITDB_OPTIONS], "initdb")
+        settings = {**SERVER_SETTINGS, "port": str(self.port), "unix_socket_directories": str(self.directory)}
+        options = " ".join(f"-c {name}={value}" for name, value in settings.items())
+        self._run([str(self.pg_bin / "pg_ctl"), "start", "-w", "-t", "60", "-D", str(self.data),
+                   "-l", str(self.log), "-o", options], "pg_ctl start")
+
+    def stop(self):
+        # postmaster.pid, not a flag: an interrupt can land after pg_ctl has
+        # launched the server but before start() returned.
+        if (self.data / "postmaster.pid").exists():
+            self._run([str(self.pg_bin / "pg_ctl"), "stop", "-m", "fast", "-w", "-D", str(self.data)], "pg_ctl stop")
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _run(self, command: list[str], what: str):
+        result = subprocess.run([*self.as_user, *command], capture_output=True, text=True, cwd=self.directory)
+        if result.returncode != 0:
+            detail = (result.stderr or result.stdout).strip().splitlines() or [f"exit {result.returncode}"]
+            raise BenchError(f"{what} failed: {detail[-1]} (log: {self.log})")
+
+    @property
+    def env(self) -> dict[str, str]:
+        """libpq environment for client programs: loopback TCP, as the runbook connects."""
+        return {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(self.port), "PGUSER": "postgres",
+                "PGCONNECT_TIMEOUT": "10"}
+
+    @contextlib.contextmanager
+    def connection(self, database: str = "postgres", autocommit: bool = False):
+        """A connection that is closed afterwards (psycopg2's own `with` only ends the transaction)."""
+        connection = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=database,
+                                      connect_timeout=10)
+        try:
+            connection.autocommit = autocommit
+            yield connection
+        finally:
+            connection.close()
+
+    def version(self) -> str:
+        with self.connection() as connection, connection.cursor() as cursor:
+            cursor.execute("SHOW server_version")
+            return cursor.fetchone()[0]
+
+    def admin(self, statement: str):
+        """A statement that cannot run in a transaction block (CREATE/DROP DATABASE)."""
+        with self.connection(autocommit=True) as connection, connection.cursor() as cursor:
+            cursor.execute(statement)
+
+    def execute(self, database: str, sql: str):
+        """A script of statements, in one transaction."""
+        with self.connection(database) as connection:
+            with connection, connection.cursor() as cursor:  # commits, or rolls back on error
+                cursor.execute(sql)
+
+    def counts(self, database: str) -> dict[str, int]:
+        counts = {}
+        with self.connection(database) as connection, connection.cursor() as cursor:
+            for table in TABLES:
+                cursor.execute(f'SELECT count(*) FROM "{table}"')  # noqa: S608 - fixed table names
+                counts[table] = cursor.fetchone()[0]
+        return counts
+
+
+# ---------------------------------------------------------------- the systems
+
+
+def load_pipeline(ctx: Context, database: str) -> Outcome:
+    """sqlite3 -csv | psql \\copy, one table after another.
+
+    No conversion in the SELECT: PostgreSQL takes everything this sample
+    holds as CSV text. 0/1 are valid boolean input; SQLAlchemy's
+    'YYYY-MM-DD HH:MM:SS.ffffff' is valid timestamptz input (read in the
+    server's TimeZone, UTC); JSON text is valid jsonb input; the uuids are
+    canonical. NULL leaves sqlite3 as an empty unquoted field, which CSV COPY
+    reads as NULL (the sample has no empty strings to confuse with it).
+    """
+    env = {**ctx.server.env, "PGDATABASE": database}
+    sqlite3_cli, psql = shutil.which("sqlite3"), str(ctx.server.pg_bin / "psql")
+    peak = 0
+    for table in TABLES:
+        columns = ", ".join(f'"{column}"' for column in ctx.sample.columns[table])
+        peak = max(peak, run_processes(
+            [[sqlite3_cli, "-readonly", "-csv", str(ctx.sample.path), f'SELECT {columns} FROM "{table}"'],  # noqa: S608
+             [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1",
+              "-c", f'\\copy "{table}" ({columns}) FROM pstdin WITH (FORMAT csv)']],
+            ctx.run_dir / "pipeline.log", ctx.deadline, env=env))
+    return Outcome(peak, {"conversions": "none"})
+
+
+def module_missing() -> str | None:
+    if not MODULE_FILE.exists():
+        return f"{MODULE_FILE.relative_to(REPO)} does not exist yet"
+    return None
+
+
+def load_module(ctx: Context, database: str) -> Outcome:
+    """The runbook's sqlite_to_postgres module, run through Ansible from the
+    repository root so ansible.cfg (library, module_utils) applies."""
+    ansible = Path(sys.executable).with_name("ansible")
+    arguments = {
+        "src": str(ctx.sample.path), "login_host": "127.0.0.1", "login_port": ctx.server.port,
+        "login_user": "postgres", "login_db": database, "create_tables": False, "jobs": ctx.module_jobs,
+        # The schema file's post-data section follows, as for every system.
+        "post_data": False, "integrity_check": ctx.module_integrity_check,
+    }
+    command = [str(ansible) if ansible.exists() else "ansible", "localhost", "-i", "localhost,", "-c", "local",
+               "-m", "sqlite_to_postgres", "-a", json.dumps(arguments),
+               "-e", f"ansible_python_interpreter={sys.executable}"]
+    env = {**ctx.server.env, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCALHOST_WARNING": "false"}
+    peak = run_processes([command], ctx.run_dir / "module.log", ctx.deadline, env=env, cwd=REPO)
+    return Outcome(peak, {"jobs": ctx.module_jobs, "integrity_check": ctx.module_integrity_check})
+
+
+def pgloader_missing() -> str | None:
+    return None if shutil.which("pgloader") else "pgloader is not on PATH"
+
+
+# pgloader 3.6 dies with "heap exhausted" on the 1M-file sample at its
+# defaults; these settings kept it alive before (NOTES.md).
+PGLOADER_SETTINGS = "batch rows = 10000, prefetch rows = 10000, workers = 2, concurrency = 1"
+
+
+def load_pgloader(ctx: Context, database: str) -> Outcome:
+    """pgloader into the same pre-created tables: data only, nothing of its own
+    (tables, indexes, keys, sequences) so the same post-data section follows."""
+    command_file = ctx.run_dir / "pgloader.load"
+    tables = ", ".join(f"'{table}'" for table in TABLES)
+    command_file.write_text(
+        "LOAD DATABASE\n"
+        f"  FROM sqlite://{ctx.sample.path}\n"
+        f"  INTO postgresql://postgres@127.0.0.1:{ctx.server.port}/{database}\n"
+        "  WITH data only, create no tables, include no drop, create no indexes, no foreign keys,\n"
+        f"       reset no sequences, truncate, {PGLOADER_SETTINGS}\n"
+        "  SET timezone TO 'UTC'\n"
+        f"  INCLUDING ONLY TABLE NAMES LIKE {tables};\n"
+    )
+    work = ctx.run_dir / "pgloader"
+    work.mkdir(exist_ok=True)
+    peak = run_processes([["pgloader", "--root-dir", str(work), "--on-error-stop", str(command_file)]],
+                         ctx.run_dir / "pgloader.log", ctx.deadline, env=ctx.server.env)
+    return Outcome(peak, {"settings": PGLOADER_SETTINGS})
+
+
+@dataclass
+class System:
+    load: Callable[[Context, str], Outcome]
+    missing: Callable[[], str | None] | None = None  # why it cannot run here, or None
+    description: str = ""
+
+
+# One entry per system: add a system (e.g. `validate`, issue 5) by writing its
+# load function and registering it here.
+SYSTEMS = {
+    "pipeline": System(load_pipeline, description="sqlite3 -csv | psql \\copy, table after table (baseline)"),
+    "module": System(load_module, module_missing, "the runbook's sqlite_to_postgres module via ansible"),
+    "pgloader": System(load_pgloader, pgloader_missing, f"pgloader ({PGLOADER_SETTINGS})"),
+}
+
+
+def run_once(ctx: Context, name: str) -> dict:
+    """One timed load of one system into a fresh database, checked and dropped."""
+    database = f"bench_{name}"
+    result = {"load_average": round(os.getloadavg()[0], 2)}
+    ctx.server.admin(f'DROP DATABASE IF EXISTS "{database}"')
+    ctx.server.admin(f'CREATE DATABASE "{database}" TEMPLATE template0')
+    try:
+        ctx.server.execute(database, ctx.pre_data)
+        progress(f"{name}: loading {ctx.sample.rows:,} rows")
+        started = time.monotonic()
+        ctx.deadline = started + ctx.timeout
+        outcome = SYSTEMS[name].load(ctx, database)
+        loaded = time.monotonic()
+        progress(f"{name}: loaded in {loaded - started:.1f} s; building indexes, keys and sequences")
+        ctx.server.execute(database, ctx.post_data)
+        finished = time.monotonic()
+        counts = ctx.server.counts(database)
+        check = {t: {"sqlite": ctx.sample.counts[t], "postgresql": counts[t]} for t in TABLES}
+        passed = all(c["sqlite"] == c["postgresql"] for c in check.values())
+        result.update({
+            "status": "passed" if passed else "failed",
+            "wall_s": round(finished - started, 3), "load_s": round(loaded - started, 3),
+            "post_data_s": round(finished - loaded, 3), "peak_rss_mb": round(outcome.peak_rss_bytes / 1e6, 1),
+            "row_check": {"passed": passed, "tables": check}, **outcome.details,
+        })
+        if not passed:
+            wrong = ", ".join(f"{t} sqlite={c['sqlite']} postgresql={c['postgresql']}"
+                              for t, c in check.items() if c["sqlite"] != c["postgresql"])
+            result["error"] = f"row counts differ: {wrong}"
+    except (BenchError, psycopg2.Error) as error:
+        result.update({"status": "failed", "error": one_line(error)})
+    finally:
+        ctx.server.admin(f'DROP DATABASE IF EXISTS "{database}"')
+    if result["status"] == "failed":
+        progress(f"{name}: FAILED: {result['error']}")
+    else:
+        progress(f"{name}: {result['wall_s']:.1f} s, row counts match SQLite")
+    return result
+
+
+def summarize(ctx: Context, name: str, runs: list[dict]) -> dict:
+    """One entry per system: the median run's times (rounds interleave the
+    systems, so a change in machine load touches all of them), the highest RSS."""
+    summary = {"system": name, "description": SYSTEMS[name].description, "runs": runs}
+    failed = [run for run in runs if run["status"] == "failed"]
+    if failed:
+        return {**summary, "status": "failed", "error": failed[0]["error"]}
+    wall = statistics.median(run["wall_s"] for run in runs)
+    return {
+        **summary, "status": "passed", "wall_s": round(wall, 3),
+        "load_s": round(statistics.median(run["load_s"] for run in runs), 3),
+        "post_data_s": round(statistics.median(run["post_data_s"] for run in runs), 3),
+        "rows_per_s": round(ctx.sample.rows / wall), "source_mb_per_s": round(ctx.sample.size_bytes / 1e6 / wall, 2),
+        "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+        "row_check": {"passed": True, "tables": runs[-1]["row_check"]["tables"]},
+    }
+
+
+def run_systems(ctx: Context, names: list[str], rounds: int) -> list[dict]:
+    skipped = {}
+    for name in names:
+        reason = SYSTEMS[name].missing() if SYSTEMS[name].missing else None
+        if reason:
+            progress(f"{name}: skipped: {reason}")
+            skipped[name] = {"system": name, "description": SYSTEMS[name].description, "status": "skipped",
+                             "reason": reason}
+    runs = {name: [] for name in names if name not in skipped}
+    for round_number in range(1, rounds + 1):
+        if rounds > 1:
+            progress(f"round {round_number} of {rounds}")
+        for name in runs:
+            runs[name].append(run_once(ctx, name))
+    return [skipped[name] if name in skipped else summarize(ctx, name, runs[name]) for name in names]
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def progress(message: str):
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def schema_sections() -> tuple[str, str]:
+    """The pre-data and post-data sections of the runbook's schema file."""
+    if not SCHEMA_FILE.exists():
+        raise BenchError(f"schema file {SCHEMA_FILE.relative_to(REPO)} not found")
+    text = SCHEMA_FILE.read_text()
+    if "-- section: pre-data" not in text or "-- section: post-data" not in text:
+        raise BenchError(f"{SCHEMA_FILE.relative_to(REPO)} lacks a '-- section: pre-data' "
+                         "or '-- section: post-data' line")
+    before_post, post_data = text.split("-- section: post-data", 1)
+    return before_post.split("-- section: pre-data", 1)[1], post_data
+
+
+def command_version(command: list[str]) -> str | None:
+    try:
+        output = subprocess.run(command, capture_output=True, text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return output.splitlines()[0] if output else None
+
+
+def machine_info() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown")
+    memory_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                     if line.startswith("MemTotal:"))
+    return {
+        "cpu_model": cpu, "cores": os.cpu_count(), "memory_mb": memory_kb // 1024,
+        "kernel": platform.release(), "python": platform.python_version(),
+        "sqlite_cli": command_version(["sqlite3", "--version"]), "sqlite_library": sqlite3.sqlite_version,
+        "load_average_before": os.getloadavg(),
+    }
+
+
+def print_table(results: list[dict]):
+    header = f"{'system':<10} {'wall s':>8} {'rows/s':>10} {'MB/s':>7} {'peak RSS MB':>12} {'vs pipeline':>12}  status"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        if r["status"] == "passed":
+            ratio = f"{r['speedup_vs_baseline']:.2f}x" if r.get("speedup_vs_baseline") else "-"
+            print(f"{r['system']:<10} {r['wall_s']:>8.1f} {r['rows_per_s']:>10,} {r['source_mb_per_s']:>7.1f} "
+                  f"{r['peak_rss_mb']:>12.1f} {ratio:>12}  passed")
+        else:
+            print(f"{r['system']:<10} {'':>8} {'':>10} {'':>7} {'':>12} {'':>12}  "
+                  f"{r['status']}: {r.get('error') or r.get('reason')}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the problem (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_args(argv):
+    parser = OneLineParser(
+        description="Time SQLite -> PostgreSQL loads of the FileShareSystem sample, several systems in one run.",
+        epilog=f"Systems: {', '.join(f'{n} = {s.description}' for n, s in SYSTEMS.items())}. "
+               f"The baseline ({BASELINE}) always runs.",
+    )
+    parser.add_argument("--files", type=int, default=DEFAULT_FILES,
+                        help=f"sample size in files rows (default {DEFAULT_FILES:,} = 2.44M rows in all)")
+    parser.add_argument("--seed", type=int, default=None, help="sample seed (default: make_sample_db.py's)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help=f"comma-separated systems to time (default: {','.join(SYSTEMS)})")
+    parser.add_argument("--data-dir", type=Path, default=REPO / "bench" / "data",
+                        help="samples, the server and logs (default bench/data)")
+    parser.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results",
+                        help="where the JSON result goes (default bench/results)")
+    parser.add_argument("--pg-bin", type=Path, default=Path(DEFAULT_PG_BIN), help=f"default {DEFAULT_PG_BIN}")
+    parser.add_argument("--module-jobs", type=int, default=2,
+                        help="jobs option of the module (default 2, the runbook's)")
+    parser.add_argument("--module-integrity-check", choices=("full", "quick"), default="full",
+                        help="integrity_check option of the module (default full, the runbook's)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every system this many times, interleaved, and report the median (default 1)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds one system may take (default 3600)")
+    args = parser.parse_args(argv)
+    args.data_dir, args.results_dir = args.data_dir.resolve(), args.results_dir.resolve()
+    if args.seed is None:
+        args.seed = sample_script_default_seed()
+    chosen = [name.strip() for name in args.systems.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in SYSTEMS]
+    if unknown:
+        parser.error(f"unknown system {', '.join(unknown)} in --systems (known: {', '.join(SYSTEMS)})")
+    if args.files < 1:
+        parser.error(f"--files must be at least 1, got {args.files}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    args.systems = [BASELINE] + [name for name in dict.fromkeys(chosen) if name != BASELINE]
+    return args
+
+
+def preflight(args):
+    for tool in ("initdb", "pg_ctl", "psql"):
+        if not (args.pg_bin / tool).exists():
+            raise BenchError(f"{args.pg_bin / tool} not found (set --pg-bin)")
+    if not shutil.which("sqlite3"):
+        raise BenchError("the sqlite3 command-line shell is not on PATH (apt-get install sqlite3)")
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            raise BenchError("running as root needs a 'postgres' account to run the server as") from None
+
+
+def write_report(args, stamp: str, machine: dict, sample: Sample, results: list[dict]) -> Path:
+    baseline = next(r for r in results if r["system"] == BASELINE)
+    for r in results:
+        if r["status"] == "passed" and baseline["status"] == "passed":
+            r["speedup_vs_baseline"] = round(baseline["wall_s"] / r["wall_s"], 2)
+    report = {
+        "started_utc": stamp, "machine": machine,
+        "sample": {"path": str(sample.path), "files": sample.files, "seed": sample.seed, "rows": sample.rows,
+                   "size_bytes": sample.size_bytes, "counts": sample.counts},
+        "server": {"initdb": INITDB_OPTIONS, "settings": SERVER_SETTINGS},
+        "baseline": BASELINE, "rounds": args.rounds, "rss_sample_seconds": RSS_SAMPLE_SECONDS, "systems": results,
+    }
+    passed = {r["system"]: r for r in results if r["status"] == "passed"}
+    if "module" in passed and "pgloader" in passed:
+        report["module_speedup_vs_pgloader"] = round(passed["pgloader"]["wall_s"] / passed["module"]["wall_s"], 2)
+    out = args.results_dir / f"{stamp}-{sample.files}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\n{sample.rows:,} rows, {sample.size_bytes / 1e6:.0f} MB of SQLite; PostgreSQL {machine['postgresql']}; "
+          f"{machine['cores']} cores, load average {machine['load_average_before'][0]:.2f} before, "
+          f"{machine['load_average_after'][0]:.2f} after")
+    print_table(results)
+    if "module_speedup_vs_pgloader" in report:
+        print(f"module vs pgloader: {report['module_speedup_vs_pgloader']:.2f}x")
+    print(f"results: {out}")
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # SIGTERM stops the run like Ctrl-C does: through the finally that stops the server.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    server = run_dir = None
+    keep_logs = False
+    try:
+        preflight(args)
+        pre_data, post_data = schema_sections()
+        args.data_dir.mkdir(parents=True, exist_ok=True)
+        args.results_dir.mkdir(parents=True, exist_ok=True)
+        machine = machine_info()
+        sample = build_sample(args.data_dir, args.files, args.seed)
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        run_dir = args.data_dir / f"run-{stamp}-{os.getpid()}"
+        run_dir.mkdir(mode=0o755)  # the server's directory inside it must be reachable by `postgres`
+        server = Server(args.pg_bin, run_dir / "pg", run_dir / "server.log")
+        progress(f"starting PostgreSQL on 127.0.0.1:{server.port} in {server.directory}")
+        server.start()
+        machine["postgresql"] = server.version()
+        machine["pgloader"] = command_version(["pgloader", "--version"]) if "pgloader" in args.systems else None
+        ctx = Context(sample, server, run_dir, args.timeout, 0.0, pre_data, post_data, args.module_jobs,
+                      args.module_integrity_check)
+        results = run_systems(ctx, args.systems, args.rounds)
+        keep_logs = any(r["status"] == "failed" for r in results)
+    except (BenchError, psycopg2.Error) as error:
+        print(f"bench: error: {one_line(error)}", file=sys.stderr)
+        keep_logs = True
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if server is not None:
+            progress("stopping PostgreSQL")
+            try:
+                server.stop()
+            except BenchError as error:
+                print(f"bench: error: {one_line(error)}", file=sys.stderr)
+                keep_logs = True
+        if run_dir is not None:
+            if keep_logs:
+                print(f"bench: logs kept in {run_dir}", file=sys.stderr)
+            else:
+                shutil.rmtree(run_dir, ignore_errors=True)
+    machine["load_average_after"] = os.getloadavg()
+    write_report(args, stamp, machine, sample, results)
+    return 1 if keep_logs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""bench/run.py on a tiny sample: the JSON it writes, its row-count check, and
+that it stops its own PostgreSQL. No timing is asserted: speed is what the
+benchmark reports, not what a test decides."""
+
+import importlib.util
+import json
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+HARNESS = REPO / "bench" / "run.py"
+MODULE = REPO / "library" / "sqlite_to_postgres.py"
+TABLES = ("storage_nodes", "files", "tasks", "replication_logs")
+
+
+@pytest.fixture(scope="module")
+def data_dir():
+    # Under bench/data (git-ignored), not pytest's tmp: the server runs as the
+    # postgres account, which cannot enter root's private pytest directories.
+    path = REPO / "bench" / "data" / f"pytest-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def bench(data_dir, results_dir, *args, **kwargs):
+    return subprocess.run([sys.executable, str(HARNESS), "--data-dir", str(data_dir),
+                           "--results-dir", str(results_dir), *args],
+                          capture_output=True, text=True, timeout=900, **kwargs)
+
+
+def processes_mentioning(text):
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def report(data_dir, tmp_path_factory):
+    results_dir = tmp_path_factory.mktemp("results")
+    systems = ["pipeline", "module"] + (["pgloader"] if shutil.which("pgloader") else [])
+    run = bench(data_dir, results_dir, "--files", "200", "--rounds", "2", "--systems", ",".join(systems))
+    assert run.returncode == 0, run.stderr
+    written = list(results_dir.glob("*-200.json"))
+    assert len(written) == 1, written
+    return json.loads(written[0].read_text()), run
+
+
+def test_report_describes_machine_sample_and_server(report):
+    data, _ = report
+    assert {"cpu_model", "cores", "memory_mb", "postgresql", "sqlite_cli", "sqlite_library",
+            "load_average_before", "load_average_after"} <= set(data["machine"])
+    assert data["machine"]["postgresql"].startswith("15.")
+    assert data["sample"]["files"] == 200
+    with sqlite3.connect(data["sample"]["path"]) as db:
+        actual = {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}  # noqa: S608
+    assert data["sample"]["counts"] == actual == {"storage_nodes": 3, "files": 200, "tasks": 180,
+                                                   "replication_logs": 108}
+    assert data["sample"]["rows"] == sum(actual.values())
+    assert data["server"]["settings"]["wal_level"] == "replica"
+    assert data["baseline"] == "pipeline"
+    assert data["rounds"] == 2
+
+
+def systems(data):
+    return {entry["system"]: entry for entry in data["systems"]}
+
+
+def assert_loaded_everything(entry, sample_counts):
+    assert entry["status"] == "passed", entry
+    assert entry["row_check"]["passed"] is True
+    assert {t: c["postgresql"] for t, c in entry["row_check"]["tables"].items()} == sample_counts
+    assert len(entry["runs"]) == 2
+    for run in entry["runs"]:
+        assert {t: c["postgresql"] for t, c in run["row_check"]["tables"].items()} == sample_counts
+    for key in ("wall_s", "load_s", "post_data_s", "rows_per_s", "source_mb_per_s", "peak_rss_mb",
+                "speedup_vs_baseline"):
+        assert isinstance(entry[key], (int, float)) and entry[key] > 0, key
+
+
+def test_pipeline_baseline_loads_every_row(report):
+    data, _ = report
+    pipeline = systems(data)["pipeline"]
+    assert_loaded_everything(pipeline, data["sample"]["counts"])
+    assert pipeline["speedup_vs_baseline"] == 1.0
+
+
+def test_module_is_timed_when_present_and_skipped_with_a_reason_otherwise(report):
+    data, _ = report
+    module = systems(data)["module"]
+    if MODULE.exists():
+        assert_loaded_everything(module, data["sample"]["counts"])
+    else:
+        assert module["status"] == "skipped"
+        assert "library/sqlite_to_postgres.py" in module["reason"]
+
+
+@pytest.mark.skipif(not shutil.which("pgloader"), reason="pgloader is not installed")
+def test_pgloader_loads_every_row(report):
+    data, _ = report
+    assert_loaded_everything(systems(data)["pgloader"], data["sample"]["counts"])
+
+
+def test_run_prints_a_table_and_leaves_no_server_behind(report, data_dir):
+    _, run = report
+    assert "pipeline" in run.stdout and "peak RSS MB" in run.stdout
+    assert processes_mentioning(str(data_dir)) == []
+    assert list(data_dir.glob("run-*")) == []
+
+
+def test_unknown_system_is_one_line_and_exit_2(data_dir, tmp_path):
+    run = bench(data_dir, tmp_path, "--files", "200", "--systems", "pipeline,bogus")
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1 and "bogus" in run.stderr
+
+
+def test_interrupt_stops_the_server(data_dir, tmp_path):
+    data_dir = data_dir / "interrupted"
+    process = subprocess.Popen([sys.executable, str(HARNESS), "--data-dir", str(data_dir),
+                                "--results-dir", str(tmp_path), "--files", "20000", "--systems", "pipeline"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            if "pipeline: loading" in line:
+                break
+        assert lines and "pipeline: loading" in lines[-1], "".join(lines)
+        assert processes_mentioning(str(data_dir)), "the server should be running while loading"
+        process.send_signal(signal.SIGTERM)
+        rest = process.stderr.read()
+        assert process.wait(timeout=120) == 130, rest
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "interrupted" in rest
+    assert processes_mentioning(str(data_dir)) == []
+    assert list(data_dir.glob("run-*")) == []
+    assert list(tmp_path.glob("*.json")) == []
+
+
+def load_harness():
+    spec = importlib.util.spec_from_file_location("bench_run", HARNESS)
+    harness = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = harness  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(harness)
+    return harness
+
+
+def test_a_system_that_loads_too_little_fails_the_row_check(data_dir):
+    harness = load_harness()
+    sample = harness.build_sample(data_dir, 200, harness.sample_script_default_seed())
+    run_dir = data_dir / "short-load"
+    run_dir.mkdir(mode=0o755)
+    server = harness.Server(Path(harness.DEFAULT_PG_BIN), run_dir / "pg", run_dir / "server.log")
+
+    def load_storage_nodes_only(ctx, database):
+        with ctx.server.connection(database) as connection, connection, connection.cursor() as cursor:
+            cursor.execute("INSERT INTO storage_nodes (node_id, hostname) VALUES ('node-01', 'storage-1')")
+        return harness.Outcome(0)
+
+    harness.SYSTEMS["short"] = harness.System(load_storage_nodes_only, description="loads one row")
+    try:
+        server.start()
+        pre_data, post_data = harness.schema_sections()
+        ctx = harness.Context(sample, server, run_dir, 60, 0.0, pre_data, post_data, 2, "full")
+        (entry,) = harness.run_systems(ctx, ["short"], rounds=1)
+    finally:
+        server.stop()
+    assert entry["status"] == "failed"
+    assert "row counts differ" in entry["error"] and "files sqlite=200 postgresql=0" in entry["error"]
+    assert entry["runs"][0]["row_check"]["passed"] is False
