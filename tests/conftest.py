@@ -13,6 +13,7 @@ import pwd
 import secrets
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -148,6 +149,30 @@ def sample_db(sample_template, tmp_path):
     path = tmp_path / "fileshare.db"
     shutil.copyfile(sample_template, path)
     return path
+
+
+def build_sqlite(path, script, rows=None):
+    """A SQLite file from a DDL script and {table: [row, ...]}; returns its path as a string."""
+    connection = sqlite3.connect(path)
+    connection.executescript(script)
+    for table, values in (rows or {}).items():
+        marks = ", ".join("?" * len(values[0]))
+        connection.executemany(f'INSERT INTO "{table}" VALUES ({marks})', values)  # noqa: S608 - test's own names
+    connection.commit()
+    connection.close()
+    return str(path)
+
+
+def execute(conninfo, statement, parameters=None):
+    """Run one statement in autocommit; its rows, or None when it returns none."""
+    connection = psycopg2.connect(**conninfo)
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(statement, parameters)
+            return cursor.fetchall() if cursor.description else None
+    finally:
+        connection.close()
 
 
 def wait_until(predicate, timeout=30.0, interval=0.02):

@@ -14,6 +14,7 @@ from decimal import Decimal
 
 import psycopg2
 import pytest
+from conftest import execute
 from sqlite_pg.checksum import (
     Checksum,
     PostgresTable,
@@ -71,16 +72,6 @@ def write_every_type(path):
                                EVERY_TYPE_ROWS)
     connection.close()
 
-
-def execute(conninfo, statement, parameters=None):
-    connection = psycopg2.connect(**conninfo)
-    connection.autocommit = True
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(statement, parameters)
-            return cursor.fetchall() if cursor.description else None
-    finally:
-        connection.close()
 
 
 @pytest.fixture

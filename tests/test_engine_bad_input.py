@@ -6,19 +6,8 @@ import sqlite3
 
 import psycopg2
 import pytest
-from conftest import assert_same_content, file_digests, target_snapshot
+from conftest import assert_same_content, build_sqlite, file_digests, target_snapshot
 from sqlite_pg import MigrationError, migrate
-
-
-def build(path, script, rows=None):
-    connection = sqlite3.connect(path)
-    connection.executescript(script)
-    for table, values in (rows or {}).items():
-        marks = ", ".join("?" * len(values[0]))
-        connection.executemany(f'INSERT INTO "{table}" VALUES ({marks})', values)  # noqa: S608 - test's own names
-    connection.commit()
-    connection.close()
-    return str(path)
 
 
 def fails_closed(src, conninfo, *fragments, **options):
@@ -68,14 +57,14 @@ def test_unknown_table_name(sample_db, pg_database):
 
 
 def test_invalid_utf8_and_nul_characters(tmp_path, pg_database):
-    src = build(tmp_path / "enc.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT);")
+    src = build_sqlite(tmp_path / "enc.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT);")
     connection = sqlite3.connect(src)
     connection.execute("INSERT INTO t VALUES (1, 'fine'), (2, CAST(x'636166e9' AS TEXT))")  # 'caf' + Latin-1 é
     connection.commit()
     connection.close()
     fails_closed(src, pg_database, "table t, column name, rowid 2", "is not valid UTF-8")
 
-    nul = build(tmp_path / "nul.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT);")
+    nul = build_sqlite(tmp_path / "nul.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT);")
     connection = sqlite3.connect(nul)
     connection.execute("INSERT INTO t VALUES (7, 'a' || char(0) || 'b')")
     connection.commit()
@@ -84,7 +73,7 @@ def test_invalid_utf8_and_nul_characters(tmp_path, pg_database):
 
 
 def test_foreign_key_violation(tmp_path, pg_database):
-    src = build(tmp_path / "fk.db", """
+    src = build_sqlite(tmp_path / "fk.db", """
         CREATE TABLE parent (id INTEGER PRIMARY KEY);
         CREATE TABLE child (id INTEGER PRIMARY KEY, parent_id INTEGER REFERENCES parent(id));
     """, {"parent": [(1,)], "child": [(1, 1), (5, 99)]})
@@ -92,7 +81,8 @@ def test_foreign_key_violation(tmp_path, pg_database):
 
 
 def test_null_into_a_not_null_target_column(tmp_path, pg_database):
-    src = build(tmp_path / "nn.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);", {"t": [(1, "a"), (3, None)]})
+    src = build_sqlite(tmp_path / "nn.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);",
+                       {"t": [(1, "a"), (3, None)]})
     connection = psycopg2.connect(**pg_database)
     with connection, connection.cursor() as cursor:
         cursor.execute("CREATE TABLE t (id bigint, v text NOT NULL)")
@@ -141,7 +131,7 @@ def test_connection_failure_is_one_line_without_the_password(sample_db, postgres
 
 def test_reject_mode_sets_bad_rows_aside_and_loads_the_rest(tmp_path, pg_database):
     rows = [(1, "2024-01-01 00:00:00", 1), (2, "garbage", 1), (3, "2024-01-03 00:00:00", 7), (4, None, 0)]
-    src = build(tmp_path / "rej.db", "CREATE TABLE ev (id INTEGER PRIMARY KEY, at DATETIME, ok BOOLEAN);",
+    src = build_sqlite(tmp_path / "rej.db", "CREATE TABLE ev (id INTEGER PRIMARY KEY, at DATETIME, ok BOOLEAN);",
                 {"ev": rows})
     rejects = tmp_path / "ev.rej.jsonl"
 
@@ -161,7 +151,7 @@ def test_reject_mode_sets_bad_rows_aside_and_loads_the_rest(tmp_path, pg_databas
 
 def test_more_rejects_than_allowed_fail_before_writing(tmp_path, pg_database):
     rows = [(1, "bad"), (2, "worse"), (3, "2024-01-01")]
-    src = build(tmp_path / "many.db", "CREATE TABLE ev (id INTEGER PRIMARY KEY, at DATETIME);", {"ev": rows})
+    src = build_sqlite(tmp_path / "many.db", "CREATE TABLE ev (id INTEGER PRIMARY KEY, at DATETIME);", {"ev": rows})
     rejects = tmp_path / "r.jsonl"
     fails_closed(src, pg_database, "2 rows are invalid, more than max_rejects (1)", "table ev, column at, rowid 1",
                  on_invalid="reject", max_rejects=1, reject_file=str(rejects))
@@ -181,7 +171,7 @@ def test_create_tables_false_needs_the_tables(sample_db, pg_database):
 
 
 def test_a_good_run_after_a_failed_one_loads_everything(tmp_path, pg_database):
-    src = build(tmp_path / "fix.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, at DATETIME);",
+    src = build_sqlite(tmp_path / "fix.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, at DATETIME);",
                 {"t": [(1, "2024-01-01"), (2, "nope")]})
     fails_closed(src, pg_database, "rowid 2")
     connection = sqlite3.connect(src)
@@ -193,7 +183,7 @@ def test_a_good_run_after_a_failed_one_loads_everything(tmp_path, pg_database):
 
 
 def test_a_row_with_several_problems_is_rejected_once(tmp_path, pg_database):
-    src = build(tmp_path / "twice.db", "CREATE TABLE ev (id INTEGER PRIMARY KEY, at DATETIME, note TEXT);")
+    src = build_sqlite(tmp_path / "twice.db", "CREATE TABLE ev (id INTEGER PRIMARY KEY, at DATETIME, note TEXT);")
     connection = sqlite3.connect(src)
     connection.execute("INSERT INTO ev VALUES (1, '2024-01-01', 'ok'), (2, 'bad', CAST(x'ff' AS TEXT)), "
                        "(3, '2024-01-03', CAST(x'fe' AS TEXT))")
@@ -209,7 +199,7 @@ def test_a_row_with_several_problems_is_rejected_once(tmp_path, pg_database):
 
 
 def test_a_value_only_postgresql_can_judge_rolls_its_table_back_and_names_the_row(tmp_path, pg_database):
-    src = build(tmp_path / "inet.db", "CREATE TABLE hosts (id INTEGER PRIMARY KEY, address TEXT);",
+    src = build_sqlite(tmp_path / "inet.db", "CREATE TABLE hosts (id INTEGER PRIMARY KEY, address TEXT);",
                 {"hosts": [(1, "10.0.0.1"), (2, "192.168.1.300"), (3, "::1")]})
     connection = psycopg2.connect(**pg_database)
     with connection, connection.cursor() as cursor:

@@ -1,22 +1,10 @@
 """Any SQLite database: odd declared types, reserved and mixed-case names, keys, defaults, FK order."""
 
-import sqlite3
 
 import psycopg2
 import pytest
-from conftest import assert_same_content, target_snapshot
+from conftest import assert_same_content, build_sqlite, target_snapshot
 from sqlite_pg import MigrationError, migrate
-
-
-def build(path, script, rows=None):
-    connection = sqlite3.connect(path)
-    connection.executescript(script)
-    for table, values in (rows or {}).items():
-        marks = ", ".join("?" * len(values[0]))
-        connection.executemany(f'INSERT INTO "{table}" VALUES ({marks})', values)  # noqa: S608 - test's own names
-    connection.commit()
-    connection.close()
-    return str(path)
 
 
 def catalog(conninfo, query, parameters=None):
@@ -35,7 +23,7 @@ def column_types(conninfo, table):
 
 
 def test_declared_types_map_to_postgresql_types(tmp_path, pg_database):
-    src = build(tmp_path / "types.db", """
+    src = build_sqlite(tmp_path / "types.db", """
         CREATE TABLE odd (
             id INTEGER PRIMARY KEY, name NVARCHAR(160), amount numeric(20,6), ratio "double precision",
             small smallint unsigned, happened DATETIME DEFAULT 0, anything, flag BOOLEAN, day DATE,
@@ -59,7 +47,7 @@ def test_declared_types_map_to_postgresql_types(tmp_path, pg_database):
 
 
 def test_reserved_and_mixed_case_names(tmp_path, pg_database):
-    src = build(tmp_path / "names.db", """
+    src = build_sqlite(tmp_path / "names.db", """
         CREATE TABLE "user" (id INTEGER PRIMARY KEY, "order" INTEGER, "select" TEXT, "Group" TEXT);
         CREATE TABLE "references" (id INTEGER PRIMARY KEY, user_id INTEGER REFERENCES "user"(id), "from" TEXT);
         CREATE TABLE "TableName" ("ColumnName" TEXT PRIMARY KEY, "with space" TEXT, "quo""te" TEXT);
@@ -74,7 +62,7 @@ def test_reserved_and_mixed_case_names(tmp_path, pg_database):
 
 
 def test_composite_keys_no_key_without_rowid_and_empty_tables(tmp_path, pg_database):
-    src = build(tmp_path / "keys.db", """
+    src = build_sqlite(tmp_path / "keys.db", """
         CREATE TABLE pairs (a INTEGER, b TEXT, v REAL, PRIMARY KEY (a, b));
         CREATE TABLE loose (x, y);
         CREATE TABLE wr (k TEXT PRIMARY KEY, v INTEGER) WITHOUT ROWID;
@@ -97,7 +85,7 @@ def test_composite_keys_no_key_without_rowid_and_empty_tables(tmp_path, pg_datab
 
 
 def test_sqlite_only_defaults_are_translated_or_dropped_with_a_note(tmp_path, pg_database):
-    src = build(tmp_path / "defaults.db", """
+    src = build_sqlite(tmp_path / "defaults.db", """
         CREATE TABLE d (
             id INTEGER PRIMARY KEY,
             created DATETIME DEFAULT CURRENT_TIMESTAMP,
@@ -128,7 +116,7 @@ def test_sqlite_only_defaults_are_translated_or_dropped_with_a_note(tmp_path, pg
 
 
 def test_parents_load_before_children_self_references_and_cycles(tmp_path, pg_database):
-    src = build(tmp_path / "fk.db", """
+    src = build_sqlite(tmp_path / "fk.db", """
         CREATE TABLE child (id INTEGER PRIMARY KEY, parent_id INTEGER REFERENCES parent(id));
         CREATE TABLE parent (id INTEGER PRIMARY KEY, boss INTEGER REFERENCES parent(id));
         CREATE TABLE a (id INTEGER PRIMARY KEY, b_id INTEGER REFERENCES b(id));
@@ -148,7 +136,7 @@ def test_parents_load_before_children_self_references_and_cycles(tmp_path, pg_da
 
 def test_preexisting_foreign_keys_make_children_wait_for_their_parents(tmp_path, pg_database):
     rows = {"parent": [(i,) for i in range(1, 2001)], "child": [(i, i) for i in range(1, 2001)]}
-    src = build(tmp_path / "wait.db", """
+    src = build_sqlite(tmp_path / "wait.db", """
         CREATE TABLE parent (id INTEGER PRIMARY KEY);
         CREATE TABLE child (id INTEGER PRIMARY KEY, parent_id INTEGER REFERENCES parent(id));
     """, rows)
@@ -165,7 +153,8 @@ def test_preexisting_foreign_keys_make_children_wait_for_their_parents(tmp_path,
 
 def test_names_colliding_at_63_bytes_fail_before_writing(tmp_path, pg_database):
     long = "x" * 70
-    src = build(tmp_path / "long.db", f'CREATE TABLE t (id INTEGER PRIMARY KEY, "{long}a" TEXT, "{long}b" TEXT);')
+    src = build_sqlite(tmp_path / "long.db",
+                       f'CREATE TABLE t (id INTEGER PRIMARY KEY, "{long}a" TEXT, "{long}b" TEXT);')
     snapshot = target_snapshot(pg_database)
 
     with pytest.raises(MigrationError) as failure:
@@ -176,7 +165,7 @@ def test_names_colliding_at_63_bytes_fail_before_writing(tmp_path, pg_database):
 
 
 def test_text_longer_than_its_varchar_fails_before_writing(tmp_path, pg_database):
-    src = build(tmp_path / "len.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, code VARCHAR(3));",
+    src = build_sqlite(tmp_path / "len.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, code VARCHAR(3));",
                 {"t": [(1, "abc"), (2, "abcd")]})
     snapshot = target_snapshot(pg_database)
 

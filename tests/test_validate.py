@@ -15,8 +15,8 @@ import sys
 import uuid
 from pathlib import Path
 
-import psycopg2
 import pytest
+from conftest import execute
 from psycopg2 import sql
 from sqlite_pg import validate as validate_module
 from sqlite_pg.engine import migrate
@@ -30,16 +30,6 @@ GUIDE_QUERIES = {
     "replication_logs_per_status": "SELECT status, COUNT(*) FROM replication_logs GROUP BY status",
 }
 
-
-def execute(conninfo, statement, parameters=None):
-    connection = psycopg2.connect(**conninfo)
-    connection.autocommit = True
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(statement, parameters)
-            return cursor.fetchall() if cursor.description else None
-    finally:
-        connection.close()
 
 
 def migrate_into_typed_schema(src, conninfo):
