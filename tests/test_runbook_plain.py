@@ -25,6 +25,7 @@ from pathlib import Path
 import psycopg2
 import psycopg2.sql
 import pytest
+from conftest import execute as run_statement
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path("/usr/lib/postgresql/15/bin")
@@ -74,14 +75,8 @@ def server():
 
 
 def execute(server, dbname, sql, parameters=None):
-    conn = psycopg2.connect(host="127.0.0.1", port=server["port"], user="postgres", password=PASSWORD, dbname=dbname)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, parameters)
-            return cur.fetchall() if cur.description else None
-    finally:
-        conn.close()
+    conninfo = {"host": "127.0.0.1", "port": server["port"], "user": "postgres", "password": PASSWORD, "dbname": dbname}
+    return run_statement(conninfo, sql, parameters)
 
 
 class Workspace:

@@ -481,15 +481,8 @@ class JsonRule(Rule):
         return (f"CASE typeof({q}) WHEN 'text' THEN (json_valid({q}) AND instr({q}, '\\u0000') = 0) "
                 f"WHEN 'real' THEN abs({q}) < 9e999 ELSE 1 END")
 
-    def format_sql(self, q, classes, zoned_text=False, specials=True):
-        text = sql_escape(q) if specials else q
-        if classes <= {"text"}:
-            return text
-        if classes <= {"integer"}:
-            return f"CAST({q} AS TEXT)"
-        if classes <= {"text", "integer"}:
-            return f"CASE WHEN typeof({q}) = 'integer' THEN CAST({q} AS TEXT) ELSE {text} END"
-        return None
+    # JSON text and integers go into COPY exactly as text does.
+    format_sql = TextRule.format_sql
 
     def convert(self, storage_class, value):
         if storage_class == "integer":
