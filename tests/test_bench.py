@@ -9,7 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import uuid
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,10 +22,11 @@ TABLES = ("storage_nodes", "files", "tasks", "replication_logs")
 
 @pytest.fixture(scope="module")
 def data_dir():
-    # Under bench/data (git-ignored), not pytest's tmp: the server runs as the
-    # postgres account, which cannot enter root's private pytest directories.
-    path = REPO / "bench" / "data" / f"pytest-{uuid.uuid4().hex[:8]}"
-    path.mkdir(parents=True)
+    # In the system's temp directory, not pytest's tmp or the checkout: the
+    # server runs as the postgres account, which must traverse every parent
+    # (root's pytest directories and a checkout in a private directory are not).
+    path = Path(tempfile.mkdtemp(prefix="bench-pytest-"))
+    path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
