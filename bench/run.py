@@ -103,10 +103,19 @@ class Context:
 
 
 @dataclass
-class Outcome:
-    """What a loader reports back: its peak RSS and how it was run."""
+class Memory:
+    rss_bytes: int = 0
+    pss_bytes: int = 0
 
-    peak_rss_bytes: int
+    def __or__(self, other: Memory) -> Memory:
+        return Memory(max(self.rss_bytes, other.rss_bytes), max(self.pss_bytes, other.pss_bytes))
+
+
+@dataclass
+class Outcome:
+    """What a loader reports back: its peak memory (see PeakRss) and how it was run."""
+
+    peak: Memory
     details: dict = field(default_factory=dict)
 
 
@@ -114,16 +123,20 @@ class Outcome:
 
 
 class PeakRss:
-    """Highest summed RSS of some processes and all their descendants.
+    """Highest summed memory of some processes and all their descendants, two ways.
 
     Sampled from /proc every RSS_SAMPLE_SECONDS: the kernel here has no
     /proc/<pid>/task/<tid>/children, so the tree is rebuilt from each
     process's parent id. /proc is enough; psutil would add a dependency.
+    `peak` sums RSS, which counts every page a forked worker shares with its
+    parent once per process; `peak_pss` sums PSS (each shared page divided
+    among the processes sharing it), the memory the tree really holds.
     """
 
     def __init__(self, roots: list[int]):
         self.roots = set(roots)
         self.peak = 0
+        self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -137,11 +150,12 @@ class PeakRss:
 
     def _run(self):
         while True:
-            self.peak = max(self.peak, self.sample())
+            rss, pss = self.sample()
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
             if self._stop.wait(RSS_SAMPLE_SECONDS):
                 return
 
-    def sample(self) -> int:
+    def sample(self) -> tuple[int, int]:
         children: dict[int, list[int]] = {}
         resident: dict[int, int] = {}
         for entry in os.scandir("/proc"):
@@ -157,21 +171,34 @@ class PeakRss:
             pid = int(entry.name)
             children.setdefault(int(fields[1]), []).append(pid)
             resident[pid] = int(fields[21]) * PAGE_SIZE
-        total, pending, seen = 0, list(self.roots), set()
+        rss, pss, pending, seen = 0, 0, list(self.roots), set()
         while pending:
             pid = pending.pop()
             if pid in seen:
                 continue
             seen.add(pid)
-            total += resident.get(pid, 0)
+            rss += resident.get(pid, 0)
+            pss += proportional_set_size(pid)
             pending.extend(children.get(pid, ()))
-        return total
+        return rss, pss
+
+
+def proportional_set_size(pid: int) -> int:
+    """PSS of one process in bytes (0 when it has ended)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as rollup:
+            for line in rollup:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def run_processes(commands: list[list[str]], log: Path, deadline: float, env: dict[str, str] | None = None,
-                  cwd: Path | None = None) -> int:
+                  cwd: Path | None = None) -> Memory:
     """Run commands as a pipeline (each one's stdout into the next one's stdin),
-    stderr and the last stdout to `log`; return the peak RSS of all their trees.
+    stderr and the last stdout to `log`; return the peak memory of all their trees.
     Each process leads its own session, so a timeout or Ctrl-C can stop its whole tree.
     `deadline` is on the time.monotonic() clock."""
     processes: list[subprocess.Popen] = []
@@ -200,7 +227,7 @@ def run_processes(commands: list[list[str]], log: Path, deadline: float, env: di
     for command, process in zip(commands, processes):
         if process.returncode != 0:
             raise BenchError(f"{Path(command[0]).name} exited with {process.returncode}: {last_line(log)}")
-    return rss.peak
+    return Memory(rss.peak, rss.peak_pss)
 
 
 def last_line(log: Path) -> str:
@@ -341,10 +368,10 @@ def load_pipeline(ctx: Context, database: str) -> Outcome:
     """
     env = {**ctx.server.env, "PGDATABASE": database}
     sqlite3_cli, psql = shutil.which("sqlite3"), str(ctx.server.pg_bin / "psql")
-    peak = 0
+    peak = Memory()
     for table in TABLES:
         columns = ", ".join(f'"{column}"' for column in ctx.sample.columns[table])
-        peak = max(peak, run_processes(
+        peak = peak | (run_processes(
             [[sqlite3_cli, "-readonly", "-csv", str(ctx.sample.path), f'SELECT {columns} FROM "{table}"'],  # noqa: S608
              [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1",
               "-c", f'\\copy "{table}" ({columns}) FROM pstdin WITH (FORMAT csv)']],
@@ -444,7 +471,8 @@ def run_once(ctx: Context, name: str) -> dict:
         result.update({
             "status": "passed" if passed else "failed",
             "wall_s": round(finished - started, 3), "load_s": round(loaded - started, 3),
-            "post_data_s": round(finished - loaded, 3), "peak_rss_mb": round(outcome.peak_rss_bytes / 1e6, 1),
+            "post_data_s": round(finished - loaded, 3), "peak_rss_mb": round(outcome.peak.rss_bytes / 1e6, 1),
+            "peak_pss_mb": round(outcome.peak.pss_bytes / 1e6, 1),
             "row_check": {"passed": passed, "tables": check}, **outcome.details,
         })
         if not passed:
@@ -476,6 +504,7 @@ def summarize(ctx: Context, name: str, runs: list[dict]) -> dict:
         "post_data_s": round(statistics.median(run["post_data_s"] for run in runs), 3),
         "rows_per_s": round(ctx.sample.rows / wall), "source_mb_per_s": round(ctx.sample.size_bytes / 1e6 / wall, 2),
         "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+        "peak_pss_mb": max(run["peak_pss_mb"] for run in runs),
         "row_check": {"passed": True, "tables": runs[-1]["row_check"]["tables"]},
     }
 
@@ -542,16 +571,17 @@ def machine_info() -> dict:
 
 
 def print_table(results: list[dict]):
-    header = f"{'system':<10} {'wall s':>8} {'rows/s':>10} {'MB/s':>7} {'peak RSS MB':>12} {'vs pipeline':>12}  status"
+    header = (f"{'system':<10} {'wall s':>8} {'rows/s':>10} {'MB/s':>7} {'peak RSS MB':>12} {'peak PSS MB':>12} "
+              f"{'vs pipeline':>12}  status")
     print(header)
     print("-" * len(header))
     for r in results:
         if r["status"] == "passed":
             ratio = f"{r['speedup_vs_baseline']:.2f}x" if r.get("speedup_vs_baseline") else "-"
             print(f"{r['system']:<10} {r['wall_s']:>8.1f} {r['rows_per_s']:>10,} {r['source_mb_per_s']:>7.1f} "
-                  f"{r['peak_rss_mb']:>12.1f} {ratio:>12}  passed")
+                  f"{r['peak_rss_mb']:>12.1f} {r['peak_pss_mb']:>12.1f} {ratio:>12}  passed")
         else:
-            print(f"{r['system']:<10} {'':>8} {'':>10} {'':>7} {'':>12} {'':>12}  "
+            print(f"{r['system']:<10} {'':>8} {'':>10} {'':>7} {'':>12} {'':>12} {'':>12}  "
                   f"{r['status']}: {r.get('error') or r.get('reason')}")
 
 

@@ -87,7 +87,7 @@ def assert_loaded_everything(entry, sample_counts):
     assert len(entry["runs"]) == 2
     for run in entry["runs"]:
         assert {t: c["postgresql"] for t, c in run["row_check"]["tables"].items()} == sample_counts
-    for key in ("wall_s", "load_s", "post_data_s", "rows_per_s", "source_mb_per_s", "peak_rss_mb",
+    for key in ("wall_s", "load_s", "post_data_s", "rows_per_s", "source_mb_per_s", "peak_rss_mb", "peak_pss_mb",
                 "speedup_vs_baseline"):
         assert isinstance(entry[key], (int, float)) and entry[key] > 0, key
 
@@ -171,7 +171,7 @@ def test_a_system_that_loads_too_little_fails_the_row_check(data_dir):
     def load_storage_nodes_only(ctx, database):
         with ctx.server.connection(database) as connection, connection, connection.cursor() as cursor:
             cursor.execute("INSERT INTO storage_nodes (node_id, hostname) VALUES ('node-01', 'storage-1')")
-        return harness.Outcome(0)
+        return harness.Outcome(harness.Memory())
 
     harness.SYSTEMS["short"] = harness.System(load_storage_nodes_only, description="loads one row")
     try:

@@ -80,6 +80,21 @@ def test_foreign_key_violation(tmp_path, pg_database):
     fails_closed(src, pg_database, "table child, column parent_id, rowid 5", "references a row missing from parent")
 
 
+@pytest.mark.parametrize("parents, missing", [
+    ([1, 2, 4, 5], 3),  # a gap inside the parent's ids: the rowid bitmap must see it
+    ([10, 11], 9),  # below the lowest parent id
+    ([10, 11], 12),  # above the highest
+    ([1, 2**40], 7),  # ids too sparse for a bitmap: PRAGMA foreign_key_check decides
+    ([1, 2], "x"),  # text in the child column: PRAGMA foreign_key_check decides
+])
+def test_foreign_key_violations_are_found_however_the_parent_ids_lie(tmp_path, pg_database, parents, missing):
+    src = build_sqlite(tmp_path / "fk.db", """
+        CREATE TABLE parent (id INTEGER PRIMARY KEY);
+        CREATE TABLE child (id INTEGER PRIMARY KEY, parent_id REFERENCES parent(id));
+    """, {"parent": [(p,) for p in parents], "child": [(1, parents[0]), (2, missing), (3, None)]})
+    fails_closed(src, pg_database, "table child, column parent_id, rowid 2", "references a row missing from parent")
+
+
 def test_null_into_a_not_null_target_column(tmp_path, pg_database):
     src = build_sqlite(tmp_path / "nn.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);",
                        {"t": [(1, "a"), (3, None)]})

@@ -3,6 +3,7 @@
 import datetime
 import json
 import random
+import re
 import sqlite3
 import struct
 import uuid
@@ -12,6 +13,8 @@ import psycopg2
 import pytest
 from conftest import assert_same_content
 from sqlite_pg import MigrationError, migrate
+from sqlite_pg.rules import rule_for
+from sqlite_pg.typemap import TargetType
 
 UTC = datetime.timezone.utc
 
@@ -228,3 +231,45 @@ def test_dates_the_calendar_refuses_are_caught_before_writing(tmp_path, pg_datab
 
     assert "table days, column day, rowid 2: value '2024-13-01' is not a date" in str(failure.value)
     assert "(and 1 more invalid value)" in str(failure.value)
+
+
+def _timestamp_candidates(count):
+    """Text near the edges of what SQLite's date functions and the calendar accept."""
+    generator = random.Random(7)
+    pick = generator.choice
+    for _ in range(count):
+        year = pick(["0000", "0001", "1900", "2000", "2023", "2024", "2100", "9999"])
+        month = pick(["00", "01", "02", "04", "09", "11", "12", "13"])
+        date = f"{year}-{month}-{pick(['00', '01', '09', '28', '29', '30', '31', '32'])}"
+        time = pick(["", " 00:00", "T23:59:59", " 24:00", " 23:60", " 12:00:60", " 10:00:00.123456",
+                     " 10:00:00.1234567890123", " 1:00", "\t10:00"])
+        zone = pick(["", "", "Z", "z", "+05:30", "-13:59", "+14:00", "+23:59", " +01:00", "+0100"]) if time else ""
+        yield date + time + zone
+    yield from ("now", "2024-01-01\n", "2024-01-01 10:00\r", "20240101", "2024-1-01", "")
+
+
+def _uuid_candidates(count):
+    generator = random.Random(11)
+    for _ in range(count):
+        text = str(uuid.UUID(int=generator.getrandbits(128)))
+        yield generator.choice([text, text.upper(), text.replace("-", ""), "{" + text + "}", text[:-1] + "g",
+                                text[:-1], text.replace("-", "", 1), text + " "])
+
+
+@pytest.mark.parametrize("target, candidates", [
+    (TargetType("timestamptz", "timestamptz"), _timestamp_candidates(20000)),
+    (TargetType("uuid", "uuid"), _uuid_candidates(2000)),
+])
+def test_a_text_pattern_accepts_only_what_the_sql_check_accepts(target, candidates):
+    # The profile trusts a rule's text_pattern instead of its valid_sql for whole slices of a
+    # column: a value the pattern accepts and valid_sql refuses would reach PostgreSQL unchecked.
+    rule = rule_for(target)
+    pattern = re.compile(rule.text_pattern)
+    connection = sqlite3.connect(":memory:")
+    check = f"SELECT {rule.valid_sql('x')} FROM (SELECT ? AS x)"  # noqa: S608 - the rule's own SQL
+    matched = 0
+    for text in candidates:
+        if pattern.fullmatch(text.encode()):
+            matched += 1
+            assert connection.execute(check, (text,)).fetchone()[0] == 1, text
+    assert matched > 100  # the pattern does the work for ordinary values

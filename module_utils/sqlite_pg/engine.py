@@ -20,7 +20,7 @@ from psycopg2 import sql
 
 from . import loader
 from .errors import MigrationError
-from .loader import LoadPlan, become_worker, load_table
+from .loader import LoadPlan, become_worker, copy_line_sql, load_table
 from .names import pg_name, sqlite_ident
 from .profile import describe_key, display, integrity_check, profile_table
 from .progress import Progress
@@ -148,6 +148,8 @@ class Run:
         connection = self.source.connect()
         try:
             tables, notes = read_schema(connection)
+            # Foreign keys of a selected table may reference any table of the source.
+            self.rowid_aliases = {t.name: t.rowid_alias for t in tables if t.rowid and t.rowid_alias}
             self.sizes = {t.name: _estimated_size(connection, t) for t in tables}
         except Exception as error:  # sqlite3 raises DatabaseError and friends for corrupt schemas
             raise MigrationError(f"source {self.source.path} cannot be read: {error}") from None
@@ -254,7 +256,7 @@ class Run:
     # Profile -------------------------------------------------------------------------
 
     def _profile(self):
-        options = {"on_invalid": self.on_invalid, "max_rejects": self.max_rejects,
+        options = {"on_invalid": self.on_invalid, "max_rejects": self.max_rejects, "rowid_aliases": self.rowid_aliases,
                    "source_timezone": self.source_timezone}
         futures = {}
 
@@ -437,14 +439,15 @@ class Run:
                 where.append(f"NOT EXISTS (SELECT 1 FROM json_each(?) j WHERE {match})")  # noqa: S608 - quoted
                 parameters.append(json.dumps([[_jsonable(v) for v in k] for k in profile.python_excluded]))
         where_sql = " AND ".join(where)
-        select_sql = f"SELECT {', '.join(sql_fields + python_fields)} FROM {table_sql} WHERE {where_sql}"  # noqa: S608
+        row_sql = [copy_line_sql(sql_fields)] if sql_fields else []
+        select_sql = f"SELECT {', '.join(row_sql + python_fields)} FROM {table_sql} WHERE {where_sql}"  # noqa: S608
         key_sql = ", ".join(c if c in ("rowid", "_rowid_", "oid") else sqlite_ident(c) for c in source.key_columns)
         create = ""
         if self.actions[name] == "create":
             create = create_table_sql(self.schema, self.target_names[name], self._column_ddl(name)).as_string(self.pg)
         return LoadPlan(
             index=index, source_table=name, target_table=self.target_names[name], schema=self.schema,
-            create_sql=create, copy_columns=sql_columns + python_columns, select_sql=select_sql,
+            create_sql=create, copy_columns=sql_columns + python_columns, sql_fields=sql_fields, select_sql=select_sql,
             parameters=tuple(parameters), python_types=python_types, source_rows=profile.rows,
             expected_rows=profile.rows - profile.rejected_rows, key_sql=key_sql, key_columns=source.key_columns,
             table_sql=table_sql, where_sql=where_sql, source_timezone=self.source_timezone, source_id=self.source_id,

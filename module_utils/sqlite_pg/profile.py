@@ -10,6 +10,7 @@ touches a slice, not a value), and the first offending rows for the messages.
 """
 
 import json
+import re
 import sqlite3
 from dataclasses import dataclass, field
 
@@ -19,6 +20,11 @@ from .rules import Invalid, TimestampRule, rule_for
 from .typemap import map_declared
 
 TEXT_SCAN_ROWS = 8192
+PATTERN_SCAN_ROWS = 16384
+# The foreign-key bitmap: at most 16 bits (2 bytes) per parent row and 32 MB in all.
+BITMAP_SPARSENESS = 16
+BITMAP_MAX_BITS = 1 << 28
+PATTERN_VALUE_CHARS = 40  # longer than any value a rule's text_pattern accepts
 TEXT_SCAN_BYTES = 4 << 20
 STORAGE_CLASSES = ("integer", "real", "text", "blob")
 
@@ -148,7 +154,7 @@ def profile_table(connection, table, targets, options):
                 target, _ = map_declared(column, table.rowid_alias, ("integer",), (-(2**63), 2**63 - 1))
         provisional[column.name] = rule_for(target, timezone)
 
-    select, slots, checks = ["count(*)"], {}, {}
+    select, slots, checks, aggregated, patterns = ["count(*)"], {}, {}, {}, {}
     for column in table.columns:
         q = sqlite_ident(column.name)
         slots[column.name] = {"storage": len(select)}
@@ -160,15 +166,22 @@ def profile_table(connection, table, targets, options):
         if provisional[column.name].target.category == "timestamp":
             slots[column.name]["zoned"] = len(select)
             select.append(f"sum({TimestampRule.has_zone_sql(q)})")
-        valid = _valid_sql(provisional[column.name], q, column, notnull)
+        rule = provisional[column.name]
+        valid = _valid_sql(rule.valid_sql(q), q, column, notnull)
         if valid:
-            checks[column.name] = valid
+            checks[column.name] = aggregated[column.name] = valid
+            if rule.text_pattern and table.rowid:
+                # Text values are matched against the pattern in slices below; the aggregate tests the rest.
+                patterns[column.name] = re.compile(b"(?:(?:" + rule.text_pattern + b")\n)*")
+                aggregated[column.name] = _valid_sql(
+                    f"CASE WHEN typeof({q}) = 'text' THEN 1 ELSE ({rule.valid_sql(q)}) END", q, column, notnull)
     if checks:
         # One test for the whole row (short-circuit, one aggregate); per-column counts only if it fails.
-        select.append("sum(NOT (" + " AND ".join(f"({v})" for v in checks.values()) + "))")
+        select.append("sum(NOT (" + " AND ".join(f"({v})" for v in aggregated.values()) + "))")
     row = _fetch_one(connection, table, "SELECT " + ", ".join(select) + " FROM " + ident)  # noqa: S608 - quoted
+    unmatched = _pattern_scan(connection, table, patterns) if patterns and row[0] else set()
     invalid_counts = {}
-    if checks and row[-1]:
+    if checks and (row[-1] or unmatched):
         counts = _fetch_one(connection, table, "SELECT " + ", ".join(  # noqa: S608 - quoted identifiers
             f"sum(NOT ({v}))" for v in checks.values()) + " FROM " + ident)
         invalid_counts = dict(zip(checks, counts))
@@ -209,7 +222,8 @@ def profile_table(connection, table, targets, options):
                            specials=column_profile.specials) is None:
             column_profile.conversion = "python"
 
-    _foreign_key_check(connection, profile, table, collect, limit)
+    if not _references_resolve(connection, profile, table, options.get("rowid_aliases", {})):
+        _foreign_key_check(connection, profile, table, collect, limit)
     if invalid_terms:
         profile.invalid_sql = " OR ".join(invalid_terms)
         profile.invalid_sql_rows = _fetch_one(
@@ -224,17 +238,46 @@ def profile_table(connection, table, targets, options):
     return profile
 
 
-def _valid_sql(rule, q, column, notnull):
-    """The column's validity test, or None when nothing can fail.
+def _valid_sql(valid, q, column, notnull):
+    """The column's validity test from its rule's ``valid``, or None when nothing can fail.
 
     Never NULL: a NULL would hide the row from sum() and from NOT (...). A NULL value is valid
     unless the target column is NOT NULL; a value whose test yields NULL is not.
     """
-    valid = rule.valid_sql(q)
     null_allowed = column.name not in notnull or column.notnull  # SQLite enforced NOT NULL itself
     if valid is None and null_allowed:
         return None
     return f"CASE WHEN {q} IS NULL THEN {int(null_allowed)} ELSE coalesce({valid or 1}, 0) END"
+
+
+def _pattern_scan(connection, table, patterns):
+    """Names of the columns whose text values do not all match their rule's pattern.
+
+    SQLite concatenates each column's text values over a slice of rows, one per
+    line; one regular-expression match then checks the slice. A value longer than
+    any valid one, or one holding a newline (the line count then differs), makes
+    the column's slice fail, and the caller tests that column with SQL instead.
+    """
+    names = list(patterns)
+    inner = ", ".join(
+        f"CASE WHEN typeof({sqlite_ident(n)}) <> 'text' THEN NULL WHEN length({sqlite_ident(n)}) <= "
+        f"{PATTERN_VALUE_CHARS} THEN {sqlite_ident(n)} ELSE '' END AS c{i}" for i, n in enumerate(names))
+    outer = ", ".join(f"count(c{i}), group_concat(c{i}, char(10))" for i in range(len(names)))
+    query = (f"SELECT max(r), {outer} FROM (SELECT {table.rowid} AS r, {inner} FROM {sqlite_ident(table.name)} "  # noqa: S608
+             f"WHERE {table.rowid} > ? ORDER BY {table.rowid} LIMIT {PATTERN_SCAN_ROWS})")
+    matching = set(names)
+    last = -(2**63)
+    while matching:
+        found = _fetch_one(connection, table, query, (last,))
+        if found[0] is None:
+            break
+        for position, name in enumerate(names):
+            count, lines = found[1 + 2 * position], found[2 + 2 * position]
+            if name in matching and count and (
+                    lines.count(b"\n") + 1 != count or not patterns[name].fullmatch(lines + b"\n")):
+                matching.discard(name)
+        last = found[0]
+    return set(names) - matching
 
 
 def _text(value):
@@ -380,14 +423,57 @@ def _text_detail(connection, profile, table, columns, key_sql, where, parameters
                 return
 
 
+def _references_resolve(connection, profile, table, rowid_aliases):
+    """True when every foreign key of ``table`` is shown to hold without PRAGMA foreign_key_check.
+
+    The pragma looks every child row's parent up in the parent's b-tree (a few
+    seconds per million rows). A single-column key that references a parent's
+    rowid, with only integers (or NULL) in the child column, is checked instead
+    against a bitmap of the parent's rowids: one sequential read of each table.
+    False (the pragma runs and names the rows) for any other key, a parent whose
+    rowids are too sparse for a small bitmap, or a reference that does not resolve.
+    """
+    if not table.foreign_keys:
+        return True
+    storage = {column.name: set(column.storage) for column in profile.columns}
+    aliases = {name.lower(): alias for name, alias in rowid_aliases.items()}
+    for fk in table.foreign_keys:
+        alias = aliases.get(fk.parent.lower())
+        if (len(fk.columns) != 1 or alias is None or storage.get(fk.columns[0], {"text"}) - {"integer", "null"}
+                or (fk.parent_columns and fk.parent_columns[0].lower() != alias.lower())):
+            return False
+        parent = sqlite_ident(next(name for name in rowid_aliases if name.lower() == fk.parent.lower()))
+        key = sqlite_ident(alias)
+        low, high, count = connection.execute(
+            f"SELECT min({key}), max({key}), count(*) FROM {parent}").fetchone()  # noqa: S608 - quoted
+        if not count or high - low + 1 > min(max(BITMAP_SPARSENESS * count, 1 << 16), BITMAP_MAX_BITS):
+            return False
+        present = bytearray(((high - low) >> 3) + 1)
+        for (rowid,) in connection.execute(f"SELECT {key} FROM {parent}"):  # noqa: S608 - quoted
+            offset = rowid - low
+            present[offset >> 3] |= 1 << (offset & 7)
+        column = sqlite_ident(fk.columns[0])
+        for (value,) in connection.execute(
+                f"SELECT {column} FROM {sqlite_ident(table.name)} WHERE {column} IS NOT NULL"):  # noqa: S608
+            offset = value - low
+            if offset < 0 or value > high or not present[offset >> 3] & (1 << (offset & 7)):
+                return False
+    return True
+
+
 def _foreign_key_check(connection, profile, table, collect, limit):
+    # Only the first `limit` violations are kept; the others are counted, so memory stays flat.
+    violations, count = [], 0
     try:
-        violations = connection.execute(
-            "SELECT rowid, parent, fkid FROM pragma_foreign_key_check(?)", (table.name,)).fetchall()
+        for violation in connection.execute(
+                "SELECT rowid, parent, fkid FROM pragma_foreign_key_check(?)", (table.name,)):
+            count += 1
+            if count <= limit:
+                violations.append(violation)
     except sqlite3.DatabaseError as error:
         profile.problems.append(f"table {table.name}: PRAGMA foreign_key_check failed: {error}")
         return
-    for rowid, parent, fk_id in violations[:limit]:
+    for rowid, parent, fk_id in violations:
         fk = table.foreign_keys[fk_id] if fk_id < len(table.foreign_keys) else None
         columns = ", ".join(fk.columns) if fk else "?"
         reason = f"foreign key ({columns}) references a row missing from {_text(parent)}"
@@ -396,7 +482,7 @@ def _foreign_key_check(connection, profile, table, collect, limit):
             continue
         profile.bad_values.append(BadValue([rowid], fk.columns[0] if fk else "", reason, None))
         profile.exclude([rowid])
-    profile.uncollected_rejects += max(0, len(violations) - limit)
+    profile.uncollected_rejects += max(0, count - limit)
 
 
 def integrity_check(connection, quick=False):
