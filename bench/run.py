@@ -44,7 +44,7 @@ DEFAULT_FILES = 1_000_000
 BASELINE = "pipeline"
 # Parents before children, as the foreign keys (built afterwards) expect.
 TABLES = ("storage_nodes", "files", "tasks", "replication_logs")
-RSS_SAMPLE_SECONDS = 0.05
+RSS_SAMPLE_SECONDS = 0.1
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 # The benchmark server is configured as a production primary would be, not
@@ -106,9 +106,11 @@ class Context:
 class Memory:
     rss_bytes: int = 0
     pss_bytes: int = 0
+    pss_all_bytes: int = 0  # the whole process tree, where only part of it is counted (see PeakRss)
 
     def __or__(self, other: Memory) -> Memory:
-        return Memory(max(self.rss_bytes, other.rss_bytes), max(self.pss_bytes, other.pss_bytes))
+        return Memory(max(self.rss_bytes, other.rss_bytes), max(self.pss_bytes, other.pss_bytes),
+                      max(self.pss_all_bytes, other.pss_all_bytes))
 
 
 @dataclass
@@ -131,12 +133,16 @@ class PeakRss:
     `peak` sums RSS, which counts every page a forked worker shares with its
     parent once per process; `peak_pss` sums PSS (each shared page divided
     among the processes sharing it), the memory the tree really holds.
+    With `within`, both count only the processes whose command line holds
+    that text, and their descendants; `peak_pss_all` still counts the whole tree.
     """
 
-    def __init__(self, roots: list[int]):
+    def __init__(self, roots: list[int], within: str | None = None):
         self.roots = set(roots)
+        self.within = within.encode() if within else None
         self.peak = 0
         self.peak_pss = 0
+        self.peak_pss_all = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -150,12 +156,13 @@ class PeakRss:
 
     def _run(self):
         while True:
-            rss, pss = self.sample()
+            rss, pss, pss_all = self.sample()
             self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
+            self.peak_pss_all = max(self.peak_pss_all, pss_all)
             if self._stop.wait(RSS_SAMPLE_SECONDS):
                 return
 
-    def sample(self) -> tuple[int, int]:
+    def sample(self) -> tuple[int, int, int]:
         children: dict[int, list[int]] = {}
         resident: dict[int, int] = {}
         for entry in os.scandir("/proc"):
@@ -171,16 +178,29 @@ class PeakRss:
             pid = int(entry.name)
             children.setdefault(int(fields[1]), []).append(pid)
             resident[pid] = int(fields[21]) * PAGE_SIZE
-        rss, pss, pending, seen = 0, 0, list(self.roots), set()
+        rss = pss = pss_all = 0
+        pending, seen = [(pid, self.within is None) for pid in self.roots], set()
         while pending:
-            pid = pending.pop()
+            pid, counted = pending.pop()
             if pid in seen:
                 continue
             seen.add(pid)
-            rss += resident.get(pid, 0)
-            pss += proportional_set_size(pid)
-            pending.extend(children.get(pid, ()))
-        return rss, pss
+            counted = counted or self.within in command_line(pid)
+            size = proportional_set_size(pid)
+            pss_all += size
+            if counted:
+                rss += resident.get(pid, 0)
+                pss += size
+            pending.extend((child, counted) for child in children.get(pid, ()))
+        return rss, pss, pss_all
+
+
+def command_line(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read()
+    except OSError:
+        return b""
 
 
 def proportional_set_size(pid: int) -> int:
@@ -196,7 +216,7 @@ def proportional_set_size(pid: int) -> int:
 
 
 def run_processes(commands: list[list[str]], log: Path, deadline: float, env: dict[str, str] | None = None,
-                  cwd: Path | None = None) -> Memory:
+                  cwd: Path | None = None, within: str | None = None) -> Memory:
     """Run commands as a pipeline (each one's stdout into the next one's stdin),
     stderr and the last stdout to `log`; return the peak memory of all their trees.
     Each process leads its own session, so a timeout or Ctrl-C can stop its whole tree.
@@ -213,7 +233,7 @@ def run_processes(commands: list[list[str]], log: Path, deadline: float, env: di
                     upstream.close()  # only the reader holds it now, so the writer sees a closed pipe
                 upstream = process.stdout
                 processes.append(process)
-            with PeakRss([process.pid for process in processes]) as rss:
+            with PeakRss([process.pid for process in processes], within) as rss:
                 for process in processes:
                     process.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
@@ -227,7 +247,7 @@ def run_processes(commands: list[list[str]], log: Path, deadline: float, env: di
     for command, process in zip(commands, processes):
         if process.returncode != 0:
             raise BenchError(f"{Path(command[0]).name} exited with {process.returncode}: {last_line(log)}")
-    return Memory(rss.peak, rss.peak_pss)
+    return Memory(rss.peak, rss.peak_pss, rss.peak_pss_all)
 
 
 def last_line(log: Path) -> str:
@@ -399,8 +419,12 @@ def load_module(ctx: Context, database: str) -> Outcome:
                "-m", "sqlite_to_postgres", "-a", json.dumps(arguments),
                "-e", f"ansible_python_interpreter={sys.executable}"]
     env = {**ctx.server.env, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCALHOST_WARNING": "false"}
-    peak = run_processes([command], ctx.run_dir / "module.log", ctx.deadline, env=env, cwd=REPO)
-    return Outcome(peak, {"jobs": ctx.module_jobs, "integrity_check": ctx.module_integrity_check})
+    # The module's memory is that of the process Ansible starts for it on the host (AnsiballZ) and its
+    # workers; the controller (about 90 MB, the same for any task) is reported apart.
+    peak = run_processes([command], ctx.run_dir / "module.log", ctx.deadline, env=env, cwd=REPO,
+                         within="AnsiballZ_sqlite_to_postgres")
+    return Outcome(peak, {"jobs": ctx.module_jobs, "integrity_check": ctx.module_integrity_check,
+                          "with_controller_peak_pss_mb": round(peak.pss_all_bytes / 1e6, 1)})
 
 
 def pgloader_missing() -> str | None:
@@ -598,8 +622,9 @@ def parse_args(argv):
         epilog=f"Systems: {', '.join(f'{n} = {s.description}' for n, s in SYSTEMS.items())}. "
                f"The baseline ({BASELINE}) always runs.",
     )
-    parser.add_argument("--files", type=int, default=DEFAULT_FILES,
-                        help=f"sample size in files rows (default {DEFAULT_FILES:,} = 2.44M rows in all)")
+    parser.add_argument("--files", default=str(DEFAULT_FILES),
+                        help=f"sample size in files rows (default {DEFAULT_FILES} = 2.44M rows in all); several, "
+                             "comma-separated (e.g. 100000,1000000), also compare how time and memory grow")
     parser.add_argument("--seed", type=int, default=None, help="sample seed (default: make_sample_db.py's)")
     parser.add_argument("--systems", default=",".join(SYSTEMS),
                         help=f"comma-separated systems to time (default: {','.join(SYSTEMS)})")
@@ -623,8 +648,12 @@ def parse_args(argv):
     unknown = [name for name in chosen if name not in SYSTEMS]
     if unknown:
         parser.error(f"unknown system {', '.join(unknown)} in --systems (known: {', '.join(SYSTEMS)})")
-    if args.files < 1:
-        parser.error(f"--files must be at least 1, got {args.files}")
+    try:
+        args.files = sorted({int(size) for size in args.files.split(",") if size.strip()})
+    except ValueError:
+        parser.error(f"--files takes whole numbers separated by commas, got {args.files!r}")
+    if not args.files or args.files[0] < 1:
+        parser.error("--files must be at least 1")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     args.systems = [BASELINE] + [name for name in dict.fromkeys(chosen) if name != BASELINE]
@@ -671,6 +700,33 @@ def write_report(args, stamp: str, machine: dict, sample: Sample, results: list[
     return out
 
 
+def write_scaling(args, stamp: str, samples: list[Sample], results: dict[int, list[dict]]) -> Path:
+    """How each system's time and memory grow from the smallest sample to the largest."""
+    small, large = samples[0], samples[-1]
+    by_system = {size: {r["system"]: r for r in runs if r["status"] == "passed"} for size, runs in results.items()}
+    scaling = {}
+    for name in args.systems:
+        if name in by_system[small.files] and name in by_system[large.files]:
+            first, last = by_system[small.files][name], by_system[large.files][name]
+            measured = [s.files for s in samples if name in by_system[s.files]]
+            scaling[name] = {
+                "wall_s": {str(files): by_system[files][name]["wall_s"] for files in measured},
+                "time_growth": round(last["wall_s"] / first["wall_s"], 2),
+                "peak_pss_mb": {str(files): by_system[files][name]["peak_pss_mb"] for files in measured},
+                "memory_growth": round(last["peak_pss_mb"] / first["peak_pss_mb"], 2),
+            }
+    report = {"started_utc": stamp, "files": [s.files for s in samples], "rows": [s.rows for s in samples],
+              "data_growth": round(large.rows / small.rows, 2), "systems": scaling}
+    out = args.results_dir / f"{stamp}-scaling.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nfrom {small.files:,} to {large.files:,} files ({report['data_growth']}x the rows):")
+    print(f"{'system':<10} {'time growth':>12} {'memory growth (PSS)':>20}")
+    for name, entry in scaling.items():
+        print(f"{name:<10} {entry['time_growth']:>11.2f}x {entry['memory_growth']:>19.2f}x")
+    print(f"scaling: {out}")
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     # SIGTERM stops the run like Ctrl-C does: through the finally that stops the server.
@@ -683,7 +739,7 @@ def main(argv=None) -> int:
         args.data_dir.mkdir(parents=True, exist_ok=True)
         args.results_dir.mkdir(parents=True, exist_ok=True)
         machine = machine_info()
-        sample = build_sample(args.data_dir, args.files, args.seed)
+        samples = [build_sample(args.data_dir, files, args.seed) for files in args.files]
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         run_dir = args.data_dir / f"run-{stamp}-{os.getpid()}"
         run_dir.mkdir(mode=0o755)  # the server's directory inside it must be reachable by `postgres`
@@ -692,10 +748,12 @@ def main(argv=None) -> int:
         server.start()
         machine["postgresql"] = server.version()
         machine["pgloader"] = command_version(["pgloader", "--version"]) if "pgloader" in args.systems else None
-        ctx = Context(sample, server, run_dir, args.timeout, 0.0, pre_data, post_data, args.module_jobs,
-                      args.module_integrity_check)
-        results = run_systems(ctx, args.systems, args.rounds)
-        keep_logs = any(r["status"] == "failed" for r in results)
+        results = {}
+        for sample in samples:
+            ctx = Context(sample, server, run_dir, args.timeout, 0.0, pre_data, post_data, args.module_jobs,
+                          args.module_integrity_check)
+            results[sample.files] = run_systems(ctx, args.systems, args.rounds)
+        keep_logs = any(r["status"] == "failed" for size in results.values() for r in size)
     except (BenchError, psycopg2.Error) as error:
         print(f"bench: error: {one_line(error)}", file=sys.stderr)
         keep_logs = True
@@ -717,7 +775,10 @@ def main(argv=None) -> int:
             else:
                 shutil.rmtree(run_dir, ignore_errors=True)
     machine["load_average_after"] = os.getloadavg()
-    write_report(args, stamp, machine, sample, results)
+    for sample in samples:
+        write_report(args, stamp, machine, sample, results[sample.files])
+    if len(samples) > 1:
+        write_scaling(args, stamp, samples, results)
     return 1 if keep_logs else 0
 
 

@@ -104,6 +104,9 @@ def test_module_is_timed_when_present_and_skipped_with_a_reason_otherwise(report
     module = systems(data)["module"]
     if MODULE.exists():
         assert_loaded_everything(module, data["sample"]["counts"])
+        for run in module["runs"]:
+            # Only the module's own processes count; the controller is reported beside them.
+            assert 0 < run["peak_pss_mb"] < run["with_controller_peak_pss_mb"]
     else:
         assert module["status"] == "skipped"
         assert "library/sqlite_to_postgres.py" in module["reason"]
@@ -120,6 +123,20 @@ def test_run_prints_a_table_and_leaves_no_server_behind(report, data_dir):
     assert "pipeline" in run.stdout and "peak RSS MB" in run.stdout
     assert processes_mentioning(str(data_dir)) == []
     assert list(data_dir.glob("run-*")) == []
+
+
+def test_two_sample_sizes_report_how_time_and_memory_grow(data_dir, tmp_path):
+    run = bench(data_dir, tmp_path, "--files", "400,200", "--systems", "pipeline")
+    assert run.returncode == 0, run.stderr
+    assert len(list(tmp_path.glob("*-200.json"))) == len(list(tmp_path.glob("*-400.json"))) == 1
+    (written,) = tmp_path.glob("*-scaling.json")
+    scaling = json.loads(written.read_text())
+    assert scaling["files"] == [200, 400]
+    assert scaling["data_growth"] == round(scaling["rows"][1] / scaling["rows"][0], 2)
+    pipeline = scaling["systems"]["pipeline"]
+    assert set(pipeline["wall_s"]) == set(pipeline["peak_pss_mb"]) == {"200", "400"}
+    assert pipeline["time_growth"] == round(pipeline["wall_s"]["400"] / pipeline["wall_s"]["200"], 2)
+    assert "time growth" in run.stdout
 
 
 def test_unknown_system_is_one_line_and_exit_2(data_dir, tmp_path):

@@ -6,6 +6,7 @@ then loads in its own transaction together with its state row; keys, indexes
 and sequences come last and skip whatever already exists.
 """
 
+import gc
 import hashlib
 import json
 import multiprocessing
@@ -97,6 +98,9 @@ class Run:
                 counters = multiprocessing.get_context("fork").Array("q", len(self.order), lock=False)
                 loader.progress_counters = counters
                 self.progress.add_tables(self.order)
+                # Objects the workers inherit stay untouched by their garbage collector, so the pages
+                # holding them stay shared with this process instead of being copied into each worker.
+                gc.freeze()
                 with ProcessPoolExecutor(max_workers=self.jobs, mp_context=multiprocessing.get_context("fork"),
                                          initializer=become_worker) as pool:
                     self.pool = pool

@@ -25,7 +25,7 @@ PATTERN_SCAN_ROWS = 16384
 BITMAP_SPARSENESS = 16
 BITMAP_MAX_BITS = 1 << 28
 PATTERN_VALUE_CHARS = 40  # longer than any value a rule's text_pattern accepts
-TEXT_SCAN_BYTES = 4 << 20
+TEXT_SCAN_BYTES = 1 << 20
 STORAGE_CLASSES = ("integer", "real", "text", "blob")
 
 
@@ -172,7 +172,8 @@ def profile_table(connection, table, targets, options):
             checks[column.name] = aggregated[column.name] = valid
             if rule.text_pattern and table.rowid:
                 # Text values are matched against the pattern in slices below; the aggregate tests the rest.
-                patterns[column.name] = re.compile(b"(?:(?:" + rule.text_pattern + b")\n)*")
+                # Possessive: a matched line is never revisited, so the match keeps no state per line.
+                patterns[column.name] = re.compile(b"(?:(?:" + rule.text_pattern + b")\n)*+")
                 aggregated[column.name] = _valid_sql(
                     f"CASE WHEN typeof({q}) = 'text' THEN 1 ELSE ({rule.valid_sql(q)}) END", q, column, notnull)
     if checks:
