@@ -405,26 +405,41 @@ def module_missing() -> str | None:
     return None
 
 
-def load_module(ctx: Context, database: str) -> Outcome:
-    """The runbook's sqlite_to_postgres module, run through Ansible from the
-    repository root so ansible.cfg (library, module_utils) applies."""
+def run_module(ctx: Context, module: str, arguments: dict) -> Memory:
+    """One of the runbook's modules, run through Ansible from the repository root so
+    ansible.cfg (library, module_utils) applies. Its memory is that of the process
+    Ansible starts for it on the host (AnsiballZ) and its workers; the controller
+    (about 90 MB, the same for any task) is in `pss_all_bytes` only."""
     ansible = Path(sys.executable).with_name("ansible")
-    arguments = {
-        "src": str(ctx.sample.path), "login_host": "127.0.0.1", "login_port": ctx.server.port,
-        "login_user": "postgres", "login_db": database, "create_tables": False, "jobs": ctx.module_jobs,
+    command = [str(ansible) if ansible.exists() else "ansible", "localhost", "-i", "localhost,", "-c", "local",
+               "-m", module, "-a", json.dumps(arguments), "-e", f"ansible_python_interpreter={sys.executable}"]
+    env = {**ctx.server.env, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCALHOST_WARNING": "false"}
+    return run_processes([command], ctx.run_dir / f"{module}.log", ctx.deadline, env=env, cwd=REPO,
+                         within=f"AnsiballZ_{module}")
+
+
+def module_connection(ctx: Context, database: str) -> dict:
+    return {"src": str(ctx.sample.path), "login_host": "127.0.0.1", "login_port": ctx.server.port,
+            "login_user": "postgres", "login_db": database}
+
+
+def load_module(ctx: Context, database: str) -> Outcome:
+    """The runbook's sqlite_to_postgres module into the pre-created tables."""
+    peak = run_module(ctx, "sqlite_to_postgres", {
+        **module_connection(ctx, database), "create_tables": False, "jobs": ctx.module_jobs,
         # The schema file's post-data section follows, as for every system.
         "post_data": False, "integrity_check": ctx.module_integrity_check,
-    }
-    command = [str(ansible) if ansible.exists() else "ansible", "localhost", "-i", "localhost,", "-c", "local",
-               "-m", "sqlite_to_postgres", "-a", json.dumps(arguments),
-               "-e", f"ansible_python_interpreter={sys.executable}"]
-    env = {**ctx.server.env, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCALHOST_WARNING": "false"}
-    # The module's memory is that of the process Ansible starts for it on the host (AnsiballZ) and its
-    # workers; the controller (about 90 MB, the same for any task) is reported apart.
-    peak = run_processes([command], ctx.run_dir / "module.log", ctx.deadline, env=env, cwd=REPO,
-                         within="AnsiballZ_sqlite_to_postgres")
+    })
     return Outcome(peak, {"jobs": ctx.module_jobs, "integrity_check": ctx.module_integrity_check,
                           "with_controller_peak_pss_mb": round(peak.pss_all_bytes / 1e6, 1)})
+
+
+def validate_module(ctx: Context, database: str) -> Outcome:
+    """The runbook's validation after the module's load and the post-data: content
+    checksums of every table on both sides, foreign keys and sequences."""
+    peak = run_module(ctx, "sqlite_to_postgres_validate", {**module_connection(ctx, database),
+                                                           "jobs": ctx.module_jobs})
+    return Outcome(peak)
 
 
 def pgloader_missing() -> str | None:
@@ -462,13 +477,15 @@ class System:
     load: Callable[[Context, str], Outcome]
     missing: Callable[[], str | None] | None = None  # why it cannot run here, or None
     description: str = ""
+    validate: Callable[[Context, str], Outcome] | None = None  # timed after the load and post-data
 
 
-# One entry per system: add a system (e.g. `validate`, issue 5) by writing its
+# One entry per system: add a system by writing its
 # load function and registering it here.
 SYSTEMS = {
     "pipeline": System(load_pipeline, description="sqlite3 -csv | psql \\copy, table after table (baseline)"),
-    "module": System(load_module, module_missing, "the runbook's sqlite_to_postgres module via ansible"),
+    "module": System(load_module, module_missing, "the runbook's sqlite_to_postgres module via ansible",
+                     validate_module),
     "pgloader": System(load_pgloader, pgloader_missing, f"pgloader ({PGLOADER_SETTINGS})"),
 }
 
@@ -503,6 +520,12 @@ def run_once(ctx: Context, name: str) -> dict:
             wrong = ", ".join(f"{t} sqlite={c['sqlite']} postgresql={c['postgresql']}"
                               for t, c in check.items() if c["sqlite"] != c["postgresql"])
             result["error"] = f"row counts differ: {wrong}"
+        elif SYSTEMS[name].validate:
+            progress(f"{name}: validating")
+            started = time.monotonic()
+            validation = SYSTEMS[name].validate(ctx, database)
+            result.update({"validate_s": round(time.monotonic() - started, 3),
+                           "validate_peak_pss_mb": round(validation.peak.pss_bytes / 1e6, 1)})
     except (BenchError, psycopg2.Error) as error:
         result.update({"status": "failed", "error": one_line(error)})
     finally:
@@ -530,6 +553,10 @@ def summarize(ctx: Context, name: str, runs: list[dict]) -> dict:
         "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
         "peak_pss_mb": max(run["peak_pss_mb"] for run in runs),
         "row_check": {"passed": True, "tables": runs[-1]["row_check"]["tables"]},
+        **({"validate_s": round(statistics.median(run["validate_s"] for run in runs), 3),
+            "validate_vs_migrate": round(statistics.median(run["validate_s"] / run["wall_s"] for run in runs), 2),
+            "validate_peak_pss_mb": max(run["validate_peak_pss_mb"] for run in runs)}
+           if "validate_s" in runs[0] else {}),
     }
 
 
@@ -696,6 +723,10 @@ def write_report(args, stamp: str, machine: dict, sample: Sample, results: list[
     print_table(results)
     if "module_speedup_vs_pgloader" in report:
         print(f"module vs pgloader: {report['module_speedup_vs_pgloader']:.2f}x")
+    for r in results:
+        if "validate_s" in r:
+            print(f"{r['system']} validation (checksums of every table, both sides): {r['validate_s']:.1f} s = "
+                  f"{r['validate_vs_migrate']:.2f} x its migrate time, peak PSS {r['validate_peak_pss_mb']:.1f} MB")
     print(f"results: {out}")
     return out
 

@@ -107,6 +107,8 @@ def test_module_is_timed_when_present_and_skipped_with_a_reason_otherwise(report
         for run in module["runs"]:
             # Only the module's own processes count; the controller is reported beside them.
             assert 0 < run["peak_pss_mb"] < run["with_controller_peak_pss_mb"]
+            assert run["validate_s"] > 0 and run["validate_peak_pss_mb"] > 0
+        assert module["validate_vs_migrate"] > 0
     else:
         assert module["status"] == "skipped"
         assert "library/sqlite_to_postgres.py" in module["reason"]

@@ -1,9 +1,11 @@
 """Any SQLite database: odd declared types, reserved and mixed-case names, keys, defaults, FK order."""
 
 
+import threading
+
 import psycopg2
 import pytest
-from conftest import assert_same_content, build_sqlite, target_snapshot
+from conftest import assert_same_content, build_sqlite, execute, target_snapshot
 from sqlite_pg import MigrationError, migrate
 
 
@@ -149,6 +151,36 @@ def test_preexisting_foreign_keys_make_children_wait_for_their_parents(tmp_path,
     result = migrate(src, pg_database, jobs=2)
 
     assert result["status"] == "completed" and result["total_rows"] == 4000
+    execute(pg_database, "CREATE EXTENSION IF NOT EXISTS pg_visibility")
+    frozen = {table: execute(pg_database, "SELECT bool_and(all_frozen) FROM pg_visibility_map(%s)", (table,))[0][0]
+              for table in ("parent", "child")}
+    # child was truncated in its load transaction, so COPY wrote its rows frozen; a foreign key
+    # references parent, which therefore cannot be truncated and loads as it is.
+    assert frozen == {"parent": False, "child": True}
+
+
+def test_a_target_table_another_session_reads_loads_without_waiting_for_it(tmp_path, pg_database):
+    src = build_sqlite(tmp_path / "read.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);",
+                       {"t": [(i, f"value {i}") for i in range(1, 1001)]})
+    execute(pg_database, "CREATE TABLE t (id bigint PRIMARY KEY, v text)")
+    reader = psycopg2.connect(**pg_database)
+    reader.cursor().execute("SELECT count(*) FROM t")  # an open transaction that has read t
+    ended = threading.Event()
+
+    def end_reader():  # safety net only: were the load to wait for the reader, this ends the wait
+        ended.set()
+        execute(pg_database, "SELECT pg_terminate_backend(%s)", (reader.info.backend_pid,))
+
+    release = threading.Timer(60, end_reader)
+    release.start()
+    try:
+        result = migrate(src, pg_database, jobs=1)
+    finally:
+        release.cancel()
+        reader.close()
+
+    assert result["status"] == "completed" and not ended.is_set()
+    assert_same_content(src, pg_database, "t")
 
 
 def test_names_colliding_at_63_bytes_fail_before_writing(tmp_path, pg_database):

@@ -30,6 +30,7 @@ PR_SET_PDEATHSIG = 1
 # profile): no conversion produces this byte, so a chunk holding it is checked row by row.
 UNCONVERTED = b"\x01"
 PRINTF_ARGUMENTS = 100  # SQLite functions take at most 127 arguments
+TRUNCATE_LOCK_WAIT = "1s"
 
 # Rows streamed per table, shared with the parent (which writes the progress file).
 # Set by the engine before the worker processes are forked.
@@ -222,19 +223,24 @@ def _truncated(cursor, target):
 
     Frozen rows need no hint bits later: the index builds and the first reads after
     the load then do not dirty and WAL-log every page of the table once more. A
-    table that a foreign key references, or one this role may not truncate, is
-    loaded without FREEZE.
+    table that a foreign key references, one this role may not truncate, or one
+    another session still reads after TRUNCATE_LOCK_WAIT (TRUNCATE needs the table
+    to itself) is loaded without FREEZE.
     """
-    cursor.execute("SELECT relkind = 'r' FROM pg_class WHERE oid = %s::regclass", (target.as_string(cursor),))
-    if not cursor.fetchone()[0]:  # partitioned or foreign: COPY FREEZE does not apply
+    cursor.execute("SELECT relkind = 'r', current_setting('lock_timeout') FROM pg_class WHERE oid = %s::regclass",
+                   (target.as_string(cursor),))
+    plain_table, lock_timeout = cursor.fetchone()
+    if not plain_table:  # partitioned or foreign: COPY FREEZE does not apply
         return False
     cursor.execute("SAVEPOINT sqlite_to_postgres_truncate")
     try:
+        cursor.execute("SELECT set_config('lock_timeout', %s, true)", (TRUNCATE_LOCK_WAIT,))
         cursor.execute(sql.SQL("TRUNCATE ONLY {}").format(target))
     except psycopg2.Error:
         cursor.execute("ROLLBACK TO SAVEPOINT sqlite_to_postgres_truncate")
         return False
     cursor.execute("RELEASE SAVEPOINT sqlite_to_postgres_truncate")
+    cursor.execute("SELECT set_config('lock_timeout', %s, true)", (lock_timeout,))
     return True
 
 
