@@ -111,6 +111,7 @@ class Run:
                     self._load(counters)
                 self._post_data()
             finally:
+                gc.unfreeze()  # a caller that runs several migrations collects their garbage again
                 self.pg.close()
             return self._finish()
         except MigrationError as error:
