@@ -391,11 +391,11 @@ def load_pipeline(ctx: Context, database: str) -> Outcome:
     peak = Memory()
     for table in TABLES:
         columns = ", ".join(f'"{column}"' for column in ctx.sample.columns[table])
-        peak = peak | (run_processes(
+        peak |= run_processes(
             [[sqlite3_cli, "-readonly", "-csv", str(ctx.sample.path), f'SELECT {columns} FROM "{table}"'],  # noqa: S608
              [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1",
               "-c", f'\\copy "{table}" ({columns}) FROM pstdin WITH (FORMAT csv)']],
-            ctx.run_dir / "pipeline.log", ctx.deadline, env=env))
+            ctx.run_dir / "pipeline.log", ctx.deadline, env=env)
     return Outcome(peak, {"conversions": "none"})
 
 

@@ -20,12 +20,12 @@ from .rules import Invalid, TimestampRule, rule_for
 from .typemap import map_declared
 
 TEXT_SCAN_ROWS = 8192
+TEXT_SCAN_BYTES = 1 << 20
 PATTERN_SCAN_ROWS = 16384
+PATTERN_VALUE_CHARS = 40  # longer than any value a rule's text_pattern accepts
 # The foreign-key bitmap: at most 16 bits (2 bytes) per parent row and 32 MB in all.
 BITMAP_SPARSENESS = 16
 BITMAP_MAX_BITS = 1 << 28
-PATTERN_VALUE_CHARS = 40  # longer than any value a rule's text_pattern accepts
-TEXT_SCAN_BYTES = 1 << 20
 STORAGE_CLASSES = ("integer", "real", "text", "blob")
 
 
@@ -437,14 +437,13 @@ def _references_resolve(connection, profile, table, rowid_aliases):
     if not table.foreign_keys:
         return True
     storage = {column.name: set(column.storage) for column in profile.columns}
-    aliases = {name.lower(): alias for name, alias in rowid_aliases.items()}
+    parents = {name.lower(): (name, alias) for name, alias in rowid_aliases.items()}  # SQLite names ignore case
     for fk in table.foreign_keys:
-        alias = aliases.get(fk.parent.lower())
+        name, alias = parents.get(fk.parent.lower(), (None, None))
         if (len(fk.columns) != 1 or alias is None or storage.get(fk.columns[0], {"text"}) - {"integer", "null"}
                 or (fk.parent_columns and fk.parent_columns[0].lower() != alias.lower())):
             return False
-        parent = sqlite_ident(next(name for name in rowid_aliases if name.lower() == fk.parent.lower()))
-        key = sqlite_ident(alias)
+        parent, key = sqlite_ident(name), sqlite_ident(alias)
         low, high, count = connection.execute(
             f"SELECT min({key}), max({key}), count(*) FROM {parent}").fetchone()  # noqa: S608 - quoted
         if not count or high - low + 1 > min(max(BITMAP_SPARSENESS * count, 1 << 16), BITMAP_MAX_BITS):

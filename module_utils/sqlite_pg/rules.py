@@ -47,7 +47,8 @@ _UUID_TEXT = re.compile(
 # SQLite's date parser skips tabs and line breaks that COPY would take as field and row ends.
 _NO_BREAKS = "instr({q}, char(9)) = 0 AND instr({q}, char(10)) = 0 AND instr({q}, char(13)) = 0"
 _HEX_DIGIT = "[0-9a-fA-F]"
-_UUID_GLOB = "-".join(_HEX_DIGIT * n for n in (8, 4, 4, 4, 12))
+_UUID_GROUPS = (8, 4, 4, 4, 12)  # hex digits between the dashes
+_UUID_GLOB = "-".join(_HEX_DIGIT * n for n in _UUID_GROUPS)
 _DATE_PREFIX = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-"  # year and month of YYYY-MM-DD, for GLOB
 
 # Text values a rule's valid_sql surely accepts, as one regular expression over bytes: the profile
@@ -63,7 +64,7 @@ _TIMESTAMP_PATTERN = (
     _CALENDAR_DATE
     + rb"(?:[ T](?:[01]\d|2[0-3]):[0-5]\d(?::[0-5]\d(?:\.\d+)?)?(?:Z|[+-](?:0\d|1[0-3]):[0-5]\d)?)?"
 )
-_UUID_PATTERN = rb"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[0-9a-fA-F]{32}"
+_UUID_PATTERN = b"-".join(b"[0-9a-fA-F]{%d}" % n for n in _UUID_GROUPS) + b"|[0-9a-fA-F]{32}"
 
 
 class Invalid(ValueError):
@@ -110,12 +111,11 @@ class Rule:
     category = ""
     python_classes = frozenset()  # storage classes only Python can validate
     text_scan = False  # text values pass through as they are: UTF-8 and NUL must be checked
+    text_pattern = None  # bytes regex of text values valid_sql surely accepts (see _TIMESTAMP_PATTERN)
 
     def __init__(self, target, source_timezone="UTC"):
         self.target = target
         self.source_timezone = source_timezone
-
-    text_pattern = None  # bytes regex of text values valid_sql surely accepts (see _TIMESTAMP_PATTERN)
 
     def valid_sql(self, q):
         """SQL true for every value of any storage class that converts (NULL included), or None: all do."""
