@@ -108,6 +108,20 @@ options:
     type: str
     choices: [ full, quick ]
     default: full
+  lease_key:
+    description:
+    - Key of a session advisory lock the calling run holds on the same database (the runbook's
+      run lock). With O(lease_backend_pid), the load goes on only while that backend holds it:
+      about once a second the module checks, and when the lock is gone (the controller was
+      killed or interrupted, the leader restarted or failed over) it ends every session of the
+      load, so the table being streamed is rolled back, starts nothing more and fails.
+    - Needed because a task run with C(async) is detached from ansible-playbook and would
+      otherwise outlive it.
+    type: int
+  lease_backend_pid:
+    description:
+    - Backend process id of the session that holds O(lease_key) (returned by pg_session_lock).
+    type: int
 seealso:
 - module: community.postgresql.postgresql_query
 attributes:
@@ -220,11 +234,14 @@ def main():
         progress_file=dict(type='path'),
         post_data=dict(type='bool', default=True),
         integrity_check=dict(type='str', default='full', choices=['full', 'quick']),
+        lease_key=dict(type='int', no_log=False),
+        lease_backend_pid=dict(type='int'),
     )
     module = AnsibleModule(
         argument_spec=argument_spec,
         supports_check_mode=True,
         required_if=[('on_invalid', 'reject', ['reject_file'])],
+        required_together=[('lease_key', 'lease_backend_pid')],
     )
     ensure_required_libs(module)
     params = module.params
@@ -237,6 +254,8 @@ def main():
             max_rejects=params['max_rejects'], reject_file=params['reject_file'],
             source_timezone=params['source_timezone'], progress_file=params['progress_file'],
             post_data=params['post_data'], integrity=params['integrity_check'], check_mode=module.check_mode,
+            lease=({'key': params['lease_key'], 'backend_pid': params['lease_backend_pid']}
+                   if params['lease_key'] is not None else None),
         )
     except MigrationError as error:
         result = dict(error.result or {}, status='failed')

@@ -47,7 +47,8 @@ def copying(conninfo):
 
 
 def migration_sessions(conninfo):
-    return query(conninfo, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sqlite_to_postgres'")[0][0]
+    statement = "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'sqlite_to_postgres %'"
+    return query(conninfo, statement)[0][0]
 
 
 def test_sigkill_mid_copy_leaves_each_table_whole_or_absent_and_a_rerun_completes(tmp_path, pg_database):

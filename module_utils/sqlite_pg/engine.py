@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import os
 import queue
+import secrets
 import sqlite3
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -21,6 +22,7 @@ from psycopg2 import sql
 
 from . import loader
 from .errors import MigrationError
+from .lease import Lease
 from .loader import LoadPlan, become_worker, copy_line_sql, load_table
 from .names import pg_name, sqlite_ident
 from .profile import describe_key, display, integrity_check, profile_table
@@ -28,6 +30,7 @@ from .progress import Progress
 from .rules import Invalid, check_timezone, rule_for, storage_class_of
 from .source import Source, foreign_key_order, read_schema
 from .target import (
+    APPLICATION_NAME,
     MAINTENANCE_WORK_MEM,
     STATE_TABLE,
     connect,
@@ -51,7 +54,7 @@ LOCK_NAMESPACE = "sqlite_to_postgres:"
 
 def migrate(src, conninfo, schema="public", tables=None, create_tables=True, jobs=DEFAULT_JOBS, on_invalid="fail",
             max_rejects=0, reject_file=None, source_timezone="UTC", progress_file=None, post_data=True,
-            integrity="full", check_mode=False):
+            integrity="full", check_mode=False, lease=None):
     """Migrate the SQLite database ``src`` into ``schema`` of the PostgreSQL database ``conninfo`` describes.
 
     ``conninfo``: libpq keywords for psycopg2.connect (host, port, user, dbname,
@@ -59,21 +62,27 @@ def migrate(src, conninfo, schema="public", tables=None, create_tables=True, job
     file (PGPASSFILE) is used. ``integrity``: 'full' (PRAGMA integrity_check) or
     'quick' (PRAGMA quick_check: skips the index-against-table cross-check, about
     8 times faster). ``check_mode``: profile and plan only; nothing is written,
-    the PostgreSQL session itself is read-only.
+    the PostgreSQL session itself is read-only. ``lease``: dict(key, backend_pid) of
+    the advisory lock the calling run holds; the load stops, and rolls back what
+    is streaming, as soon as that backend no longer holds it (lease.py).
 
     Returns the result dict (status, changed, msg, total_tables, total_rows,
     tables, profile, post_data, source_id). Raises MigrationError, whose
     ``result`` holds the same dict with status 'failed'.
     """
     run = Run(src, conninfo, schema, tables, create_tables, jobs, on_invalid, max_rejects, reject_file,
-              source_timezone, progress_file, post_data, integrity, check_mode)
+              source_timezone, progress_file, post_data, integrity, check_mode, lease)
     return run.execute()
 
 
 class Run:
     def __init__(self, src, conninfo, schema, tables, create_tables, jobs, on_invalid, max_rejects, reject_file,
-                 source_timezone, progress_file, post_data, integrity, check_mode):
+                 source_timezone, progress_file, post_data, integrity, check_mode, lease=None):
         self.src, self.conninfo, self.schema = src, dict(conninfo), schema
+        # Every session of this run carries one name, so that exactly these can be ended (lease.py).
+        self.conninfo.setdefault("application_name", f"{APPLICATION_NAME} {secrets.token_hex(4)}")
+        self.lease = None if check_mode or not lease else Lease(
+            self.conninfo, lease["key"], lease["backend_pid"], self.conninfo["application_name"])
         self.requested, self.create_tables, self.jobs = tables, create_tables, jobs
         self.on_invalid, self.max_rejects, self.reject_file = on_invalid, max_rejects, reject_file
         self.source_timezone, self.post_data, self.integrity = source_timezone, post_data, integrity
@@ -93,6 +102,10 @@ class Run:
             self._read_source_schema()
             self.pg = connect(self.conninfo, read_only=self.check_mode)
             try:
+                if self.lease:
+                    self.lease.start()
+                    if self.lease.lost:
+                        raise MigrationError(self.lease.lost)
                 self._lock()
                 self._read_target()
                 counters = multiprocessing.get_context("fork").Array("q", len(self.order), lock=False)
@@ -112,15 +125,36 @@ class Run:
                 self._post_data()
             finally:
                 gc.unfreeze()  # a caller that runs several migrations collects their garbage again
+                if self.lease:
+                    self.lease.stop()
                 self.pg.close()
             return self._finish()
         except MigrationError as error:
-            self._fail(str(error))
-            raise MigrationError(str(error), self.result) from None
+            message = self._stopped_message() if self.lease and self.lease.lost else str(error)
+            self._fail(message)
+            raise MigrationError(message, self.result) from None
+        except psycopg2.Error:
+            if not (self.lease and self.lease.lost):
+                raise
+            message = self._stopped_message()
+            self._fail(message)
+            raise MigrationError(message, self.result) from None
         except BrokenProcessPool:
             message = "a worker process died (killed, or out of memory); every table it was loading was rolled back"
             self._fail(message)
             raise MigrationError(message, self.result) from None
+
+    def _stopped_message(self):
+        """Why the load stopped when its run is gone, and what state each table is in."""
+        tables = self.result["tables"]
+        loaded = [n for n, t in tables.items() if t.get("action") == "loaded"]
+        undone = [n for n, t in tables.items() if t.get("status") in ("loading", "failed")]
+        waiting = [n for n, t in tables.items() if t.get("status") == "pending" and t.get("action") != "skipped"]
+        parts = [f"loaded and recorded: {', '.join(loaded)}" if loaded else "no table was loaded",
+                 f"rolled back: {', '.join(undone)}" if undone else "",
+                 f"not started: {', '.join(waiting)}" if waiting else ""]
+        return (f"load stopped: {self.lease.lost}; " + "; ".join(p for p in parts if p)
+                + "; a rerun loads only what is missing")
 
     def _fail(self, message):
         self.result.update(status="failed", msg=message)
@@ -557,9 +591,17 @@ class Run:
                         f"in {self.schema}: drop those constraints before loading (post_data rebuilds them)")
                 break
             finished, _ = wait(set(futures), timeout=1.0, return_when=FIRST_COMPLETED)
+            if self.lease and self.lease.lost and first_error is None:
+                # The run is gone: start nothing more (the lease ends the sessions of running loads).
+                first_error = MigrationError(self.lease.lost)
+                for future in futures:
+                    future.cancel()
             for future in finished:
                 name = futures.pop(future)
                 entry = self.result["tables"][name]
+                if future.cancelled():
+                    entry["status"] = "pending"
+                    continue
                 try:
                     outcome = future.result()
                 except MigrationError as error:
