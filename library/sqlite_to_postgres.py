@@ -188,7 +188,8 @@ tables:
   - Per source table. C(total_rows) rows in the source snapshot; C(migrated) rows from it now in the target
     (also on a rerun that skips the table); C(rejected) rows left out; C(status) V(completed), V(pending)
     (check mode), V(loading) or V(failed); C(action) V(loaded), V(skipped) (already loaded from this
-    source) or V(load); C(seconds) and C(rows_per_second) of this run's load.
+    source) or V(load); C(seconds) and C(rows_per_second) of this run's load; for a skipped table
+    C(validated), whether a validation was recorded for it since it was loaded.
   returned: always
   type: dict
   sample: {"files": {"total_rows": 50, "migrated": 50, "rejected": 0, "status": "completed",

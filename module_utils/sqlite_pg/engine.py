@@ -401,9 +401,10 @@ class Run:
             return ""
         present = count_rows(cursor, self.schema, target) if mine else None
         if mine:
-            _source_id, _path, loaded, rejected, _loaded_at = mine[-1]
+            _source_id, _path, loaded, rejected, _loaded_at, validated = mine[-1]
             if present == loaded:
-                entry.update(migrated=present, rejected=rejected, status="completed", action="skipped")
+                entry.update(migrated=present, rejected=rejected, status="completed", action="skipped",
+                             validated=validated)
                 self.actions[name] = "skip"
                 self.progress.finish(name, "skipped", present)
                 return ""

@@ -121,11 +121,13 @@ def state_table_ddl(schema):
 
     content_checksum and key_range_checksums are kept for incremental sync (a
     checksum of the table's content, and per primary-key range ones); this
-    version leaves them NULL.
+    version leaves them NULL. validated_at is set by the runbook once the
+    validation of the whole migration passed, and cleared by every load: a
+    run that finds loaded but unvalidated tables knows an earlier run stopped.
     """
     return sql.SQL(
         """
-        CREATE TABLE IF NOT EXISTS {}.{} (
+        CREATE TABLE IF NOT EXISTS {0}.{1} (
             source_id           text NOT NULL,
             table_name          text NOT NULL,
             source_table        text NOT NULL,
@@ -138,19 +140,23 @@ def state_table_ddl(schema):
             started_at          timestamptz NOT NULL,
             loaded_at           timestamptz NOT NULL DEFAULT now(),
             seconds             double precision NOT NULL,
+            validated_at        timestamptz,
             PRIMARY KEY (source_id, table_name)
-        )
+        );
+        ALTER TABLE {0}.{1} ADD COLUMN IF NOT EXISTS validated_at timestamptz
         """
     ).format(sql.Identifier(schema), sql.Identifier(STATE_TABLE))
 
 
 def state_rows(cursor, schema):
-    """{table_name: [(source_id, source_path, rows_loaded, rows_rejected, loaded_at), ...]}, {} without state."""
+    """{table_name: [(source_id, source_path, rows_loaded, rows_rejected, loaded_at, validated), ...]}, {} without
+    state. validated is read through to_jsonb so that a state table older than that column still reads."""
     cursor.execute("SELECT to_regclass(%s)", (sql.Identifier(schema, STATE_TABLE).as_string(cursor),))
     if cursor.fetchone()[0] is None:
         return {}
     cursor.execute(
-        sql.SQL("SELECT table_name, source_id, source_path, rows_loaded, rows_rejected, loaded_at FROM {}.{} "
+        sql.SQL("SELECT table_name, source_id, source_path, rows_loaded, rows_rejected, loaded_at, "
+                "to_jsonb(s) ->> 'validated_at' IS NOT NULL FROM {}.{} s "
                 "WHERE status = 'loaded' ORDER BY loaded_at").format(sql.Identifier(schema),
                                                                      sql.Identifier(STATE_TABLE))
     )
@@ -168,7 +174,7 @@ def record_load(cursor, schema, source_id, table_name, source_table, source_path
             "ON CONFLICT (source_id, table_name) DO UPDATE SET source_table = EXCLUDED.source_table, "
             "source_path = EXCLUDED.source_path, status = EXCLUDED.status, rows_loaded = EXCLUDED.rows_loaded, "
             "rows_rejected = EXCLUDED.rows_rejected, started_at = EXCLUDED.started_at, loaded_at = now(), "
-            "seconds = EXCLUDED.seconds"
+            "seconds = EXCLUDED.seconds, validated_at = NULL"
         ).format(sql.Identifier(schema), sql.Identifier(STATE_TABLE)),
         (source_id, table_name, source_table, source_path, rows, rejected, started_at, seconds),
     )
