@@ -224,7 +224,7 @@ def hold(params, watch_pid, report_fd):
         else:
             report = {"acquired": True, "holder_pid": os.getpid(), "backend_pid": conn.get_backend_pid()}
     except Exception as error:  # any failure goes back to the module as one line
-        report = {"acquired": False, "error": str(error).strip().splitlines()[0]}
+        report = {"acquired": False, "error": " ".join(str(error).split()) or "the lock session could not start"}
     os.write(report_fd, json.dumps(report).encode())
     os.close(report_fd)
     if not report.get("acquired"):
@@ -283,7 +283,7 @@ def check_free(module):
         holder = describe_holder(cursor, params["key"]) if row else None
         conn.close()
     except psycopg2.Error as error:
-        module.fail_json(msg=f"cannot check the migration lock on {params['login_db']}: {str(error).strip()}")
+        module.fail_json(msg=f"cannot check the migration lock on {params['login_db']}: {' '.join(str(error).split())}")
     if holder:
         module.fail_json(msg=f"a migration is already running: advisory lock {params['key']} is held by {holder}",
                          acquired=False)

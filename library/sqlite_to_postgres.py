@@ -4,6 +4,7 @@
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.sqlite_pg import DEFAULT_JOBS, MigrationError, migrate
+from ansible.module_utils.sqlite_pg.errors import internal_fault
 from ansible_collections.community.postgresql.plugins.module_utils.postgres import (
     ensure_required_libs,
     get_conn_params,
@@ -111,7 +112,7 @@ options:
   lease_key:
     description:
     - Key of a session advisory lock the calling run holds on the same database (the runbook's
-      run lock). With O(lease_backend_pid), the load goes on only while that backend holds it:
+      run lock). With O(lease_backend_pid), the load goes on only while that backend holds it;
       about once a second the module checks, and when the lock is gone (the controller was
       killed or interrupted, the leader restarted or failed over) it ends every session of the
       load, so the table being streamed is rolled back, starts nothing more and fails.
@@ -122,12 +123,25 @@ options:
     description:
     - Backend process id of the session that holds O(lease_key) (returned by pg_session_lock).
     type: int
+  target_ddl:
+    description:
+    - SQL that creates the target tables, the way the load will find them (for example the tables a schema
+      stage creates before the load). Its statements run unqualified, with O(schema) as C(search_path).
+    - Used in check mode only, when target tables do not exist yet, so that the profile checks the values
+      against the types those tables will have (a UUID column refuses a value that is not a UUID) instead of
+      the types this module would choose. The SQL runs on the target in one transaction that is always rolled
+      back (read-write for that transaction only, statement timeout 30 s, lock timeout 5 s); a COMMIT or
+      ROLLBACK in it fails instead of ending the transaction. Nothing of it remains; give it tables only,
+      since effects PostgreSQL does not roll back (C(setval) on an existing sequence) would stay.
+    type: str
 seealso:
 - module: community.postgresql.postgresql_query
 attributes:
   check_mode:
     support: full
-    details: Profiles the source and reads the target's state in a read-only session; writes nothing.
+    details:
+    - Profiles the source and reads the target's state in a read-only session; writes nothing.
+    - With O(target_ddl) and missing target tables, that SQL runs in one transaction that is rolled back.
 author:
 - FileShareSystem migration team
 extends_documentation_fragment:
@@ -199,7 +213,8 @@ profile:
   - What the profile found. C(source) (path, bytes, sha256, journal, integrity check result) and per
     table C(rows), C(invalid_rows), C(problems), C(notes) and per column C(declared), C(target),
     C(storage) (SQLite storage classes found), C(invalid) and C(conversion) (V(sql) or V(python)).
-  returned: when the source could be read
+  - On failure RV(findings) says what the profile found instead.
+  returned: success
   type: dict
 post_data:
   description: Keys, indexes, foreign keys and sequences built (in check mode, those that would be).
@@ -211,6 +226,14 @@ source_id:
   description: sha256 of the source snapshot, the key of the state table's rows.
   returned: when the source could be read
   type: str
+findings:
+  description:
+  - When the profile fails, its first findings (at most 5), one line each naming table, column, row and value;
+    the total is in RV(msg).
+  returned: always
+  type: list
+  elements: str
+  sample: ["table files, column file_uuid, rowid 7: value 'not-a-uuid' is not a UUID"]
 changed:
   description: Whether anything was written (in check mode, whether anything would be).
   returned: always
@@ -237,6 +260,7 @@ def main():
         integrity_check=dict(type='str', default='full', choices=['full', 'quick']),
         lease_key=dict(type='int', no_log=False),
         lease_backend_pid=dict(type='int'),
+        target_ddl=dict(type='str'),
     )
     module = AnsibleModule(
         argument_spec=argument_spec,
@@ -247,7 +271,7 @@ def main():
     ensure_required_libs(module)
     params = module.params
     conninfo = get_conn_params(module, params, warn_db_default=False)
-    failure = None
+    failure = details = None
     try:
         result = migrate(
             params['src'], conninfo, schema=params['schema'], tables=params['tables'],
@@ -257,16 +281,22 @@ def main():
             post_data=params['post_data'], integrity=params['integrity_check'], check_mode=module.check_mode,
             lease=({'key': params['lease_key'], 'backend_pid': params['lease_backend_pid']}
                    if params['lease_key'] is not None else None),
+            target_ddl=params['target_ddl'],
         )
     except MigrationError as error:
         result = dict(error.result or {}, status='failed')
         failure = str(error)
-    except Exception as error:  # a bug must still end as one line, never a traceback or a secret
+    except Exception:  # a bug must still end as one line, never a traceback or a secret
         result = {'status': 'failed', 'changed': False}
-        failure = f'unexpected error: {type(error).__name__}: {error}'
+        failure, details = internal_fault('sqlite_to_postgres')
     if failure is not None:
         # Outside the except blocks: a user error is a message, not a captured exception.
         result.pop('msg', None)
+        # Ansible prints a failed task's whole result: the profile's hundreds of lines would bury the
+        # message; findings holds what it found.
+        result.pop('profile', None)
+        if details:
+            result['exception'] = _scrub(details, params)
         module.fail_json(msg=_scrub(failure, params), **result)
     module.exit_json(**result)
 

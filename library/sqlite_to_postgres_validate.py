@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.sqlite_pg.errors import MigrationError
+from ansible.module_utils.sqlite_pg.errors import MigrationError, internal_fault
 from ansible.module_utils.sqlite_pg.validate import validate
 from ansible_collections.community.postgresql.plugins.module_utils.postgres import (
     ensure_required_libs,
@@ -275,9 +275,10 @@ def main():
         )
     except MigrationError as error:
         module.fail_json(msg=_scrub(str(error), params), changed=False, status="failed")
-    except Exception as error:  # a bug still ends as one line, never a traceback or a secret
-        module.fail_json(msg=_scrub(f"unexpected error: {type(error).__name__}: {error}", params),
-                         changed=False, status="failed")
+    except Exception:  # a bug still ends as one line, never a traceback or a secret
+        message, details = internal_fault("sqlite_to_postgres_validate")
+        module.fail_json(msg=_scrub(message, params), exception=_scrub(details, params), changed=False,
+                         status="failed")
     result["msg"] = _scrub(result["msg"], params)
     if result["status"] != "completed":
         module.fail_json(changed=False, **result)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,27 @@ def test_ansible_doc_shows_the_module():
     for option in ("src", "jobs", "on_invalid", "max_rejects", "reject_file", "source_timezone", "progress_file",
                    "post_data", "login_password", "tables", "create_tables"):
         assert option in done.stdout
+
+
+def test_check_mode_profiles_against_target_ddl_and_leaves_nothing(sample_db, pg_database, pgpass_file):
+    ddl = (ROOT / "roles" / "schema_init" / "files" / "postgres_init_schema.sql").read_text()
+    ddl = ddl.split("-- section: post-data")[0]
+    connection = sqlite3.connect(sample_db)
+    connection.execute("UPDATE files SET file_uuid = 'not-a-uuid' WHERE id = 7")
+    connection.commit()
+    connection.close()
+    snapshot = target_snapshot(pg_database)
+
+    done, result = ansible(module_args(sample_db, pg_database, target_ddl=ddl), {"PGPASSFILE": str(pgpass_file)},
+                           check=True)
+
+    assert done.returncode != 0
+    assert result["failed"] is True and result["status"] == "failed"
+    assert result["msg"].startswith("table files, column file_uuid, ") and "'not-a-uuid'" in result["msg"]
+    assert len(result["findings"]) == 1 and result["findings"][0] in result["msg"]
+    assert "profile" not in result  # its hundreds of lines would bury the message
+    assert target_snapshot(pg_database) == snapshot
+    done, _ = ansible(module_args(sample_db, pg_database, target_ddl=ddl), {"PGPASSFILE": str(pgpass_file)},
+                      as_json=False, check=True)
+    assert done.returncode != 0 and result["msg"] in done.stdout
+    assert len(done.stdout.splitlines()) < 25, done.stdout

@@ -289,3 +289,19 @@ def test_broken_source_rolls_back_and_fails(workspace):
     assert report["rollback"]["restored"] is True
     assert report["failure"]["stage"] in ("migrate", "post_data", "validate")
 
+
+
+def test_check_mode_finds_a_value_the_schema_would_refuse(workspace):
+    # The target is empty: the profile must check the values against the schema stage's types (uuid), not
+    # the SQLite declaration (VARCHAR(36)), or --check passes and the real run fails after backup and schema.
+    with sqlite3.connect(workspace.source) as source:
+        source.execute("UPDATE files SET file_uuid = 'not-a-uuid' WHERE id = 7")
+    source.close()
+    before = workspace.snapshot()
+    result = workspace.run("--check")
+    assert result.returncode != 0
+    printed = words(result.stdout)
+    assert "table files, column file_uuid, rowid 7: value 'not-a-uuid' is not a UUID" in printed
+    assert "declared:" not in result.stdout and "conversion:" not in result.stdout  # no profile dump
+    assert workspace.snapshot() == before
+    assert workspace.query("SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace")[0][0] == 0

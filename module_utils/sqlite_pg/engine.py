@@ -23,7 +23,7 @@ from psycopg2 import sql
 from . import loader
 from .errors import MigrationError
 from .lease import Lease
-from .loader import LoadPlan, become_worker, copy_line_sql, load_table
+from .loader import COMMITTED_STAY, LOST_CAUSES, LoadPlan, become_worker, copy_line_sql, load_table
 from .names import pg_name, sqlite_ident
 from .profile import describe_key, display, integrity_check, profile_table
 from .progress import Progress
@@ -40,21 +40,24 @@ from .target import (
     first_line,
     has_rows,
     plan_post_data,
+    planned_tables,
     read_table,
     schema_exists,
     sequence_steps,
+    server_address,
     state_rows,
     state_table_ddl,
 )
 from .typemap import clock_default, parse_default
 
 DEFAULT_JOBS = 2
+FINDINGS_SHOWN = 5  # a failed profile lists this many of its findings, one line each
 LOCK_NAMESPACE = "sqlite_to_postgres:"
 
 
 def migrate(src, conninfo, schema="public", tables=None, create_tables=True, jobs=DEFAULT_JOBS, on_invalid="fail",
             max_rejects=0, reject_file=None, source_timezone="UTC", progress_file=None, post_data=True,
-            integrity="full", check_mode=False, lease=None):
+            integrity="full", check_mode=False, lease=None, target_ddl=None):
     """Migrate the SQLite database ``src`` into ``schema`` of the PostgreSQL database ``conninfo`` describes.
 
     ``conninfo``: libpq keywords for psycopg2.connect (host, port, user, dbname,
@@ -64,20 +67,24 @@ def migrate(src, conninfo, schema="public", tables=None, create_tables=True, job
     8 times faster). ``check_mode``: profile and plan only; nothing is written,
     the PostgreSQL session itself is read-only. ``lease``: dict(key, backend_pid) of
     the advisory lock the calling run holds; the load stops, and rolls back what
-    is streaming, as soon as that backend no longer holds it (lease.py).
+    is streaming, as soon as that backend no longer holds it (lease.py). ``target_ddl``: SQL that creates
+    the target tables (run unqualified, with ``schema`` as search_path); in check
+    mode, target tables that do not exist yet are created from it in one
+    transaction that is always rolled back, and the source is profiled against
+    their types (without it, against the types the engine would choose).
 
     Returns the result dict (status, changed, msg, total_tables, total_rows,
     tables, profile, post_data, source_id). Raises MigrationError, whose
     ``result`` holds the same dict with status 'failed'.
     """
     run = Run(src, conninfo, schema, tables, create_tables, jobs, on_invalid, max_rejects, reject_file,
-              source_timezone, progress_file, post_data, integrity, check_mode, lease)
+              source_timezone, progress_file, post_data, integrity, check_mode, lease, target_ddl)
     return run.execute()
 
 
 class Run:
     def __init__(self, src, conninfo, schema, tables, create_tables, jobs, on_invalid, max_rejects, reject_file,
-                 source_timezone, progress_file, post_data, integrity, check_mode, lease=None):
+                 source_timezone, progress_file, post_data, integrity, check_mode, lease=None, target_ddl=None):
         self.src, self.conninfo, self.schema = src, dict(conninfo), schema
         # Every session of this run carries one name, so that exactly these can be ended (lease.py).
         self.conninfo.setdefault("application_name", f"{APPLICATION_NAME} {secrets.token_hex(4)}")
@@ -86,10 +93,10 @@ class Run:
         self.requested, self.create_tables, self.jobs = tables, create_tables, jobs
         self.on_invalid, self.max_rejects, self.reject_file = on_invalid, max_rejects, reject_file
         self.source_timezone, self.post_data, self.integrity = source_timezone, post_data, integrity
-        self.check_mode = check_mode
+        self.check_mode, self.target_ddl = check_mode, target_ddl
         self.progress = Progress(None if check_mode else progress_file, {})
         self.result = {"changed": False, "status": "failed", "msg": "", "total_tables": 0, "total_rows": 0,
-                       "tables": {}, "profile": {}, "post_data": [], "source_id": ""}
+                       "tables": {}, "profile": {}, "post_data": [], "source_id": "", "findings": []}
         self.notes = []
 
     # The run ---------------------------------------------------------------------------
@@ -127,22 +134,32 @@ class Run:
                 gc.unfreeze()  # a caller that runs several migrations collects their garbage again
                 if self.lease:
                     self.lease.stop()
+                self.session_lost = bool(self.pg.closed)  # before close(): did the server end the session?
                 self.pg.close()
             return self._finish()
         except MigrationError as error:
             message = self._stopped_message() if self.lease and self.lease.lost else str(error)
             self._fail(message)
             raise MigrationError(message, self.result) from None
-        except psycopg2.Error:
-            if not (self.lease and self.lease.lost):
-                raise
-            message = self._stopped_message()
-            self._fail(message)
-            raise MigrationError(message, self.result) from None
         except BrokenProcessPool:
             message = "a worker process died (killed, or out of memory); every table it was loading was rolled back"
             self._fail(message)
             raise MigrationError(message, self.result) from None
+        except psycopg2.Error as error:
+            message = self._stopped_message() if self.lease and self.lease.lost else self._database_failure(error)
+            self._fail(message)
+            raise MigrationError(message, self.result) from None
+
+    def _database_failure(self, error):
+        """A failure of this run's own session as one line: where it was, and what is left of the run."""
+        during, left = {
+            "load": ("during the load", COMMITTED_STAY),
+            "post_data": ("while keys and indexes were built", "the data is loaded: run again to finish"),
+        }.get(self.progress.phase, ("while the target was read", "nothing was written"))
+        if self.session_lost:
+            return (f"the connection to {server_address(self.conninfo)} was lost {during} ({LOST_CAUSES}); "
+                    f"{left}")
+        return f"PostgreSQL failed {during}: {first_line(error, self.conninfo)}; {left}"
 
     def _stopped_message(self):
         """Why the load stopped when its run is gone, and what state each table is in."""
@@ -237,21 +254,37 @@ class Run:
         problems = []
         with self.pg.cursor() as cursor:
             self.schema_present = schema_exists(cursor, self.schema)
-            if not self.schema_present and not self.create_tables:
+            if not self.schema_present and not self.create_tables and not self._uses_target_ddl():
                 raise MigrationError(f"schema {self.schema} does not exist in the target database "
                                      "(and create_tables is false)")
             for name in self.order:
-                source = self.tables[name]
-                target_name = self.target_names[name]
-                existing = read_table(cursor, self.schema, target_name) if self.schema_present else None
-                if existing is None and not self.create_tables:
-                    raise MigrationError(f"target table {self.schema}.{target_name} does not exist "
-                                         "(and create_tables is false)")
-                self.existing[name] = existing
-                problems += self._match_columns(source, existing)
+                found = read_table(cursor, self.schema, self.target_names[name]) if self.schema_present else None
+                self.existing[name] = found
         self.pg.commit()
+        planned = self._planned_tables()
+        for name in self.order:
+            existing = self.existing[name] or planned.get(name)
+            if existing is None and not self.create_tables:
+                raise MigrationError(f"target table {self.schema}.{self.target_names[name]} does not exist "
+                                     "(and create_tables is false)")
+            problems += self._match_columns(self.tables[name], existing)
         if problems:
             raise MigrationError(problems[0] + self._more(len(problems) - 1, "problem"))
+
+    def _uses_target_ddl(self):
+        return self.check_mode and bool(self.target_ddl)
+
+    def _planned_tables(self):
+        """Check mode: {source table: TargetTable} of the missing tables as target_ddl creates them.
+
+        The real run loads into the tables the schema stage makes from that SQL, so the profile
+        must check the values against those types, not the ones this engine would pick.
+        """
+        missing = [self.target_names[name] for name in self.order if self.existing[name] is None]
+        if not (self._uses_target_ddl() and missing):
+            return {}
+        found = planned_tables(self.pg, self.schema, self.target_ddl, missing)
+        return {name: found[self.target_names[name]] for name in self.order if self.target_names[name] in found}
 
     def _match_columns(self, source, existing):
         """Fill targets/notnull/column_names for one table; return problems (one line each)."""
@@ -359,14 +392,18 @@ class Run:
 
     def _decide(self):
         if self.integrity_problems:
+            self.result["findings"] = self.integrity_problems[:FINDINGS_SHOWN]
             raise MigrationError(f"source {self.source.path} fails PRAGMA {self._pragma()}: "
                                  f"{self.integrity_problems[0]}" + self._more(len(self.integrity_problems) - 1,
                                                                              "problem"))
         problems = [p for name in self.order for p in self.profiles[name].problems]
         if problems:
+            self.result["findings"] = problems[:FINDINGS_SHOWN]
             raise MigrationError(problems[0] + self._more(len(problems) - 1, "problem") + "; nothing was written")
         bad = [(name, b) for name in self.order for b in self.profiles[name].bad_values]
         rejected = sum(self.profiles[name].rejected_rows for name in self.order)
+        if bad and (self.on_invalid == "fail" or rejected > self.max_rejects):
+            self.result["findings"] = [self._bad_message(name, b) for name, b in bad[:FINDINGS_SHOWN]]
         if bad and self.on_invalid == "fail":
             name, first = bad[0]
             total_invalid = sum(c.invalid for p in self.profiles.values() for c in p.columns) or len(bad)
@@ -560,8 +597,9 @@ class Run:
                     cursor.execute(sql.SQL("DROP SCHEMA IF EXISTS {}").format(sql.Identifier(self.schema)))
             self.pg.commit()
             self.result["changed"] = False
-        except psycopg2.Error:  # someone else put something there meanwhile: leave it
-            self.pg.rollback()
+        except psycopg2.Error:  # someone else put something there meanwhile, or the server is gone: leave it
+            if not self.pg.closed:
+                self.pg.rollback()
 
     def _stream(self, to_load, counters):
         plans = {name: self._plan(name, self.order.index(name)) for name in to_load}

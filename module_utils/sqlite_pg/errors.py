@@ -26,3 +26,18 @@ def shorten(value, limit=60):
         text = repr(value[:limit])
         return text + "…" if len(value) > limit else text
     return repr(value)
+
+
+def internal_fault(module_name):
+    """(one-line message, traceback text) for an exception nobody expected, to be called in its except block.
+
+    The message says where the fault is (function, file, line) in words an operator can pass on;
+    the traceback is for -vvv only (Ansible's ``exception`` result key).
+    """
+    import sys
+    import traceback
+
+    frame = traceback.extract_tb(sys.exc_info()[2])[-1]
+    message = (f"{module_name} stopped on an internal fault in {frame.name} "
+               f"({frame.filename.rsplit('/', 1)[-1]} line {frame.lineno}); -vvv shows the details")
+    return message, traceback.format_exc()

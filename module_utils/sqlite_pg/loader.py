@@ -19,7 +19,7 @@ from psycopg2 import sql
 from .errors import MigrationError
 from .profile import describe_key
 from .rules import Invalid, rule_for
-from .target import connect, first_line, has_rows, record_load
+from .target import connect, first_line, has_rows, record_load, server_address
 
 CHUNK_BYTES = 1 << 20  # what each read() hands to COPY: large writes, flat memory
 FETCH_ROWS = 2000  # most rows per fetch; fewer when rows are wide (a quarter chunk per fetch)
@@ -31,6 +31,10 @@ PR_SET_PDEATHSIG = 1
 UNCONVERTED = b"\x01"
 PRINTF_ARGUMENTS = 100  # SQLite functions take at most 127 arguments
 TRUNCATE_LOCK_WAIT = "1s"
+# What an operator needs to know after a lost connection: the likely causes, and what is left.
+LOST_CAUSES = "server restart, failover or network"
+COMMITTED_STAY = ("tables already committed stay loaded and are recorded in the state table; "
+                  "a rerun continues with the rest")
 
 # Rows streamed per table, shared with the parent (which writes the progress file).
 # Set by the engine before the worker processes are forked.
@@ -164,6 +168,7 @@ def load_table(source, conninfo, plan, fingerprint):
     lite = source.connect(text_as_bytes=True)
     pg = connect(conninfo)
     target = sql.Identifier(plan.schema, plan.target_table)
+    committing = False
     try:
         with pg.cursor() as cursor:
             # Local to this transaction: naive timestamps are in the source's zone.
@@ -190,6 +195,8 @@ def load_table(source, conninfo, plan, fingerprint):
             try:
                 cursor.copy_expert(copy.as_string(cursor), stream, size=CHUNK_BYTES)
             except psycopg2.Error as error:
+                if pg.closed:
+                    raise  # a lost connection, not a refusal: told below
                 raise MigrationError(_refused(lite, plan, error, conninfo)) from None
             except Invalid as error:
                 raise MigrationError(
@@ -208,14 +215,42 @@ def load_table(source, conninfo, plan, fingerprint):
             seconds = time.monotonic() - started
             record_load(cursor, plan.schema, plan.source_id, plan.target_table, plan.source_table, source.path,
                         copied, plan.source_rows - copied, started_at, seconds)
+        committing = True
         pg.commit()
+    except psycopg2.Error as error:
+        _rollback(pg)
+        raise MigrationError(_failed(plan, error, conninfo, pg.closed, committing)) from None
     except BaseException:
-        pg.rollback()
+        _rollback(pg)
         raise
     finally:
         pg.close()
         lite.close()
     return {"rows": copied, "seconds": time.monotonic() - started}
+
+
+def _rollback(pg):
+    """Roll back what is left to roll back: a lost connection's transaction ended on the server already."""
+    if pg.closed:
+        return
+    try:
+        pg.rollback()
+    except psycopg2.Error:
+        pass
+
+
+def _failed(plan, error, conninfo, lost, committing):
+    """A PostgreSQL failure outside the rows themselves as one line: which table, what happened, what is left."""
+    table = f"table {plan.source_table}"
+    if lost and committing:
+        return (f"{table}: the connection to {server_address(conninfo)} was lost while the table's load was "
+                f"committing ({LOST_CAUSES}): the state table tells whether it committed, and a rerun skips the "
+                f"table if it did and loads it again if not; {COMMITTED_STAY}")
+    if lost:
+        return (f"{table}: the connection to {server_address(conninfo)} was lost while the table was loading "
+                f"({LOST_CAUSES}); the table's transaction was rolled back, {COMMITTED_STAY}")
+    return (f"{table}: PostgreSQL stopped the load: {first_line(error, conninfo)}; the table's transaction was "
+            f"rolled back, {COMMITTED_STAY}")
 
 
 def _truncated(cursor, target):

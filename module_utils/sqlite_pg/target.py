@@ -12,6 +12,10 @@ from .typemap import from_catalog
 STATE_TABLE = "sqlite_to_postgres_state"
 APPLICATION_NAME = "sqlite_to_postgres"
 MAINTENANCE_WORK_MEM = "256MB"  # for this run's own index and foreign key builds only (SET, not ALTER SYSTEM)
+# target_ddl runs in check mode on the live target: bounded, so a lock held by the application
+# (or a slow catalog) makes the check fail quickly instead of queueing behind it.
+DDL_STATEMENT_TIMEOUT = "30s"
+DDL_LOCK_TIMEOUT = "5s"
 FK_ACTIONS = {"NO ACTION": "NO ACTION", "RESTRICT": "RESTRICT", "CASCADE": "CASCADE", "SET NULL": "SET NULL",
               "SET DEFAULT": "SET DEFAULT"}
 
@@ -23,6 +27,11 @@ def first_line(error, conninfo=None):
     if password:
         text = text.replace(password, "********")
     return text
+
+
+def server_address(conninfo):
+    """host:port of a connection's server, as an operator names it."""
+    return f"{conninfo.get('host') or 'the local socket'}:{conninfo.get('port') or 5432}"
 
 
 def connect(conninfo, read_only=False):
@@ -102,6 +111,37 @@ def read_table(cursor, schema, name):
         (found[0],),
     )
     return TargetTable(name, columns, [r[0] for r in cursor.fetchall()])
+
+
+def planned_tables(connection, schema, ddl, names):
+    """{name: TargetTable} of the ``names`` that ``ddl`` creates in ``schema``, in a transaction always rolled back.
+
+    The server itself runs the DDL and its catalog is read with read_table, so the types are
+    exactly those of the real CREATE (lengths, domains, identity, NOT NULL); a parser here
+    would have to know every spelling of every type, and extensions' types too. Nothing
+    persists: the statements run inside a DO block, where a COMMIT or ROLLBACK in the text
+    fails instead of ending the transaction, and the transaction is rolled back in any case.
+    Effects that are not transactional (setval on an existing sequence, for one) are not
+    undone: ``ddl`` should create tables and nothing else.
+    """
+    body = sql.SQL("BEGIN EXECUTE {}; END").format(sql.Literal(ddl)).as_string(connection)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION READ WRITE")  # a check-mode session is read-only by default
+            cursor.execute("SELECT set_config('statement_timeout', %s, true), set_config('lock_timeout', %s, true)",
+                           (DDL_STATEMENT_TIMEOUT, DDL_LOCK_TIMEOUT))
+            if not schema_exists(cursor, schema):
+                cursor.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+            cursor.execute("SELECT set_config('search_path', %s, true)", (sql.Identifier(schema).as_string(cursor),))
+            cursor.execute(sql.SQL("DO {}").format(sql.Literal(body)))
+            found = {name: read_table(cursor, schema, name) for name in names}
+    except psycopg2.Error as error:
+        raise MigrationError(f"target_ddl cannot be applied to schema {schema} (tried in a transaction that was "
+                             f"rolled back): {error.diag.message_primary or first_line(error)}") from None
+    finally:
+        if not connection.closed:
+            connection.rollback()
+    return {name: table for name, table in found.items() if table is not None}
 
 
 def has_rows(cursor, schema, name):
