@@ -1,0 +1,312 @@
+"""The rollback holds in the events it exists for: each fault done for real on the suite's lab.
+
+Each case starts from an empty target, takes its dump, starts
+`ansible-playbook migrate.yml` as an operator would, does the fault at a
+moment it observes on the leader (a COPY into a given table, an index build),
+then checks what the fault must leave: the target exactly as its dump (a
+failed run) or each table loaded or as it was (a killed run), the SQLite
+source's sha256, the exit code and the last lines, and that the next normal
+run completes and validates.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from faults.lab import ROOT, sha256, wait_until
+
+# How long a killed run may go on writing: the load checks its lease once a second.
+STOP_SECONDS = 15
+
+
+def start_and_wait_for(lab, source, moment, *args, timeout=240):
+    run = lab.migrate(source, *args)
+    reached = wait_until(lambda: moment() or run.process.poll() is not None, timeout)
+    assert reached and run.process.poll() is None, f"the run ended before the fault:\n{run.last_lines()}"
+    return run
+
+
+def assert_stopped_within_seconds(lab):
+    started = time.monotonic()
+    assert wait_until(lambda: lab.migration_sessions() == 0, STOP_SECONDS, interval=0.2), (
+        "the load kept running after its run was gone")
+    assert wait_until(lambda: lab.lock_holders() == 0, STOP_SECONDS, interval=0.2), "the run's lock outlived it"
+    return time.monotonic() - started
+
+
+def assert_each_table_loaded_or_as_it_was(lab, counts):
+    found = lab.table_counts()
+    for table, rows in found.items():
+        assert rows in (None, 0, counts[table]), f"{table} holds {rows} of {counts[table]} rows: half a table"
+    return found
+
+
+def assert_failed_and_restored(lab, run, before, source, source_sha, *expected):
+    assert run.rc not in (0, None), "the run reported success"
+    tail = run.last_lines()
+    assert "target restored from" in tail, tail
+    for text in expected:
+        assert re.search(text, run.output), f"{text!r} not in the output:\n{tail}"
+    assert lab.dump() == before, "the target is not as it was before the run"
+    assert sha256(source) == source_sha
+    assert "Traceback" not in run.output and "Error: " not in tail, tail
+
+
+def kill_controller(lab, big_source, moment, signum=signal.SIGKILL):
+    source, counts = big_source
+    source_sha = sha256(source)
+    run = start_and_wait_for(lab, source, moment)
+    run.signal_group(signum)
+    run.wait(timeout=60)
+    stopped = assert_stopped_within_seconds(lab)
+    left = assert_each_table_loaded_or_as_it_was(lab, counts)
+    assert sha256(source) == source_sha
+    rerun = lab.assert_completes(source, counts)
+    assert "no backup needed" not in rerun.output
+    assert re.search(r"backup: \S+\.pgc", rerun.output), "the rerun took no backup"
+    if any(left.values()):
+        assert "an earlier run of this source stopped before its validation" in rerun.output, rerun.last_lines()
+    return stopped
+
+
+@pytest.mark.fault(done="`kill -9` of the controller's process group during the first big table's COPY (files)",
+                   checked="load stopped, lock released, each table loaded or as it was, source sha256; the rerun "
+                           "explains, backs up, completes and validates")
+def test_kill_9_of_the_controller_during_the_first_tables_copy(lab, big_source):
+    kill_controller(lab, big_source, lambda: lab.loading("files"))
+
+
+@pytest.mark.fault(done="`kill -9` of the controller's process group during a later table's COPY (tasks)",
+                   checked="as above")
+def test_kill_9_of_the_controller_during_a_later_tables_copy(lab, big_source):
+    kill_controller(lab, big_source, lambda: lab.loading("tasks") or lab.loading("replication_logs"))
+
+
+@pytest.mark.fault(done="`kill -9` of the controller's process group during the index build (post-data)",
+                   checked="the index build rolled back within seconds, tables whole; the rerun builds and validates")
+def test_kill_9_of_the_controller_during_the_index_build(lab, big_source):
+    kill_controller(lab, big_source, lab.building_indexes)
+    # Post-data is one transaction: the killed one left none of its objects, the rerun built them all.
+    assert lab.sql("SELECT count(*) FROM pg_indexes WHERE tablename = 'files'")[0][0] > 1
+
+
+@pytest.mark.fault(done="Ctrl-C (SIGINT to the controller's process group) during the files COPY",
+                   checked="as for `kill -9`")
+def test_ctrl_c_during_the_load(lab, big_source):
+    kill_controller(lab, big_source, lambda: lab.loading("files"), signal.SIGINT)
+
+
+def leader_fault(lab, big_source, fault, *expected):
+    source, counts = big_source
+    source_sha = sha256(source)
+    before = lab.dump()
+    first = lab.leader()
+    run = start_and_wait_for(lab, source, lambda: lab.loading("files"))
+    fault(first)
+    run.wait(timeout=600)
+    lab.wait_healthy()
+    assert_failed_and_restored(lab, run, before, source, source_sha, *expected)
+    lab.assert_completes(source, counts)
+    return first
+
+
+@pytest.mark.fault(done="the leader's postmaster killed (`kill -9`) during the files COPY; Patroni restarts it",
+                   checked="the rescue finds the leader again and restores the pre-run dump exactly; exit code, "
+                           "last lines, source sha256; the rerun completes")
+def test_leader_postmaster_killed_and_restarted_mid_load(lab, big_source):
+    leader_fault(lab, big_source, lambda leader: os.kill(lab.postmaster_pid(leader), signal.SIGKILL))
+
+
+@pytest.mark.fault(done="the leader's postmaster killed during the files COPY with `primary_start_timeout: 0`: "
+                        "Patroni fails over to a replica",
+                   checked="the rescue restores on the new leader, names it; the target equals its pre-run dump; "
+                           "the rerun completes there")
+def test_leader_postmaster_killed_with_a_failover_mid_load(lab, big_source):
+    leader = lab.leader()
+    status, _ = lab.patroni(leader, "/config", "PATCH", {"primary_start_timeout": 0})
+    assert status == 200
+    try:
+        first = leader_fault(lab, big_source, lambda leader: os.kill(lab.postmaster_pid(leader), signal.SIGKILL),
+                             r"rollback: the leader is now pg\d \(the run started on pg\d\)")
+        assert lab.leader() != first
+    finally:
+        lab.patroni(lab.leader(), "/config", "PATCH", {"primary_start_timeout": 300})
+
+
+@pytest.mark.fault(done="a Patroni switchover (`POST /switchover`) during the files COPY",
+                   checked="the rescue restores on the new leader; target equals its pre-run dump; the rerun "
+                           "completes")
+def test_patroni_switchover_mid_load(lab, big_source):
+    def switch_over(leader):
+        candidate = next(m for m in lab.members if m != leader)
+        status, body = lab.patroni(leader, "/switchover", "POST", {"leader": leader, "candidate": candidate},
+                                   timeout=60)
+        assert status == 200, body
+
+    first = leader_fault(lab, big_source, switch_over, r"rollback: the leader is now pg\d")
+    assert lab.leader() != first
+
+
+@pytest.mark.fault(done="two runs started in the same instant",
+                   checked="one completes, the other is refused at the lock naming the holder, touches nothing, and "
+                           "writes its report under its own run id")
+def test_two_runs_started_together(lab, big_source):
+    source, counts = big_source
+    runs = [lab.migrate(source, name="together-a"), lab.migrate(source, name="together-b")]
+    for run in runs:
+        run.wait()
+    winners = [r for r in runs if r.rc == 0]
+    losers = [r for r in runs if r.rc != 0]
+    assert len(winners) == 1 and len(losers) == 1, [r.rc for r in runs]
+    assert re.search(r"lock.*held by|another .*run", losers[0].output), losers[0].last_lines()
+    ids = [re.search(r"Run (\S+): leader", r.output).group(1) for r in runs]
+    assert ids[0] != ids[1]
+    reports = sorted(p.name for p in (lab.workdir / "reports").iterdir() if p.name in ids)
+    assert reports == sorted(ids), "the refused run's report went into the winner's directory"
+    assert lab.table_counts() == counts
+
+
+@pytest.mark.fault(done="`kill -9` of the controller and of the lock holder itself during the load (a stale lock)",
+                   checked="no lock is left behind: the next run, started at once, takes the lock and completes")
+def test_stale_lock_after_kill_9_of_its_holder(lab, big_source):
+    source, counts = big_source
+    run = start_and_wait_for(lab, source, lambda: lab.loading("files"))
+    run.signal_group(signal.SIGKILL)
+    subprocess.run(["pkill", "-9", "-f", "AnsiballZ_pg_session_lock"], check=False)
+    run.wait(timeout=60)
+    rerun = lab.assert_completes(source, counts)
+    assert "another" not in rerun.output.split("Take the migration lock", 1)[-1][:2000]
+
+
+@pytest.fixture
+def full_filesystem(lab):
+    mount = lab.workdir / "full-backups"
+    mount.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.fault(done="the backup directory on a full filesystem (a 4 MB tmpfs; the free-space check turned off "
+                        "so that the copy really hits ENOSPC)",
+                   checked="the run fails in stage backup naming the directory, the target is as before, source "
+                           "sha256, exit code")
+def test_backup_directory_on_a_full_filesystem(lab, big_source, full_filesystem):
+    source, _counts = big_source
+    source_sha = sha256(source)
+    before = lab.dump()
+    run = lab.migrate(source, "-e", f"backup_dir={full_filesystem}", "-e", "readiness_backup_space_factor=0").wait()
+    assert run.rc != 0
+    tail = run.last_lines()
+    assert "backup failed" in tail and "The target was not changed" in tail, tail
+    assert re.search(r"[Nn]o space left on device|disk is full", tail), tail
+    assert list(full_filesystem.iterdir()) == [], "the partial backup was left on the full filesystem"
+    assert lab.dump() == before
+    assert sha256(source) == source_sha
+
+
+@pytest.mark.fault(done="one standby's replay paused (`pg_wal_replay_pause()`, Patroni in maintenance mode so that "
+                        "it does not resume it) once the load has begun",
+                   checked="the run does not report success while that standby lacks the commit: it fails "
+                           "naming it and restores the pre-run dump; exit code, source sha256")
+def test_standby_with_paused_replay(lab, big_source):
+    source, counts = big_source
+    source_sha = sha256(source)
+    before = lab.dump()
+    leader = lab.leader()
+    standby = next(m for m in lab.members if m != leader)
+    run = start_and_wait_for(lab, source, lambda: lab.loading("files"), "-e", "replay_wait_timeout=20")
+    try:
+        # Patroni resumes a paused replay on its next loop unless the cluster is paused.
+        assert lab.patroni(leader, "/config", "PATCH", {"pause": True})[0] == 200
+        assert wait_until(lambda: lab.cluster().get("pause"), 30)
+        lab.sql("SELECT pg_wal_replay_pause()", member=standby, dbname="postgres")
+        run.wait()
+    finally:
+        lab.sql("SELECT pg_wal_replay_resume()", member=standby, dbname="postgres")
+        lab.patroni(leader, "/config", "PATCH", {"pause": False})
+    lab.wait_healthy()
+    assert_failed_and_restored(lab, run, before, source, source_sha, rf"\b{standby}\b")
+    assert "Validation status: completed" not in run.output
+
+
+@pytest.mark.fault(done="the whole runbook with `-vvv`, the superuser's password given as POSTGRES_PASSWORD "
+                        "(the guide's way), the process list sampled every 0.2 s",
+                   checked="no password of the lab in the output, in any file the run wrote, or in any command line")
+def test_no_password_in_output_files_or_process_list(lab, big_source):
+    source, counts = big_source
+    passwords = lab.passwords()
+    started = time.time()
+    run = lab.migrate(source, "-vvv", env={"POSTGRES_PASSWORD": passwords["superuser"]})
+    command_lines = []
+    while run.process.poll() is None:
+        command_lines.append(subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout)
+        time.sleep(0.2)
+    assert run.rc == 0, run.last_lines()
+    written = [p for base in (lab.workdir / "reports", lab.workdir / "backups", Path("/tmp"),
+                              Path.home() / ".ansible_async")
+               if base.exists() for p in base.rglob("*") if p.is_file() and p.stat().st_mtime >= started]
+    assert written, "found no file the run wrote"
+    haystacks = {"output": run.output, "process list": "\n".join(command_lines)}
+    for path in written:
+        haystacks[str(path)] = path.read_bytes().decode("latin-1")
+    leaks = [(user, where) for user, secret in passwords.items() for where, text in haystacks.items()
+             if secret in text]
+    assert leaks == [], f"passwords found: {leaks}"
+    assert lab.table_counts() == counts
+
+
+@pytest.fixture
+def bad_uuid_source(tmp_path):
+    path = tmp_path / "bad-uuid.db"
+    subprocess.run([sys.executable, str(ROOT / "scripts/make_sample_db.py"), "--out", str(path), "--quiet"],
+                   check=True)
+    subprocess.run(["sqlite3", str(path), "UPDATE files SET file_uuid = 'not-a-uuid' WHERE id = 7"], check=True)
+    return path
+
+
+@pytest.mark.fault(done="`--check` against an empty target, one source row with `file_uuid = 'not-a-uuid'`",
+                   checked="check mode fails naming table, column, rowid and value, before any backup; the target "
+                           "is as before, no backup or report written")
+def test_check_mode_finds_a_value_the_schema_refuses(lab, bad_uuid_source):
+    before = lab.dump()
+    source_sha = sha256(bad_uuid_source)
+    backups = set((lab.workdir / "backups").glob("*")) if (lab.workdir / "backups").exists() else set()
+    run = lab.migrate(bad_uuid_source, "--check").wait()
+    assert run.rc != 0, run.last_lines()
+    assert re.search(r"table files, column file_uuid, rowid 7: value 'not-a-uuid'", run.last_lines()), run.last_lines()
+    assert len(run.output.splitlines()) < 400, "the failure printed the whole profile"
+    assert lab.dump() == before
+    assert sha256(bad_uuid_source) == source_sha
+    assert set((lab.workdir / "backups").glob("*")) == backups if backups else True
+
+
+@pytest.mark.fault(done="one replica's Patroni and PostgreSQL stopped (within Patroni's TTL, so /cluster still "
+                        "lists it) before the run",
+                   checked="readiness fails naming the missing member, never reports the cluster ok; nothing "
+                           "written")
+def test_one_replica_down(lab, big_source):
+    source, _counts = big_source
+    before = lab.dump()
+    replica = next(m for m in lab.members if m != lab.leader())
+    patroni_pid = int((lab.root / "run" / f"{replica}.pid").read_text().split()[0])
+    os.kill(patroni_pid, signal.SIGKILL)
+    os.kill(lab.postmaster_pid_from_disk(replica), signal.SIGKILL)
+    try:
+        run = lab.migrate(source).wait()
+        assert run.rc != 0
+        failed = [line for line in run.output.splitlines() if replica in line and "readiness" in line]
+        assert failed, run.last_lines()
+        assert not re.search(r"Patroni cluster .* ok", run.output), "the cluster was reported ok with a member down"
+        assert lab.dump() == before
+    finally:
+        lab.up()
+        lab.wait_healthy()
