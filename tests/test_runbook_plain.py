@@ -263,9 +263,16 @@ def test_second_concurrent_run_fails_at_once(workspace):
         second = workspace.run()
         assert second.returncode != 0
         assert "a migration is already running" in words(second.stdout)
+        assert re.search(r"held by backend pid (\d+) .*; to stop that run, interrupt its ansible-playbook on \S+ "
+                         r"\(the lock goes with it\), or end its session with SELECT pg_terminate_backend\(\1\)",
+                         words(second.stdout)), words(second.stdout)[-2000:]
     finally:
         output, _ = first.communicate(timeout=600)
     assert first.returncode == 0, output[-4000:]
+    # each run reported in its own directory, even when both started in the same second
+    statuses = sorted(json.loads((run_dir / "report.json").read_text())["status"]
+                      for run_dir in workspace.reports.iterdir())
+    assert statuses == ["completed", "failed"]
     # the first run released its lock
     assert workspace.query("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")[0][0] == 0
 
@@ -288,4 +295,5 @@ def test_broken_source_rolls_back_and_fails(workspace):
     assert report["status"] == "failed"
     assert report["rollback"]["restored"] is True
     assert report["failure"]["stage"] in ("migrate", "post_data", "validate")
+
 
