@@ -297,3 +297,24 @@ def test_broken_source_rolls_back_and_fails(workspace):
     assert report["failure"]["stage"] in ("migrate", "post_data", "validate")
 
 
+
+def test_failed_runs_never_push_out_the_pre_migration_dump(workspace):
+    keep_one = ("-e", "backup_keep=1")
+    first = workspace.run(*keep_one)
+    assert first.returncode == 0, first.stdout[-4000:]
+    [pre_migration] = workspace.backups.iterdir()
+    record = json.loads((pre_migration / "backup.json").read_text())
+    assert record["pre_migration"] is True and record["outcome"] == "completed" and record["validated"] is True
+
+    with sqlite3.connect(workspace.source) as source:
+        source.execute("UPDATE tasks SET task_type = 'unknown_kind' WHERE id = 7")
+    source.close()
+    for _ in range(2):
+        failed = workspace.run(*keep_one)
+        assert failed.returncode != 0
+        assert "rollback: target restored from" in words(failed.stdout), failed.stdout[-4000:]
+    assert "backup retention (backup_keep 1): keeping this run's" in words(failed.stdout)
+    kept = sorted(workspace.backups.iterdir())
+    assert len(kept) == 2 and kept[0] == pre_migration, kept
+    newest = json.loads((kept[1] / "backup.json").read_text())
+    assert newest["outcome"] == "failed" and newest["pre_migration"] is False
