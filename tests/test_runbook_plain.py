@@ -306,14 +306,19 @@ def test_failed_runs_never_push_out_the_pre_migration_dump(workspace):
     record = json.loads((pre_migration / "backup.json").read_text())
     assert record["pre_migration"] is True and record["outcome"] == "completed" and record["validated"] is True
 
-    with sqlite3.connect(workspace.source) as source:
-        source.execute("UPDATE tasks SET task_type = 'unknown_kind' WHERE id = 7")
-    source.close()
+    # One table to load again, so each run takes a backup of the migrated target, and an application URL
+    # that answers nothing, so each run fails in its post-checks, after its backup, and is rolled back.
+    workspace.query("TRUNCATE replication_logs; "
+                    "DELETE FROM sqlite_to_postgres_state WHERE table_name = 'replication_logs'")
+    failing = (*keep_one, "-e", f"fileshare_api_url=http://127.0.0.1:{free_port()}")
     for _ in range(2):
-        failed = workspace.run(*keep_one)
+        failed = workspace.run(*failing)
         assert failed.returncode != 0
         assert "rollback: target restored from" in words(failed.stdout), failed.stdout[-4000:]
-    assert "backup retention (backup_keep 1): keeping this run's" in words(failed.stdout)
+    newest_run = sorted(workspace.backups.iterdir())[-1].name
+    assert (f"backup retention (backup_keep 1): keeping {newest_run} (this run), no dump protected beyond "
+            f"backup_keep (a validated migration exists), successful runs {pre_migration.name}, failed runs none; "
+            f"removing ") in words(failed.stdout)
     kept = sorted(workspace.backups.iterdir())
     assert len(kept) == 2 and kept[0] == pre_migration, kept
     newest = json.loads((kept[1] / "backup.json").read_text())
