@@ -169,12 +169,20 @@ def connect(params):
     return conn
 
 
-def describe_holder(cursor, key):
+def describe_holder(cursor, key, where):
+    """One line naming the session that holds the lock and how to stop the run behind it."""
     cursor.execute(HOLDER_QUERY, lock_parts(key))
     row = cursor.fetchone()
     if not row:
-        return "another session"
-    return f"backend pid {row[0]} ({row[1] or 'no application_name'}) from {row[2]}, connected since {row[3]}"
+        return f"another session on {where} (it ended before it could be named: try again)"
+    pid, application_name, client, since = row
+    return (f"backend pid {pid} ({application_name or 'no application_name'}) from {client}, connected since {since}; "
+            f"to stop that run, interrupt its ansible-playbook on {client} (the lock goes with it), "
+            f"or end its session with SELECT pg_terminate_backend({pid}) on {where}")
+
+
+def where_of(params):
+    return f"{params['login_host'] or 'local socket'}:{params['login_port']}/{params['login_db']}"
 
 
 def process_start_time(pid):
@@ -220,7 +228,7 @@ def hold(params, watch_pid, report_fd):
         cursor = conn.cursor()
         cursor.execute("SELECT pg_try_advisory_lock(%s)", (params["key"],))
         if not cursor.fetchone()[0]:
-            report = {"acquired": False, "holder": describe_holder(cursor, params["key"])}
+            report = {"acquired": False, "holder": describe_holder(cursor, params["key"], where_of(params))}
         else:
             report = {"acquired": True, "holder_pid": os.getpid(), "backend_pid": conn.get_backend_pid()}
     except Exception as error:  # any failure goes back to the module as one line
@@ -280,13 +288,13 @@ def check_free(module):
         cursor = conn.cursor()
         cursor.execute(HOLDER_QUERY, lock_parts(params["key"]))
         row = cursor.fetchone()
-        holder = describe_holder(cursor, params["key"]) if row else None
+        holder = describe_holder(cursor, params["key"], where_of(params)) if row else None
         conn.close()
     except psycopg2.Error as error:
-        module.fail_json(msg=f"cannot check the migration lock on {params['login_db']}: {' '.join(str(error).split())}")
+        module.fail_json(msg=f"cannot check the migration lock on {where_of(params)}: {' '.join(str(error).split())}")
     if holder:
-        module.fail_json(msg=f"a migration is already running: advisory lock {params['key']} is held by {holder}",
-                         acquired=False)
+        module.fail_json(msg=f"a migration is already running: advisory lock {params['key']} on {where_of(params)} "
+                             f"is held by {holder}", acquired=False)
     module.exit_json(changed=False, acquired=True, msg="the migration lock is free (check mode: not taken)")
 
 
@@ -342,7 +350,7 @@ def main():
                              "(delegate_to: localhost) or set watch_pid")
     sys.stdout.flush()
     result = start_holder(module.params, watch_pid)
-    where = f"{module.params['login_host'] or 'local socket'}:{module.params['login_port']}/{module.params['login_db']}"
+    where = where_of(module.params)
     if result.get("error"):
         module.fail_json(msg=f"cannot take the migration lock on {where}: {result['error']}", acquired=False)
     if not result["acquired"]:

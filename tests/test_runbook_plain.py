@@ -263,9 +263,16 @@ def test_second_concurrent_run_fails_at_once(workspace):
         second = workspace.run()
         assert second.returncode != 0
         assert "a migration is already running" in words(second.stdout)
+        assert re.search(r"held by backend pid (\d+) .*; to stop that run, interrupt its ansible-playbook on \S+ "
+                         r"\(the lock goes with it\), or end its session with SELECT pg_terminate_backend\(\1\)",
+                         words(second.stdout)), words(second.stdout)[-2000:]
     finally:
         output, _ = first.communicate(timeout=600)
     assert first.returncode == 0, output[-4000:]
+    # each run reported in its own directory, even when both started in the same second
+    statuses = sorted(json.loads((run_dir / "report.json").read_text())["status"]
+                      for run_dir in workspace.reports.iterdir())
+    assert statuses == ["completed", "failed"]
     # the first run released its lock
     assert workspace.query("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")[0][0] == 0
 
@@ -305,3 +312,28 @@ def test_check_mode_finds_a_value_the_schema_would_refuse(workspace):
     assert "declared:" not in result.stdout and "conversion:" not in result.stdout  # no profile dump
     assert workspace.snapshot() == before
     assert workspace.query("SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace")[0][0] == 0
+def test_failed_runs_never_push_out_the_pre_migration_dump(workspace):
+    keep_one = ("-e", "backup_keep=1")
+    first = workspace.run(*keep_one)
+    assert first.returncode == 0, first.stdout[-4000:]
+    [pre_migration] = workspace.backups.iterdir()
+    record = json.loads((pre_migration / "backup.json").read_text())
+    assert record["pre_migration"] is True and record["outcome"] == "completed" and record["validated"] is True
+
+    # One table to load again, so each run takes a backup of the migrated target, and an application URL
+    # that answers nothing, so each run fails in its post-checks, after its backup, and is rolled back.
+    workspace.query("TRUNCATE replication_logs; "
+                    "DELETE FROM sqlite_to_postgres_state WHERE table_name = 'replication_logs'")
+    failing = (*keep_one, "-e", f"fileshare_api_url=http://127.0.0.1:{free_port()}")
+    for _ in range(2):
+        failed = workspace.run(*failing)
+        assert failed.returncode != 0
+        assert "rollback: target restored from" in words(failed.stdout), failed.stdout[-4000:]
+    newest_run = sorted(workspace.backups.iterdir())[-1].name
+    assert (f"backup retention (backup_keep 1): keeping {newest_run} (this run), no dump protected beyond "
+            f"backup_keep (a validated migration exists), successful runs {pre_migration.name}, failed runs none; "
+            f"removing ") in words(failed.stdout)
+    kept = sorted(workspace.backups.iterdir())
+    assert len(kept) == 2 and kept[0] == pre_migration, kept
+    newest = json.loads((kept[1] / "backup.json").read_text())
+    assert newest["outcome"] == "failed" and newest["pre_migration"] is False
