@@ -21,10 +21,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import psycopg2
 import pytest
 import yaml
-from conftest import target_snapshot
+from conftest import execute, target_snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT_SHIFT = 100
@@ -103,14 +102,7 @@ class Lab:
                 "sslmode": "verify-full", "sslrootcert": str(self.ca_file)}
 
     def query(self, statement: str, parameters=None, user: str = "postgres"):
-        connection = psycopg2.connect(**self.conninfo(user))
-        connection.autocommit = True
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(statement, parameters)
-                return cursor.fetchall() if cursor.description else None
-        finally:
-            connection.close()
+        return execute(self.conninfo(user), statement, parameters)
 
     def log(self, name: str) -> Path:
         return self.root / "log" / name

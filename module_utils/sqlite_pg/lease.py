@@ -85,10 +85,7 @@ class Lease:
     def _check(self):
         """True when the server answered (self.lost set if the lock is gone), False when it did not."""
         try:
-            if self._connection is None:
-                self._connection = connect(self.conninfo)
-                self._connection.autocommit = True
-            with self._connection.cursor() as cursor:
+            with self._cursor() as cursor:
                 cursor.execute(HELD_QUERY, (self.backend_pid, *self.parts))
                 if cursor.fetchone() is None:
                     self.lost = (f"the run that started this load is gone: its lock session (backend "
@@ -101,13 +98,16 @@ class Lease:
 
     def _terminate(self):
         try:
-            if self._connection is None:
-                self._connection = connect(self.conninfo)
-                self._connection.autocommit = True
-            with self._connection.cursor() as cursor:
+            with self._cursor() as cursor:
                 cursor.execute(TERMINATE_QUERY, (self.sessions,))
         except Exception:  # the server is gone: its sessions are gone with it
             self._close()
+
+    def _cursor(self):
+        if self._connection is None:
+            self._connection = connect(self.conninfo)
+            self._connection.autocommit = True
+        return self._connection.cursor()
 
     def _close(self):
         if self._connection is not None:
