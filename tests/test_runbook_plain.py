@@ -222,6 +222,10 @@ def test_migrates_a_plain_postgresql_then_changes_nothing(workspace):
     assert report["status"] == "completed"
     assert [stage["name"] for stage in report["stages"]] == [
         "readiness", "backup", "schema", "migrate", "post_data", "validate", "post_checks"]
+    # Stages back to back, from the run's start to the report: their seconds add up to the run's.
+    assert round(sum(stage["seconds"] for stage in report["stages"]), 2) == report["seconds"] > 0
+    # A real run reads the state table before the backup, not a full profile of the source.
+    assert "profile:" not in first.stdout and "no profile before the load" in words(first.stdout)
     assert (run_dir / "report.md").read_text().startswith("# FileShareSystem migration run")
     [backup] = workspace.backups.iterdir()
     assert (backup / f"{workspace.db}.pgc").stat().st_size > 0
