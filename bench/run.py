@@ -29,13 +29,23 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+import urllib.request
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import psycopg2
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+ANSIBLE_CONFIG = REPO / "ansible.cfg"
+LAB_INVENTORY = REPO / "inventory" / "lab"
+LAB_PLAYBOOK = REPO / "playbooks" / "lab.yml"
+MIGRATE_PLAYBOOK = REPO / "migrate.yml"
+# inventory/lab's ports plus this: clear of the bundled lab (+0) and the test suites' labs (+100 to +300).
+DEFAULT_LAB_PORT_OFFSET = 400
+# The original guide's settings, which the runbook reads from the environment: not the bench's to pass on.
+GUIDE_VARIABLES = ("DATABASE_URL", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "POSTGRES_PORT", "SQLITE_PATH")
 SAMPLE_SCRIPT = REPO / "scripts" / "make_sample_db.py"
 SCHEMA_FILE = REPO / "roles" / "schema_init" / "files" / "postgres_init_schema.sql"
 MODULE_FILE = REPO / "library" / "sqlite_to_postgres.py"
@@ -92,7 +102,7 @@ class Sample:
 @dataclass
 class Context:
     sample: Sample
-    server: Server
+    server: Postgres  # the bench's own server, or the lab's leader
     run_dir: Path
     timeout: float
     deadline: float  # of the system running now, on the time.monotonic() clock
@@ -100,6 +110,7 @@ class Context:
     post_data: str
     module_jobs: int
     module_integrity_check: str
+    lab: Lab | None = None  # the runbook's cluster, for the systems that need it
 
 
 @dataclass
@@ -290,15 +301,64 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class Server:
+class Postgres:
+    """A PostgreSQL on loopback the benchmark connects to as `postgres`: trust, or a pgpass file."""
+
+    def __init__(self, pg_bin: Path, port: int, passfile: Path | None = None):
+        self.pg_bin = pg_bin
+        self.port = port
+        self.passfile = passfile
+
+    @property
+    def env(self) -> dict[str, str]:
+        """libpq environment for client programs: loopback TCP, as the runbook connects."""
+        return {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(self.port), "PGUSER": "postgres",
+                "PGCONNECT_TIMEOUT": "10", **({"PGPASSFILE": str(self.passfile)} if self.passfile else {})}
+
+    @contextlib.contextmanager
+    def connection(self, database: str = "postgres", autocommit: bool = False):
+        """A connection that is closed afterwards (psycopg2's own `with` only ends the transaction)."""
+        connection = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=database,
+                                      connect_timeout=10, **({"passfile": str(self.passfile)} if self.passfile else {}))
+        try:
+            connection.autocommit = autocommit
+            yield connection
+        finally:
+            connection.close()
+
+    def version(self) -> str:
+        with self.connection() as connection, connection.cursor() as cursor:
+            cursor.execute("SHOW server_version")
+            return cursor.fetchone()[0]
+
+    def admin(self, statement: str):
+        """A statement that cannot run in a transaction block (CREATE/DROP DATABASE)."""
+        with self.connection(autocommit=True) as connection, connection.cursor() as cursor:
+            cursor.execute(statement)
+
+    def execute(self, database: str, sql: str):
+        """A script of statements, in one transaction."""
+        with self.connection(database) as connection:
+            with connection, connection.cursor() as cursor:  # commits, or rolls back on error
+                cursor.execute(sql)
+
+    def counts(self, database: str) -> dict[str, int]:
+        counts = {}
+        with self.connection(database) as connection, connection.cursor() as cursor:
+            for table in TABLES:
+                cursor.execute(f'SELECT count(*) FROM "{table}"')  # noqa: S608 - fixed table names
+                counts[table] = cursor.fetchone()[0]
+        return counts
+
+
+class Server(Postgres):
     """A throwaway PostgreSQL for one benchmark run, stopped whatever happens."""
 
     def __init__(self, pg_bin: Path, directory: Path, log: Path):
-        self.pg_bin = pg_bin
+        super().__init__(pg_bin, free_port())
         self.directory = directory
         self.data = directory / "data"
         self.log = log  # outside `directory`, which goes away with the server
-        self.port = free_port()
         # initdb and postgres refuse to run as root: run them as `postgres`.
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
 
@@ -331,46 +391,87 @@ class Server:
             detail = (result.stderr or result.stdout).strip().splitlines() or [f"exit {result.returncode}"]
             raise BenchError(f"{what} failed: {detail[-1]} (log: {self.log})")
 
-    @property
-    def env(self) -> dict[str, str]:
-        """libpq environment for client programs: loopback TCP, as the runbook connects."""
-        return {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(self.port), "PGUSER": "postgres",
-                "PGCONNECT_TIMEOUT": "10"}
 
-    @contextlib.contextmanager
-    def connection(self, database: str = "postgres", autocommit: bool = False):
-        """A connection that is closed afterwards (psycopg2's own `with` only ends the transaction)."""
-        connection = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=database,
-                                      connect_timeout=10)
-        try:
-            connection.autocommit = autocommit
-            yield connection
-        finally:
-            connection.close()
+# ---------------------------------------------------------------- the lab cluster
 
-    def version(self) -> str:
-        with self.connection() as connection, connection.cursor() as cursor:
-            cursor.execute("SHOW server_version")
-            return cursor.fetchone()[0]
 
-    def admin(self, statement: str):
-        """A statement that cannot run in a transaction block (CREATE/DROP DATABASE)."""
-        with self.connection(autocommit=True) as connection, connection.cursor() as cursor:
-            cursor.execute(statement)
+def ansible_tool(name: str) -> str:
+    tool = Path(sys.executable).with_name(name)
+    return str(tool) if tool.exists() else name
 
-    def execute(self, database: str, sql: str):
-        """A script of statements, in one transaction."""
-        with self.connection(database) as connection:
-            with connection, connection.cursor() as cursor:  # commits, or rolls back on error
-                cursor.execute(sql)
 
-    def counts(self, database: str) -> dict[str, int]:
-        counts = {}
-        with self.connection(database) as connection, connection.cursor() as cursor:
-            for table in TABLES:
-                cursor.execute(f'SELECT count(*) FROM "{table}"')  # noqa: S608 - fixed table names
-                counts[table] = cursor.fetchone()[0]
-        return counts
+def ansible_environment(**extra: str) -> dict[str, str]:
+    """What ansible-playbook runs with: the repository's ansible.cfg, no libpq or guide settings of the caller."""
+    env = {k: v for k, v in os.environ.items() if k not in GUIDE_VARIABLES and not k.startswith("PG")}
+    return {**env, "ANSIBLE_CONFIG": str(ANSIBLE_CONFIG), "ANSIBLE_NOCOLOR": "1", **extra}
+
+
+class Lab:
+    """The runbook's lab cluster (etcd, three Patroni members, PgBouncer) from inventory/lab,
+    every port shifted by `port_offset`, under a root of its own; torn down whatever happens."""
+
+    def __init__(self, run_dir: Path, pg_bin: Path, port_offset: int, root: Path | None):
+        self.pg_bin = pg_bin
+        self.root = root or Path(f"/var/tmp/fileshare-bench-lab-{os.getpid()}")
+        self.inventory = run_dir / "lab-inventory"
+        self.log = run_dir / "lab.log"
+        self.started = False
+        hosts = yaml.safe_load((LAB_INVENTORY / "hosts.yml").read_text())
+        self.ports = []
+        for group in hosts["all"]["children"].values():
+            for host in group["hosts"].values():
+                for key in [key for key in host if key.endswith("_port")]:
+                    host[key] += port_offset
+                    self.ports.append(host[key])
+        self.members = hosts["all"]["children"]["postgres_cluster"]["hosts"]
+        settings = yaml.safe_load((LAB_INVENTORY / "group_vars" / "all.yml").read_text())
+        settings.update(lab_root=str(self.root), patroni_scope=f"fileshare-bench-{os.getpid()}",
+                        pg_pgpass_file=str(self.root / "pgpass"))
+        (self.inventory / "group_vars").mkdir(parents=True)
+        (self.inventory / "hosts.yml").write_text(yaml.safe_dump(hosts, sort_keys=False))
+        (self.inventory / "group_vars" / "all.yml").write_text(yaml.safe_dump(settings))
+
+    def up(self, deadline: float):
+        for port in self.ports:
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    raise BenchError(f"port {port} of the lab is in use: choose another --lab-port-offset") from None
+        if self.root.exists():
+            raise BenchError(f"lab root {self.root} exists already: choose another --lab-root")
+        self.started = True  # from here on, down() has something to stop
+        self.root.mkdir(parents=True)
+        self.root.chmod(0o755)  # its daemons run as postgres
+        run_processes([[ansible_tool("ansible-playbook"), "-i", str(self.inventory), str(LAB_PLAYBOOK)]],
+                      self.log, deadline, env=ansible_environment(), cwd=REPO)
+
+    def down(self):
+        if not self.started:
+            return
+        result = subprocess.run([ansible_tool("ansible-playbook"), "-i", str(self.inventory), str(LAB_PLAYBOOK),
+                                 "-e", "lab_state=absent"], cwd=REPO, env=ansible_environment(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        with open(self.log, "a") as log:
+            log.write(result.stdout)
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.started = False
+        if result.returncode != 0:
+            raise BenchError(f"tearing the lab down failed (exit {result.returncode}): see {self.log}")
+
+    def leader(self) -> Postgres:
+        """The member Patroni names leader, asked of every member in turn."""
+        for host in self.members.values():
+            url = f"http://127.0.0.1:{host['patroni_restapi_port']}/cluster"
+            try:
+                with urllib.request.urlopen(url, timeout=5) as answer:  # noqa: S310 - a fixed http URL
+                    members = json.load(answer)["members"]
+            except (OSError, ValueError, KeyError):
+                continue
+            for member in members:
+                if member.get("role") == "leader":
+                    return Postgres(self.pg_bin, int(member["port"]), self.root / "pgpass")
+        raise BenchError("no Patroni member of the lab names a leader")
 
 
 # ---------------------------------------------------------------- the systems
@@ -472,12 +573,117 @@ def load_pgloader(ctx: Context, database: str) -> Outcome:
     return Outcome(peak, {"settings": PGLOADER_SETTINGS})
 
 
+def runbook_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "the lab cluster needs root (its daemons run as postgres through runuser)"
+    absent = [tool for tool in ("patroni", "etcd", "pgbouncer") if not shutil.which(tool)
+              and not Path("/usr/sbin", tool).exists()]
+    if absent:
+        return f"the lab cluster needs {', '.join(absent)} (apt-get install patroni etcd-server pgbouncer)"
+    return None
+
+
+RUNBOOK_DATABASE = "bench_runbook"
+
+
+def run_runbook(ctx: Context) -> dict:
+    """One round of the operator's window: the plain pipeline into the lab's leader, then the whole
+    `ansible-playbook migrate.yml` against the lab into a fresh database, with the stages of its report."""
+    result = {"load_average": round(os.getloadavg()[0], 2)}
+    leader = None
+    work = ctx.run_dir / "runbook"
+    try:
+        if not ctx.lab.started:
+            progress(f"runbook: bringing up the lab cluster in {ctx.lab.root}")
+            ctx.lab.up(time.monotonic() + ctx.timeout)
+        leader = ctx.lab.leader()
+        progress(f"runbook: the plain pipeline into the lab's leader (127.0.0.1:{leader.port}), as a baseline")
+        pipeline = run_once(replace(ctx, server=leader), BASELINE)
+        if pipeline["status"] != "passed":
+            raise BenchError(f"the pipeline into the lab's leader failed: {pipeline['error']}")
+        result["pipeline_into_leader"] = {key: pipeline[key] for key in ("wall_s", "load_s", "post_data_s")}
+        leader.admin(f'DROP DATABASE IF EXISTS "{RUNBOOK_DATABASE}" WITH (FORCE)')
+        leader.admin(f'CREATE DATABASE "{RUNBOOK_DATABASE}" TEMPLATE template0')
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        progress(f"runbook: ansible-playbook migrate.yml, {ctx.sample.rows:,} rows into the lab")
+        command = [ansible_tool("ansible-playbook"), "-i", str(ctx.lab.inventory), str(MIGRATE_PLAYBOOK),
+                   "-e", f"fileshare_db_name={RUNBOOK_DATABASE}", "-e", f"sqlite_path={ctx.sample.path}",
+                   "-e", f"backup_dir={work / 'backups'}", "-e", f"report_dir={work / 'reports'}"]
+        started = time.monotonic()
+        run_processes([command], ctx.run_dir / "runbook.log", started + ctx.timeout, env=ansible_environment(),
+                      cwd=REPO)
+        wall = time.monotonic() - started
+        reports = list((work / "reports").glob("*/report.json"))
+        if len(reports) != 1:
+            raise BenchError(f"migrate.yml wrote {len(reports)} reports, expected one (see {ctx.run_dir})")
+        report = json.loads(reports[0].read_text())
+        if report["status"] != "completed":
+            raise BenchError(f"migrate.yml reported {report['status']}: {(report.get('failure') or {}).get('message')}")
+        counts = leader.counts(RUNBOOK_DATABASE)
+        check = {t: {"sqlite": ctx.sample.counts[t], "postgresql": counts[t]} for t in TABLES}
+        passed = all(c["sqlite"] == c["postgresql"] for c in check.values())
+        result.update({
+            "status": "passed" if passed else "failed", "wall_s": round(wall, 3),
+            "stages_s": {stage["name"]: stage["seconds"] for stage in report["stages"]},
+            "report_s": report["seconds"], "outside_report_s": round(wall - report["seconds"], 2),
+            "vs_pipeline_into_leader": round(wall / pipeline["wall_s"], 2),
+            "row_check": {"passed": passed, "tables": check},
+        })
+        if not passed:
+            result["error"] = "row counts differ: " + ", ".join(
+                f"{t} sqlite={c['sqlite']} postgresql={c['postgresql']}" for t, c in check.items()
+                if c["sqlite"] != c["postgresql"])
+    except (BenchError, psycopg2.Error) as error:
+        result.update({"status": "failed", "error": one_line(error)})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the run's backups: a copy of the sample and a dump
+        if leader is not None:
+            # FORCE: PgBouncer keeps the server connection of the post-migration checks open.
+            with contextlib.suppress(psycopg2.Error):
+                leader.admin(f'DROP DATABASE IF EXISTS "{RUNBOOK_DATABASE}" WITH (FORCE)')
+    if result["status"] == "failed":
+        progress(f"runbook: FAILED: {result['error']}")
+    else:
+        progress(f"runbook: {result['wall_s']:.1f} s = {result['vs_pipeline_into_leader']:.2f} x the pipeline "
+                 f"into the leader; stages {stage_line(result['stages_s'])}")
+    return result
+
+
+def stage_line(stages: dict[str, float]) -> str:
+    return " | ".join(f"{name} {seconds:.1f}" for name, seconds in stages.items())
+
+
+def summarize_runbook(ctx: Context, name: str, runs: list[dict]) -> dict:
+    """Medians over the rounds: of migrate.yml's wall time, of the pipeline into the same leader, of each stage."""
+    summary = {"system": name, "description": SYSTEMS[name].description, "runs": runs}
+    failed = [run for run in runs if run["status"] == "failed"]
+    if failed:
+        return {**summary, "status": "failed", "error": failed[0]["error"]}
+    wall = statistics.median(run["wall_s"] for run in runs)
+    pipeline = statistics.median(run["pipeline_into_leader"]["wall_s"] for run in runs)
+    return {
+        **summary, "status": "passed", "wall_s": round(wall, 3),
+        "rows_per_s": round(ctx.sample.rows / wall), "source_mb_per_s": round(ctx.sample.size_bytes / 1e6 / wall, 2),
+        "pipeline_into_leader_wall_s": round(pipeline, 3), "vs_pipeline_into_leader": round(wall / pipeline, 2),
+        "stages_s": {stage: round(statistics.median(run["stages_s"][stage] for run in runs), 2)
+                     for stage in runs[0]["stages_s"]},
+        "report_s": round(statistics.median(run["report_s"] for run in runs), 2),
+        "outside_report_s": round(statistics.median(run["outside_report_s"] for run in runs), 2),
+        "row_check": {"passed": True, "tables": runs[-1]["row_check"]["tables"]},
+    }
+
+
 @dataclass
 class System:
-    load: Callable[[Context, str], Outcome]
+    load: Callable[[Context, str], Outcome] | None
     missing: Callable[[], str | None] | None = None  # why it cannot run here, or None
     description: str = ""
     validate: Callable[[Context, str], Outcome] | None = None  # timed after the load and post-data
+    # A system with a round of its own (not load + post-data into the bench's server), and its summary.
+    run: Callable[[Context], dict] | None = None
+    summarize: Callable[[Context, str, list[dict]], dict] | None = None
+    opt_in: bool = False  # only when named in --systems
 
 
 # One entry per system: add a system by writing its
@@ -487,11 +693,15 @@ SYSTEMS = {
     "module": System(load_module, module_missing, "the runbook's sqlite_to_postgres module via ansible",
                      validate_module),
     "pgloader": System(load_pgloader, pgloader_missing, f"pgloader ({PGLOADER_SETTINGS})"),
+    "runbook": System(None, runbook_missing, "the whole ansible-playbook migrate.yml on the lab cluster, beside the "
+                      "pipeline into the same leader", run=run_runbook, summarize=summarize_runbook, opt_in=True),
 }
 
 
 def run_once(ctx: Context, name: str) -> dict:
     """One timed load of one system into a fresh database, checked and dropped."""
+    if SYSTEMS[name].run:
+        return SYSTEMS[name].run(ctx)
     database = f"bench_{name}"
     result = {"load_average": round(os.getloadavg()[0], 2)}
     ctx.server.admin(f'DROP DATABASE IF EXISTS "{database}"')
@@ -574,7 +784,8 @@ def run_systems(ctx: Context, names: list[str], rounds: int) -> list[dict]:
             progress(f"round {round_number} of {rounds}")
         for name in runs:
             runs[name].append(run_once(ctx, name))
-    return [skipped[name] if name in skipped else summarize(ctx, name, runs[name]) for name in names]
+    return [skipped[name] if name in skipped else (SYSTEMS[name].summarize or summarize)(ctx, name, runs[name])
+            for name in names]
 
 
 # ---------------------------------------------------------------- reporting
@@ -629,8 +840,10 @@ def print_table(results: list[dict]):
     for r in results:
         if r["status"] == "passed":
             ratio = f"{r['speedup_vs_baseline']:.2f}x" if r.get("speedup_vs_baseline") else "-"
+            # The runbook's module runs detached (async), outside any tree measured here: no memory figures.
+            rss, pss = (f"{r[key]:>12.1f}" if key in r else f"{'-':>12}" for key in ("peak_rss_mb", "peak_pss_mb"))
             print(f"{r['system']:<10} {r['wall_s']:>8.1f} {r['rows_per_s']:>10,} {r['source_mb_per_s']:>7.1f} "
-                  f"{r['peak_rss_mb']:>12.1f} {r['peak_pss_mb']:>12.1f} {ratio:>12}  passed")
+                  f"{rss} {pss} {ratio:>12}  passed")
         else:
             print(f"{r['system']:<10} {'':>8} {'':>10} {'':>7} {'':>12} {'':>12} {'':>12}  "
                   f"{r['status']}: {r.get('error') or r.get('reason')}")
@@ -653,8 +866,10 @@ def parse_args(argv):
                         help=f"sample size in files rows (default {DEFAULT_FILES} = 2.44M rows in all); several, "
                              "comma-separated (e.g. 100000,1000000), also compare how time and memory grow")
     parser.add_argument("--seed", type=int, default=None, help="sample seed (default: make_sample_db.py's)")
-    parser.add_argument("--systems", default=",".join(SYSTEMS),
-                        help=f"comma-separated systems to time (default: {','.join(SYSTEMS)})")
+    default_systems = ",".join(name for name, system in SYSTEMS.items() if not system.opt_in)
+    parser.add_argument("--systems", default=default_systems,
+                        help=f"comma-separated systems to time (default: {default_systems}; "
+                             "runbook only when named: it brings up a lab cluster)")
     parser.add_argument("--data-dir", type=Path, default=REPO / "bench" / "data",
                         help="samples, the server and logs (default bench/data)")
     parser.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results",
@@ -667,6 +882,12 @@ def parse_args(argv):
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every system this many times, interleaved, and report the median (default 1)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds one system may take (default 3600)")
+    parser.add_argument("--lab-port-offset", type=int, default=DEFAULT_LAB_PORT_OFFSET,
+                        help=f"runbook: the lab's ports are inventory/lab's plus this "
+                             f"(default {DEFAULT_LAB_PORT_OFFSET})")
+    parser.add_argument("--lab-root", type=Path, default=None,
+                        help="runbook: the lab's directory, which must not exist "
+                             "(default /var/tmp/fileshare-bench-lab-<pid>)")
     args = parser.parse_args(argv)
     args.data_dir, args.results_dir = args.data_dir.resolve(), args.results_dir.resolve()
     if args.seed is None:
@@ -703,7 +924,8 @@ def preflight(args):
 def write_report(args, stamp: str, machine: dict, sample: Sample, results: list[dict]) -> Path:
     baseline = next(r for r in results if r["system"] == BASELINE)
     for r in results:
-        if r["status"] == "passed" and baseline["status"] == "passed":
+        # A system with a round of its own has its own baseline (the runbook: the pipeline into the lab's leader).
+        if r["status"] == "passed" and baseline["status"] == "passed" and not SYSTEMS[r["system"]].run:
             r["speedup_vs_baseline"] = round(baseline["wall_s"] / r["wall_s"], 2)
     report = {
         "started_utc": stamp, "machine": machine,
@@ -724,6 +946,12 @@ def write_report(args, stamp: str, machine: dict, sample: Sample, results: list[
     if "module_speedup_vs_pgloader" in report:
         print(f"module vs pgloader: {report['module_speedup_vs_pgloader']:.2f}x")
     for r in results:
+        if "vs_pipeline_into_leader" in r:
+            print(f"{r['system']}: the whole migrate.yml on the lab cluster, {r['wall_s']:.1f} s = "
+                  f"{r['vs_pipeline_into_leader']:.2f} x the plain pipeline into the same leader "
+                  f"({r['pipeline_into_leader_wall_s']:.1f} s, load and post-data), medians of {args.rounds}")
+            print(f"  stages from its report, back to back: {stage_line(r['stages_s'])} = {r['report_s']:.1f} s; "
+                  f"ansible-playbook start-up and exit around them: {r['outside_report_s']:.1f} s")
         if "validate_s" in r:
             print(f"{r['system']} validation (checksums of every table, both sides): {r['validate_s']:.1f} s = "
                   f"{r['validate_vs_migrate']:.2f} x its migrate time, peak PSS {r['validate_peak_pss_mb']:.1f} MB")
@@ -762,7 +990,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # SIGTERM stops the run like Ctrl-C does: through the finally that stops the server.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    server = run_dir = None
+    server = run_dir = lab = None
     keep_logs = False
     try:
         preflight(args)
@@ -779,10 +1007,12 @@ def main(argv=None) -> int:
         server.start()
         machine["postgresql"] = server.version()
         machine["pgloader"] = command_version(["pgloader", "--version"]) if "pgloader" in args.systems else None
+        if "runbook" in args.systems and not runbook_missing():
+            lab = Lab(run_dir, args.pg_bin, args.lab_port_offset, args.lab_root)
         results = {}
         for sample in samples:
             ctx = Context(sample, server, run_dir, args.timeout, 0.0, pre_data, post_data, args.module_jobs,
-                          args.module_integrity_check)
+                          args.module_integrity_check, lab)
             results[sample.files] = run_systems(ctx, args.systems, args.rounds)
         keep_logs = any(r["status"] == "failed" for size in results.values() for r in size)
     except (BenchError, psycopg2.Error) as error:
@@ -793,6 +1023,13 @@ def main(argv=None) -> int:
         print("bench: interrupted", file=sys.stderr)
         return 130
     finally:
+        if lab is not None and lab.started:
+            progress("tearing the lab cluster down")
+            try:
+                lab.down()
+            except BenchError as error:
+                print(f"bench: error: {one_line(error)}", file=sys.stderr)
+                keep_logs = True
         if server is not None:
             progress("stopping PostgreSQL")
             try:

@@ -203,3 +203,10 @@ def test_a_system_that_loads_too_little_fails_the_row_check(data_dir):
     assert entry["status"] == "failed"
     assert "row counts differ" in entry["error"] and "files sqlite=200 postgresql=0" in entry["error"]
     assert entry["runs"][0]["row_check"]["passed"] is False
+
+
+def test_runbook_row_is_opt_in():
+    # The runbook row brings up a lab cluster (root, Patroni, etcd, PgBouncer): only when named.
+    harness = load_harness()
+    assert "runbook" not in harness.parse_args(["--files", "200"]).systems
+    assert harness.parse_args(["--files", "200", "--systems", "runbook"]).systems == ["pipeline", "runbook"]
