@@ -241,6 +241,28 @@ def test_migrates_a_plain_postgresql_then_changes_nothing(workspace):
     assert len(list(workspace.backups.iterdir())) == 1
 
 
+def test_rerun_explains_what_an_earlier_run_left_from_the_state_table(workspace):
+    first = workspace.run()
+    assert first.returncode == 0, first.stdout[-4000:]
+    # What a run killed during its load leaves: tables loaded, one not, no validation since.
+    workspace.query("UPDATE sqlite_to_postgres_state SET validated_at = NULL; TRUNCATE replication_logs; "
+                    "DELETE FROM sqlite_to_postgres_state WHERE table_name = 'replication_logs'")
+    rerun = workspace.run()
+    assert rerun.returncode == 0, rerun.stdout[-4000:]
+    printed = words(rerun.stdout)
+    assert ("readiness: an earlier run of this source stopped before its validation: it left storage_nodes, "
+            "files, tasks loaded and replication_logs not loaded") in printed, printed[-3000:]
+    assert "profile:" not in rerun.stdout and "no backup needed" not in printed
+    assert len(list(workspace.backups.iterdir())) == 2
+    assert workspace.query("SELECT count(*) FROM replication_logs")[0][0] == 27
+
+    # The operator's preflight profiles the whole source before the backup, as --check does.
+    preflight = workspace.run("-e", "migration_preflight=true")
+    assert preflight.returncode == 0, preflight.stdout[-4000:]
+    assert "profile:" in preflight.stdout and "no backup needed" in words(preflight.stdout)
+    assert set(recap_changed(preflight.stdout).values()) == {0}, preflight.stdout[-3000:]
+
+
 def test_check_mode_writes_nothing(workspace):
     before = workspace.snapshot()
     result = workspace.run("--check")
