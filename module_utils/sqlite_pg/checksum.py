@@ -2,8 +2,7 @@
 
 Every column value is reduced to a canonical JSON value that depends only on
 the value as the PostgreSQL column type sees it: PostgreSQL computes it with
-a SQL expression; SQLite formats the common source forms itself (see
-``sqlite_fields``) and Python computes the rest from the source value
+a SQL expression, the SQLite side computes it in Python from the source value
 converted by the migration's own rules. A row is the JSON array of its
 canonical values (PostgreSQL's ``json_build_array`` output, which Python's
 ``json.dumps`` reproduces byte for byte), its hash the first 60 bits of the
@@ -24,7 +23,7 @@ char(n)                ``c::text`` (trailing blanks dropped)     ``s.rstrip(" ")
 json                   ``c::text`` (the stored text)             the string
 jsonb                  ``c::text`` (jsonb's canonical output)    ``jsonb_text()``
 uuid                   ``c::text`` (lowercase, hyphenated)       ``str(UUID)``
-timestamptz/timestamp  ``to_char`` in UTC, microseconds, era      the same text (``2024-01-02 03:04:05.000000AD``)
+timestamptz/timestamp  microseconds since 1970-01-01 UTC         the same, in Python ints
 date                   seconds since 1970-01-01                  days * 86400
 time                   microseconds since midnight               the same
 double precision       ``float8send`` in hex (the IEEE bits)     ``struct.pack(">d")``
@@ -44,7 +43,6 @@ import datetime
 import functools
 import hashlib
 import json
-import operator
 import re
 import sqlite3
 import struct
@@ -63,6 +61,9 @@ from .typemap import TargetType
 # are arrays of arrays of 100 columns, on both sides.
 JSON_ARRAY_MAX_ARGS = 100
 
+EPOCH_UTC = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+EPOCH_NAIVE = datetime.datetime(1970, 1, 1)
+ONE_MICROSECOND = datetime.timedelta(microseconds=1)
 UNIX_EPOCH_ORDINAL = datetime.date(1970, 1, 1).toordinal()
 
 SHORT_JSON = 64  # characters
@@ -263,24 +264,14 @@ def _date_seconds(text):
     return (datetime.date.fromisoformat(text).toordinal() - UNIX_EPOCH_ORDINAL) * 86_400
 
 
-def timestamp_text(moment: datetime.datetime) -> str:
-    """The canonical text of a timestamp: to_char(c, 'YYYY-MM-DD HH24:MI:SS.USBC'), aware ones in UTC."""
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(datetime.timezone.utc)
-    return (f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d} "
-            f"{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}.{moment.microsecond:06d}AD")
+def _timestamp_microseconds(text):
+    return _microseconds(datetime.datetime.fromisoformat(text))
 
 
-def _timestamp_canonical(text):
-    return timestamp_text(datetime.datetime.fromisoformat(text))
-
-
-def _timestamp_sql(in_utc: bool):
-    # Infinite timestamps have no to_char: their text ('infinity') stands instead.
-    def expression(column):
-        moment = sql.SQL("{} AT TIME ZONE 'UTC'").format(column) if in_utc else column
-        return sql.SQL("coalesce(to_char({}, 'YYYY-MM-DD HH24:MI:SS.USBC'), {}::text)").format(moment, column)
-    return expression
+def _microseconds(moment: datetime.datetime) -> int:
+    if moment.tzinfo is None:
+        return (moment - EPOCH_NAIVE) // ONE_MICROSECOND
+    return (moment - EPOCH_UTC) // ONE_MICROSECOND
 
 
 def _epoch(expression: sql.Composable, scale: int) -> sql.Composable:
@@ -342,7 +333,7 @@ def _fast_timestamp(naive_only_in_utc):
                 except ValueError:
                     return slow(raw)
                 if moment.tzinfo is None:
-                    return timestamp_text(moment)
+                    return (moment - EPOCH_NAIVE) // ONE_MICROSECOND
             return slow(raw)
         return canonical
     return wrap
@@ -400,10 +391,10 @@ _KINDS = {
     "bpchar": _Kind(_as_text, lambda target: lambda text: text.rstrip(" "), fast=_fast_bpchar),
     "jsonb": _Kind(_as_text, lambda target: jsonb_text, fast=_fast_jsonb),
     "uuid": _Kind(_as_text, lambda target: lambda text: str(uuid.UUID(text)), fast=_fast_uuid),
-    "timestamptz": _Kind(_timestamp_sql(in_utc=True), lambda target: _timestamp_canonical,
+    "timestamptz": _Kind(lambda c: _epoch(c, 1_000_000), lambda target: _timestamp_microseconds,
                          fast=_fast_timestamp(naive_only_in_utc=True)),
     # naive text stays as written whatever source_timezone says
-    "timestamp": _Kind(_timestamp_sql(in_utc=False), lambda target: _timestamp_canonical,
+    "timestamp": _Kind(lambda c: _epoch(c, 1_000_000), lambda target: _timestamp_microseconds,
                        fast=_fast_timestamp(naive_only_in_utc=False)),
     "date": _Kind(lambda c: _epoch(c, 1), lambda target: _date_seconds),
     "time": _Kind(lambda c: _epoch(c, 1_000_000), lambda target: _time_of_day),
@@ -454,7 +445,7 @@ class TableSpec:
     columns: tuple  # of Column, in PostgreSQL column order
     key: str | None = None
     sqlite_name: str | None = None  # when SQLite spells the table differently
-    rowid: str = "rowid"  # how SQLite addresses the rowid (a column may be named rowid); "" for WITHOUT ROWID
+    rowid: str = "rowid"  # how SQLite addresses the rowid (a column may be named rowid)
     rejected: tuple = ()  # rowids of source rows the migration rejected: left out of the comparison
 
     @property
@@ -555,92 +546,6 @@ def row_canonicaliser(spec: TableSpec, source_timezone: str = "UTC"):
     return canonical
 
 
-# --- The common forms, formatted by SQLite ------------------------------------
-# For the source forms the shortcuts above take, SQLite writes the canonical
-# value's JSON text itself, exactly as json.dumps writes it: integers as they
-# are, text through json_quote() (which escapes as json.dumps with
-# ensure_ascii=False does), and so on. Any other value yields char(1), which no
-# such text holds (json_quote escapes it), and the row takes the Python path.
-# Kinds without a form here (jsonb, floats, numerics, dates, bytea) are read
-# raw and converted in Python for every row.
-
-SLOW = "char(1)"
-SLOW_MARK = b"\x01"
-
-
-def _sqlite_timestamp(q: str) -> str:
-    # SQLAlchemy's naive form YYYY-MM-DD HH:MM:SS[.ffffff], which is the
-    # canonical text itself. The positions checked tell it from the other
-    # forms the rule accepts at these lengths (a zone, fewer fraction digits);
-    # digits and the date are not: text that to_char() printed is a real date,
-    # so a source text that is not one never matches.
-    return (f"CASE WHEN {q} IS NULL THEN 'null' WHEN typeof({q}) = 'text' AND substr({q}, 11, 1) = ' ' "
-            f"AND substr({q}, 14, 1) = ':' AND substr({q}, 17, 1) = ':' AND (length({q}) = 19 "
-            f"OR (length({q}) = 26 AND substr({q}, 20, 1) = '.' AND substr({q}, 21) NOT GLOB '*[^0-9]*')) "
-            f"THEN '\"' || {q} || CASE length({q}) WHEN 19 THEN '.000000AD\"' ELSE 'AD\"' END ELSE {SLOW} END")
-
-
-_SQLITE_FORMS = {
-    "integer": lambda q: f"CASE typeof({q}) WHEN 'integer' THEN {q} WHEN 'null' THEN 'null' ELSE {SLOW} END",
-    "boolean": lambda q: (f"CASE WHEN {q} IS NULL THEN 'null' WHEN typeof({q}) = 'integer' AND {q} IN (0, 1) "
-                          f"THEN {q} ELSE {SLOW} END"),
-    "text": lambda q: f"CASE typeof({q}) WHEN 'text' THEN json_quote({q}) WHEN 'null' THEN 'null' ELSE {SLOW} END",
-    "bpchar": lambda q: (f"CASE typeof({q}) WHEN 'text' THEN json_quote(rtrim({q}, ' ')) WHEN 'null' THEN 'null' "
-                         f"ELSE {SLOW} END"),
-    # 36 characters in lower case are the canonical form, or no UUID at all.
-    "uuid": lambda q: (f"CASE WHEN {q} IS NULL THEN 'null' WHEN typeof({q}) = 'text' AND length({q}) = 36 "
-                       f"AND {q} = lower({q}) THEN '\"' || {q} || '\"' ELSE {SLOW} END"),
-    "timestamp": _sqlite_timestamp,
-}
-
-
-def sqlite_fields(spec: TableSpec, source_timezone: str = "UTC") -> list:
-    """Per column of spec, the SQLite expression of its canonical JSON text, or None where Python converts.
-
-    Each expression gives char(1) for a value it does not know; Python then
-    converts the whole row (``row_canonicaliser``).
-    """
-    zone_is_utc = source_timezone.upper() == "UTC"
-    fields = []
-    for column in spec.columns:
-        kind = "timestamp" if column.kind == "timestamptz" and zone_is_utc else column.kind
-        form = _SQLITE_FORMS.get(kind)
-        fields.append(form(sqlite_ident(column.name)) if form else None)
-    return fields
-
-
-def _row_template(fields: list) -> tuple:
-    """(SQLite expressions, template) of a row's JSON text ``[v1, v2, ...]``.
-
-    Consecutive SQLite-formatted columns and the separators between them become
-    one printf, one piece of bytes per row. The template lists in order
-    ``("piece", i)`` (the i-th expression), ``("python", column index)`` and
-    ``("text", bytes)``.
-    """
-    tokens = [("text", "[")]
-    for index, field in enumerate(fields):
-        if index:
-            tokens.append(("text", ", "))
-        tokens.append(("python", index) if field is None else ("sql", field))
-    tokens.append(("text", "]"))
-    expressions, template, run = [], [], []
-    for token in tokens + [("end", None)]:
-        if token[0] in ("text", "sql"):
-            run.append(token)
-            continue
-        if any(kind == "sql" for kind, _ in run):
-            formats = "".join("%s" if kind == "sql" else text for kind, text in run)
-            arguments = ", ".join(field for kind, field in run if kind == "sql")
-            expressions.append(f"CAST(printf('{formats}', {arguments}) AS BLOB)")
-            template.append(("piece", len(expressions) - 1))
-        elif run:
-            template.append(("text", "".join(text for _, text in run).encode()))
-        run = []
-        if token[0] == "python":
-            template.append(token)
-    return expressions, template
-
-
 # --- The two sides --------------------------------------------------------------
 
 def _tolerating_undecodable_text(method):
@@ -661,16 +566,6 @@ def _tolerating_undecodable_text(method):
     return read
 
 
-def _python_piece(position: int, canonical):
-    """Reader of a column converted in Python: its canonical value's JSON text, as bytes."""
-    def piece(row):
-        value = row[position]
-        if value is None:
-            return b"null"
-        return _encode_json(canonical(value)).encode("utf-8", "surrogatepass")
-    return piece
-
-
 class SqliteTable:
     """A table of the SQLite source, hashed in Python from the migration's converted values."""
 
@@ -682,31 +577,6 @@ class SqliteTable:
         self._table = sqlite_ident(spec.source_name)
         self._select = f"SELECT {columns} FROM {self._table}"  # noqa: S608 - quoted names
         self._key = sqlite_ident(spec.key) if spec.key else None
-        self._hash_rows = self._python_hashes
-        # SQLite formats the row (see sqlite_fields) for a table with a key and
-        # a rowid to read a row again by; others, and rows SQLite cannot
-        # format, are converted in Python.
-        if spec.key and spec.rowid and len(spec.columns) <= JSON_ARRAY_MAX_ARGS:
-            self._hash_rows = self._sqlite_hashes
-            expressions, template = _row_template(sqlite_fields(spec, source_timezone))
-            python_columns = [index for kind, index in template if kind == "python"]
-            selected = [spec.rowid, self._key, *expressions, *(sqlite_ident(spec.columns[index].name)
-                                                                for index in python_columns)]
-            self._formatted_select = f"SELECT {', '.join(selected)} FROM {self._table}"  # noqa: S608 - quoted names
-            self._pieces = self._piece_readers(template, len(expressions), python_columns, source_timezone)
-
-    def _piece_readers(self, template, expressions, python_columns, source_timezone) -> list:
-        """Per piece of a row's JSON text, a function from the selected row to its bytes."""
-        readers = []
-        for kind, item in template:
-            if kind == "text":
-                readers.append(lambda row, text=item: text)
-            elif kind == "piece":
-                readers.append(operator.itemgetter(2 + item))
-            else:
-                position = 2 + expressions + python_columns.index(item)
-                readers.append(_python_piece(position, source_canonicaliser(self.spec.columns[item], source_timezone)))
-        return readers
 
     def _where(self, key_range=None):
         conditions, parameters = [], []
@@ -724,54 +594,36 @@ class SqliteTable:
         order = f" ORDER BY {self._key}" if self._key else ""
         return self.connection.execute(self._select + where + order, parameters)
 
-    def _python_hashes(self, key_range=None):
-        """(key or None, row hash) of the rows in key_range, converted in Python."""
-        canonical_row, key_index = self.canonical_row, self.spec.key_index
-        for row in self._rows(key_range):
-            yield (None if key_index is None else row[key_index]), row_hash(canonical_row(row))
-
-    def _sqlite_hashes(self, key_range=None):
-        """(key, row hash) of the rows in key_range, their text formatted by SQLite where it can."""
-        where, parameters = self._where(key_range)
-        pieces, md5, join = self._pieces, hashlib.md5, b"".join
-        unformatted = []
-        for row in self.connection.execute(self._formatted_select + where, parameters):
-            text = join([piece(row) for piece in pieces])
-            if SLOW_MARK in text:
-                unformatted.append(row[0])
-                continue
-            yield row[1], int.from_bytes(md5(text, usedforsecurity=False).digest()[:8], "big") >> 4
-        if unformatted:
-            query = f"{self._select} WHERE {self.spec.rowid} = ?"  # noqa: S608 - rowid is SQLite's own word
-            canonical_row, key_index = self.canonical_row, self.spec.key_index
-            for rowid in unformatted:
-                row = self.connection.execute(query, (rowid,)).fetchone()
-                yield row[key_index], row_hash(canonical_row(row))
-
     @_tolerating_undecodable_text
     def checksum(self, key_range=None) -> Checksum:
         """Rows and hash sum of the table, or of the rows whose key is in key_range (inclusive)."""
+        canonical_row = self.canonical_row
         rows = total = 0
-        for _, hashed in self._hash_rows(key_range):
-            total += hashed
+        for row in self._rows(key_range):
+            total += row_hash(canonical_row(row))
             rows += 1
         return Checksum(rows, total)
 
     @_tolerating_undecodable_text
     def bucket_checksums(self, origin: int, width: int, key_range=None) -> dict:
         """Checksums per bucket of keys: bucket b holds origin + b*width ... origin + (b+1)*width - 1."""
-        sums = {}
-        for key, hashed in self._hash_rows(key_range):
+        canonical_row, key_index = self.canonical_row, self.spec.key_index
+        buckets = {}
+        current, rows, total = None, 0, 0
+        for row in self._rows(key_range):
+            key = row[key_index]
             if type(key) is not int:
                 continue  # not a key PostgreSQL can hold; the row count check reports it
             bucket = (key - origin) // width
-            found = sums.get(bucket)
-            if found is None:
-                sums[bucket] = [1, hashed]
-            else:
-                found[0] += 1
-                found[1] += hashed
-        return {bucket: Checksum(rows, total) for bucket, (rows, total) in sorted(sums.items())}
+            if bucket != current:
+                if current is not None:
+                    buckets[current] = Checksum(rows, total)
+                current, rows, total = bucket, 0, 0
+            total += row_hash(canonical_row(row))
+            rows += 1
+        if current is not None:
+            buckets[current] = Checksum(rows, total)
+        return buckets
 
     @_tolerating_undecodable_text
     def canonical_rows(self, key_range=None) -> dict:

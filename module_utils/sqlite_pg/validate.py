@@ -110,7 +110,7 @@ def describe_table(source_table, connection, schema: str) -> tuple:
         columns.append(Column(name, type_name, kind, target_type))
     primary_key = _fetch(connection, _PRIMARY_KEY_QUERY, {"schema": schema, "table": target_name})
     key = primary_key[0][0] if len(primary_key) == 1 and primary_key[0][1] in INTEGER_TYPES else None
-    return TableSpec(target_name, tuple(columns), key, sqlite_name=table, rowid=source_table.rowid), None
+    return TableSpec(target_name, tuple(columns), key, sqlite_name=table, rowid=source_table.rowid or "rowid"), None
 
 
 def read_rejects(reject_file: str) -> dict:
