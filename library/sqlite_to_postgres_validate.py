@@ -96,6 +96,15 @@ options:
     description: Differing rows to locate and report per table.
     type: int
     default: 10
+  drift:
+    description:
+      - A validate-only run against the live source, for the nights before
+        the cutover and the weeks after. Tables whose content differs give
+        C(status=drift) and the task does not fail; anything else that is
+        wrong (a table that cannot be compared, foreign keys, sequences,
+        queries, standbys) still fails it.
+    type: bool
+    default: false
   reject_file:
     description:
       - The reject file of a migration run with C(on_invalid=reject). The
@@ -141,7 +150,9 @@ EXAMPLES = r"""
 
 RETURN = r"""
 status:
-  description: V(completed) when everything matched, else V(failed) (and the task fails).
+  description:
+    - V(completed) when everything matched; V(drift) when O(drift) is set and
+      only table contents differ; else V(failed) (and the task fails).
   returned: when validation ran
   type: str
   sample: completed
@@ -203,6 +214,31 @@ tables:
           differing column to its C(sqlite) and C(postgres) values, shortened.
       type: list
       elements: dict
+    differing_ranges:
+      description: Inclusive key ranges [low, high] whose range checksums differ, adjacent ones merged.
+      type: list
+      elements: list
+drift:
+  description:
+    - Per table (SQLite name) what a scheduler reads, C(status) (V(ok),
+      V(drift) or V(not compared)), C(source_rows), C(target_rows),
+      C(differing_ranges) (inclusive key ranges [low, high] whose range
+      checksums differ, at most 100), C(differing_range_count),
+      C(first_differing_keys) (each C(key) as {key column - value},
+      C(problem), C(columns)) and C(problem).
+  returned: when validation ran
+  type: dict
+  sample:
+    files:
+      status: drift
+      source_rows: 51
+      target_rows: 50
+      differing_ranges: [[1, 1], [51, 51]]
+      differing_range_count: 2
+      first_differing_keys:
+        - {key: {id: 1}, problem: values differ, columns: [filename]}
+        - {key: {id: 51}, problem: missing in PostgreSQL, columns: []}
+      problem: null
 foreign_keys:
   description:
     - Per foreign key C(constraint) (null for one only SQLite declares),
@@ -254,6 +290,7 @@ def main():
         lsn=dict(type="str"),
         max_differences=dict(type="int", default=10),
         reject_file=dict(type="path"),
+        drift=dict(type="bool", default=False),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     params = module.params
@@ -272,6 +309,7 @@ def main():
             source_timezone=params["source_timezone"], jobs=params["jobs"], queries=params["queries"],
             expected_standbys=params["expected_standbys"], standby_timeout=params["standby_timeout"],
             max_differences=params["max_differences"], lsn=params["lsn"], reject_file=params["reject_file"],
+            drift=params["drift"],
         )
     except MigrationError as error:
         module.fail_json(msg=_scrub(str(error), params), changed=False, status="failed")
@@ -280,7 +318,7 @@ def main():
         module.fail_json(msg=_scrub(message, params), exception=_scrub(details, params), changed=False,
                          status="failed")
     result["msg"] = _scrub(result["msg"], params)
-    if result["status"] != "completed":
+    if result["status"] == "failed":
         module.fail_json(changed=False, **result)
     module.exit_json(changed=False, **result)
 

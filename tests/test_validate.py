@@ -375,6 +375,70 @@ def test_a_standby_that_stopped_replaying_is_named(migrated, standby):
            f"not replayed {result['replication']['lsn']} after 1 s" in result["msg"]
 
 
+# --- Drift: the live source changed after the migration ----------------------------------------
+
+def change_source(path, *statements):
+    with sqlite3.connect(path) as connection:
+        for statement in statements:
+            connection.execute(statement)
+    connection.close()
+
+
+def test_a_clean_target_has_no_drift(migrated):
+    src, conninfo = migrated
+    result = validate(str(src), conninfo, drift=True)
+    assert result["status"] == "completed", result["msg"]
+    assert set(result["drift"]) == {"files", "storage_nodes", "tasks", "replication_logs"}
+    for table, drift in result["drift"].items():
+        assert drift["status"] == "ok" and drift["differing_ranges"] == [] and drift["first_differing_keys"] == []
+        assert drift["source_rows"] == drift["target_rows"] == result["tables"][table]["sqlite_rows"]
+
+
+def test_drift_names_the_inserted_updated_and_deleted_source_rows(migrated):
+    src, conninfo = migrated
+    change_source(src,
+                  "INSERT INTO replication_logs (id, file_id, source_node, target_node, status, bytes_transferred, "
+                  "created_at) VALUES (1000, 1, 'node-01', 'node-02', 'pending', 0, '2024-06-01 00:00:00')",
+                  "UPDATE replication_logs SET status = 'failed', bytes_transferred = 7 WHERE id = 3",
+                  "DELETE FROM replication_logs WHERE id = 12",
+                  "UPDATE files SET filename = 'changed.pdf' WHERE id = 20")
+    before = execute(conninfo, "SELECT count(*) FROM replication_logs")
+    result = validate(str(src), conninfo, drift=True)
+    assert result["status"] == "drift", result["msg"]
+    assert result["msg"].startswith("drift found in 2 of 4 tables: ")
+    logs = result["drift"]["replication_logs"]
+    assert logs["status"] == "drift" and (logs["source_rows"], logs["target_rows"]) == (27, 27)
+    assert logs["first_differing_keys"] == [
+        {"key": {"id": 3}, "problem": "values differ", "columns": ["bytes_transferred", "status"]},
+        {"key": {"id": 12}, "problem": "not in SQLite", "columns": []},
+        {"key": {"id": 1000}, "problem": "missing in PostgreSQL", "columns": []}]
+    assert all(low <= high for low, high in logs["differing_ranges"])
+    for key in (3, 12, 1000):
+        assert any(low <= key <= high for low, high in logs["differing_ranges"]), key
+    assert logs["differing_range_count"] == len(logs["differing_ranges"])
+    files = result["drift"]["files"]
+    assert files["first_differing_keys"] == [{"key": {"id": 20}, "problem": "values differ", "columns": ["filename"]}]
+    assert result["drift"]["tasks"]["status"] == result["drift"]["storage_nodes"]["status"] == "ok"
+    assert execute(conninfo, "SELECT count(*) FROM replication_logs") == before  # nothing written
+
+
+def test_without_drift_mode_the_same_change_fails_validation(migrated):
+    src, conninfo = migrated
+    change_source(src, "DELETE FROM replication_logs WHERE id = 12")
+    result = validate(str(src), conninfo)
+    assert result["status"] == "failed" and result["drift"]["replication_logs"]["status"] == "drift"
+    assert "id 12 not in SQLite" in result["msg"]
+
+
+def test_drift_mode_still_fails_on_what_is_not_drift(migrated):
+    src, conninfo = migrated
+    change_source(src, "UPDATE files SET filename = 'changed.pdf' WHERE id = 20")
+    execute(conninfo, "SELECT setval(pg_get_serial_sequence('tasks', 'id'), 1)")
+    result = validate(str(src), conninfo, drift=True)
+    assert result["status"] == "failed" and result["drift"]["files"]["status"] == "drift"
+    assert "sequence" in result["msg"]
+
+
 # --- The Ansible module ---------------------------------------------------------------------------
 
 def run_module(arguments, *options):
@@ -424,3 +488,14 @@ def test_the_module_fails_in_one_line_without_the_password(migrated):
     code, result, output = run_module(arguments)
     assert code != 0 and "password authentication failed" in result["msg"] and "\n" not in result["msg"]
     assert arguments["login_password"] not in output
+
+
+def test_the_module_reports_drift_without_failing(migrated):
+    src, conninfo = migrated
+    change_source(src, "DELETE FROM replication_logs WHERE id = 12")
+    code, result, output = run_module(module_arguments(src, conninfo, drift=True), "--check")
+    assert code == 0, result.get("msg")
+    assert result["status"] == "drift" and result["changed"] is False and not result.get("failed")
+    assert result["drift"]["replication_logs"]["first_differing_keys"] == [
+        {"key": {"id": 12}, "problem": "not in SQLite", "columns": []}]
+    assert conninfo["password"] not in output

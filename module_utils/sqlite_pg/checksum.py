@@ -636,6 +636,12 @@ class SqliteTable:
         where, parameters = self._where()
         return self.connection.execute(f"SELECT count(*) FROM {self._table}{where}", parameters).fetchone()[0]  # noqa: S608
 
+    def odd_key_count(self) -> int:
+        """Rows (rejected ones left out) whose key is not an integer, so no key range holds them."""
+        where, parameters = self._where()
+        where += (" AND " if where else " WHERE ") + f"typeof({self._key}) <> 'integer'"
+        return self.connection.execute(f"SELECT count(*) FROM {self._table}{where}", parameters).fetchone()[0]  # noqa: S608
+
     def key_bounds(self):
         """(min, max) of the integer keys, (None, None) when there are none."""
         key = self._key

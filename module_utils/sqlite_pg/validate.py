@@ -49,6 +49,7 @@ BUCKETS_PER_TABLE = 1024
 ROWS_PER_UNIT = 25_000
 SHOWN_VALUE_LENGTH = 60
 MSG_PROBLEMS = 3
+MAX_RANGES_SHOWN = 100  # differing key ranges listed per table; the count says how many there are
 INTEGER_TYPES = ("int2", "int4", "int8")
 
 
@@ -198,9 +199,10 @@ class _PostgresWorkers:
 class _Plan:
     """How one table is compared: its bucket grid, its units of work and their results."""
 
-    def __init__(self, spec, sqlite_rows, origin=0, width=1, units=(None,)):
+    def __init__(self, spec, sqlite_rows, origin=0, width=1, units=(None,), odd_keys=0):
         self.spec = spec
-        self.sqlite_rows = sqlite_rows
+        self.sqlite_rows = sqlite_rows  # counted when planning; a live source may have more by now
+        self.odd_keys = odd_keys  # SQLite rows whose key is not an integer: in no bucket
         self.origin = origin
         self.width = width
         self.units = units  # inclusive key ranges; (None,) is the whole table at once
@@ -218,6 +220,7 @@ def _plan_table(spec, source, connection, schema) -> _Plan:
               if bound is not None]
     if not bounds:
         return _Plan(spec, sqlite_rows, units=())
+    odd_keys = sqlite_table.odd_key_count()
     origin, highest = min(bounds), max(bounds)
     span = highest - origin + 1
     width = max(1, math.ceil(span / BUCKETS_PER_TABLE))
@@ -226,7 +229,7 @@ def _plan_table(spec, source, connection, schema) -> _Plan:
     buckets_per_unit = max(1, int(ROWS_PER_UNIT / rows_per_bucket))
     units = tuple((origin + first * width, origin + min(first + buckets_per_unit, buckets) * width - 1)
                   for first in range(0, buckets, buckets_per_unit))
-    return _Plan(spec, sqlite_rows, origin, width, units)
+    return _Plan(spec, sqlite_rows, origin, width, units, odd_keys)
 
 
 def _run_units(plans, src, source_timezone, connection, schema, workers: _PostgresWorkers, jobs: int, started: float):
@@ -324,7 +327,8 @@ def _uncompared_table(source, source_table, problem: str) -> dict:
     """The result of a table that cannot be compared: the same keys as a compared one, and the problem."""
     (rows,) = source.execute(f"SELECT count(*) FROM {sqlite_ident(source_table.name)}").fetchone()  # noqa: S608
     return {"sqlite_rows": rows, "postgres_rows": None, "sqlite_checksum": None, "postgres_checksum": None,
-            "match": False, "key": None, "rejected_rows": 0, "seconds": 0.0, "differences": [], "problem": problem}
+            "match": False, "key": None, "rejected_rows": 0, "seconds": 0.0, "differences": [],
+            "differing_ranges": [], "problem": problem}
 
 
 def _compare_table(plan: _Plan, source, connection, schema, limit) -> tuple:
@@ -332,30 +336,69 @@ def _compare_table(plan: _Plan, source, connection, schema, limit) -> tuple:
     spec = plan.spec
     source_total = sum(plan.source_buckets.values(), Checksum())
     target_total = sum(plan.target_buckets.values(), Checksum())
-    match = source_total == target_total and source_total.rows == plan.sqlite_rows
+    # Rows as the hashing read them: a live source (a drift run) may have
+    # changed since the tables were planned.
+    sqlite_rows = source_total.rows + plan.odd_keys if spec.key is not None else source_total.rows
+    match = source_total == target_total and not plan.odd_keys
     result = {
-        "sqlite_rows": plan.sqlite_rows, "postgres_rows": target_total.rows,
+        "sqlite_rows": sqlite_rows, "postgres_rows": target_total.rows,
         "sqlite_checksum": source_total.digest, "postgres_checksum": target_total.digest,
         "match": match, "key": spec.key, "rejected_rows": len(spec.rejected), "differences": [],
+        "differing_ranges": [],
     }
     started = time.monotonic()
     problems = []
-    if plan.sqlite_rows != target_total.rows:
-        problems.append(f"{plan.sqlite_rows} rows in SQLite, {target_total.rows} in PostgreSQL")
+    if sqlite_rows != target_total.rows:
+        problems.append(f"{sqlite_rows} rows in SQLite, {target_total.rows} in PostgreSQL")
     elif not match:
         problems.append("content checksums differ")
-    if source_total.rows != plan.sqlite_rows:
-        problems.append(f"{plan.sqlite_rows - source_total.rows} SQLite rows have a {spec.key} that is not an integer")
-    if not match and spec.key is not None:
-        differing = [bucket for bucket in set(plan.source_buckets) | set(plan.target_buckets)
-                     if plan.source_buckets.get(bucket) != plan.target_buckets.get(bucket)]
+    if plan.odd_keys:
+        problems.append(f"{plan.odd_keys} SQLite rows have a {spec.key} that is not an integer")
+    if source_total != target_total and spec.key is not None:
+        differing = sorted(bucket for bucket in set(plan.source_buckets) | set(plan.target_buckets)
+                           if plan.source_buckets.get(bucket) != plan.target_buckets.get(bucket))
+        result["differing_ranges"] = differing_ranges(plan.origin, plan.width, differing)
         result["differences"] = locate_differences(SqliteTable(source, spec), PostgresTable(connection, schema, spec),
                                                    plan.origin, plan.width, differing, limit)
         problems += [_describe_difference(spec.key, d) for d in result["differences"][:MSG_PROBLEMS]]
-    elif not match:
+    elif not match and spec.key is None:
         problems.append("the table has no single-column integer primary key to locate the differing rows by")
     result["seconds"] = round(plan.finished + time.monotonic() - started, 3)
     return result, (f"table {spec.source_name}: " + "; ".join(problems)) if problems else None
+
+
+def differing_ranges(origin: int, width: int, buckets: list) -> list:
+    """Inclusive key ranges [low, high] covering the given sorted buckets, adjacent buckets merged."""
+    ranges = []
+    for bucket in buckets:
+        low, high = origin + bucket * width, origin + (bucket + 1) * width - 1
+        if ranges and ranges[-1][1] + 1 == low:
+            ranges[-1][1] = high
+        else:
+            ranges.append([low, high])
+    return ranges
+
+
+def drift_of(table_result: dict, limit: int = MAX_RANGES_SHOWN) -> dict:
+    """What a scheduler reads of one table: status ok, drift or not compared, counts, ranges, first keys."""
+    if table_result.get("problem"):
+        status = "not compared"
+    else:
+        status = "ok" if table_result["match"] else "drift"
+    key = table_result.get("key")
+    ranges = table_result.get("differing_ranges", [])
+    return {
+        "status": status,
+        "source_rows": table_result["sqlite_rows"],
+        "target_rows": table_result["postgres_rows"],
+        "differing_ranges": ranges[:limit],
+        "differing_range_count": len(ranges),
+        "first_differing_keys": [
+            {"key": {key: difference["key"]}, "problem": difference["problem"],
+             "columns": sorted(difference.get("columns", {}))}
+            for difference in table_result.get("differences", [])],
+        "problem": table_result.get("problem"),
+    }
 
 
 # --- Foreign keys and sequences ----------------------------------------------------------
@@ -581,15 +624,18 @@ def wait_for_standbys(connection, expected_standbys: int, timeout: float, lsn: s
 def validate(src: str, conninfo: dict, schema: str = "public", tables=None, source_timezone: str = "UTC",
              jobs: int = 2, queries=None, expected_standbys: int = 0, standby_timeout: float = 300,
              max_differences: int = 10, lsn: str | None = None, reject_file: str | None = None,
-             poll_interval: float = 1.0) -> dict:
+             poll_interval: float = 1.0, drift: bool = False) -> dict:
     """Compare the SQLite file src with PostgreSQL; see the module docstring.
 
     conninfo: libpq keywords for psycopg2.connect (host, port, user, dbname,
     password, sslmode, sslrootcert, ...), as for migrate(). reject_file: the
     migration's reject file (on_invalid=reject); the rows it names are left
-    out of the SQLite side. Returns status, msg, tables, foreign_keys,
-    sequences, queries, replication and seconds; raises MigrationError when
-    validation cannot run.
+    out of the SQLite side. drift: a validate-only run against the live
+    source: tables whose content differs make the status ``drift``, not
+    ``failed`` (anything else that fails still fails). Returns status
+    (completed, drift or failed), msg, tables, drift (per table, see
+    drift_of()), foreign_keys, sequences, queries, replication and seconds;
+    raises MigrationError when validation cannot run.
     """
     started = time.monotonic()
     try:
@@ -610,7 +656,7 @@ def validate(src: str, conninfo: dict, schema: str = "public", tables=None, sour
         if encoding != "UTF8":
             raise MigrationError(f"database encoding is {encoding}: validation compares UTF8 databases only")
         snapshot = _fetch(connection, "SELECT pg_export_snapshot()")[0][0]
-        problems, table_results, compared = [], {}, []
+        problems, drifted, table_results, compared = [], [], {}, []
         for source_table in source_tables:
             spec, problem = describe_table(source_table, connection, schema)
             if problem:
@@ -633,7 +679,7 @@ def validate(src: str, conninfo: dict, schema: str = "public", tables=None, sour
             result, problem = _compare_table(plan, source, connection, schema, max_differences)
             table_results[plan.spec.source_name] = result
             if problem:
-                problems.append(problem)
+                (drifted if drift else problems).append(problem)
         step = "checking foreign keys"
         foreign_keys = check_foreign_keys(connection, schema, compared, max_differences)
         step = "checking sequences"
@@ -657,9 +703,10 @@ def validate(src: str, conninfo: dict, schema: str = "public", tables=None, sour
             connection.close()
     seconds = time.monotonic() - started
     return {
-        "status": "failed" if problems else "completed",
-        "msg": _summary(problems, table_results, seconds),
+        "status": "failed" if problems else "drift" if drifted else "completed",
+        "msg": _summary(problems + drifted, table_results, seconds, drift=bool(drifted) and not problems),
         "tables": table_results,
+        "drift": {table: drift_of(result) for table, result in table_results.items()},
         "foreign_keys": foreign_keys,
         "sequences": sequences,
         "queries": query_results,
@@ -668,10 +715,11 @@ def validate(src: str, conninfo: dict, schema: str = "public", tables=None, sour
     }
 
 
-def _summary(problems: list, table_results: dict, seconds: float) -> str:
+def _summary(problems: list, table_results: dict, seconds: float, drift: bool = False) -> str:
     if not problems:
         rows = sum(result.get("sqlite_rows", 0) for result in table_results.values())
         return (f"validation completed: {len(table_results)} tables, {rows} rows identical in SQLite and "
                 f"PostgreSQL ({seconds:.1f} s)")
     more = f"; and {len(problems) - MSG_PROBLEMS} more problems" if len(problems) > MSG_PROBLEMS else ""
-    return "validation failed: " + "; ".join(problems[:MSG_PROBLEMS]) + more
+    outcome = f"drift found in {len(problems)} of {len(table_results)} tables" if drift else "validation failed"
+    return f"{outcome}: " + "; ".join(problems[:MSG_PROBLEMS]) + more
