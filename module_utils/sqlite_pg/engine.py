@@ -11,27 +11,26 @@ import hashlib
 import json
 import multiprocessing
 import os
-import queue
 import secrets
 import sqlite3
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
 import psycopg2
 from psycopg2 import sql
 
-from . import loader
+from . import keys, loader
 from .errors import MigrationError
 from .lease import Lease
-from .loader import COMMITTED_STAY, LOST_CAUSES, LoadPlan, become_worker, copy_line_sql, load_table
+from .loader import LOST_CAUSES, become_worker, load_table
 from .names import pg_name, sqlite_ident
-from .profile import describe_key, display, integrity_check, profile_table
+from .plan import STORAGE_CLASSES, load_plan, streamed_profile
+from .profile import describe_key, display, foreign_key_findings, integrity_check, profile_table
 from .progress import Progress
 from .rules import Invalid, check_timezone, rule_for, storage_class_of
 from .source import Source, foreign_key_order, read_schema
 from .target import (
     APPLICATION_NAME,
-    MAINTENANCE_WORK_MEM,
     STATE_TABLE,
     connect,
     count_rows,
@@ -49,22 +48,26 @@ from .target import (
     state_table_ddl,
 )
 from .typemap import clock_default, parse_default
+from .undo import Journal
 
 DEFAULT_JOBS = 2
+MAX_COLUMNS = 1600  # PostgreSQL's limit per table
 FINDINGS_SHOWN = 5  # a failed profile lists this many of its findings, one line each
 LOCK_NAMESPACE = "sqlite_to_postgres:"
 
 
 def migrate(src, conninfo, schema="public", tables=None, create_tables=True, jobs=DEFAULT_JOBS, on_invalid="fail",
             max_rejects=0, reject_file=None, source_timezone="UTC", progress_file=None, post_data=True,
-            integrity="full", check_mode=False, lease=None, target_ddl=None):
+            integrity="quick", check_mode=False, lease=None, target_ddl=None, preflight=False):
     """Migrate the SQLite database ``src`` into ``schema`` of the PostgreSQL database ``conninfo`` describes.
 
     ``conninfo``: libpq keywords for psycopg2.connect (host, port, user, dbname,
     password, sslmode, sslrootcert, ...); without a password libpq's pgpass
-    file (PGPASSFILE) is used. ``integrity``: 'full' (PRAGMA integrity_check) or
-    'quick' (PRAGMA quick_check: skips the index-against-table cross-check, about
-    8 times faster). ``check_mode``: profile and plan only; nothing is written,
+    file (PGPASSFILE) is used. ``integrity``: 'quick' (PRAGMA quick_check) or 'full'
+    (PRAGMA integrity_check, which also cross-checks every index against its table,
+    about 8 times slower). ``preflight``: profile every value before the first write
+    (as check mode and on_invalid 'reject' always do); without it each table is read
+    once, by its load, which checks the values as it streams. ``check_mode``: profile and plan only; nothing is written,
     the PostgreSQL session itself is read-only. ``lease``: dict(key, backend_pid) of
     the advisory lock the calling run holds; the load stops, and rolls back what
     is streaming, as soon as that backend no longer holds it (lease.py). ``target_ddl``: SQL that creates
@@ -78,13 +81,14 @@ def migrate(src, conninfo, schema="public", tables=None, create_tables=True, job
     ``result`` holds the same dict with status 'failed'.
     """
     run = Run(src, conninfo, schema, tables, create_tables, jobs, on_invalid, max_rejects, reject_file,
-              source_timezone, progress_file, post_data, integrity, check_mode, lease, target_ddl)
+              source_timezone, progress_file, post_data, integrity, check_mode, lease, target_ddl, preflight)
     return run.execute()
 
 
 class Run:
     def __init__(self, src, conninfo, schema, tables, create_tables, jobs, on_invalid, max_rejects, reject_file,
-                 source_timezone, progress_file, post_data, integrity, check_mode, lease=None, target_ddl=None):
+                 source_timezone, progress_file, post_data, integrity, check_mode, lease=None, target_ddl=None,
+                 preflight=False):
         self.src, self.conninfo, self.schema = src, dict(conninfo), schema
         # Every session of this run carries one name, so that exactly these can be ended (lease.py).
         self.conninfo.setdefault("application_name", f"{APPLICATION_NAME} {secrets.token_hex(4)}")
@@ -94,6 +98,11 @@ class Run:
         self.on_invalid, self.max_rejects, self.reject_file = on_invalid, max_rejects, reject_file
         self.source_timezone, self.post_data, self.integrity = source_timezone, post_data, integrity
         self.check_mode, self.target_ddl = check_mode, target_ddl
+        # The full profile before any write: what check mode predicts, and what reject mode needs to leave
+        # rows out. Otherwise each table is read once, by its load, which checks every value it streams.
+        self.preflight = check_mode or on_invalid == "reject" or bool(preflight)
+        self.journal = None  # what this run wrote (undo.py), from the first write on
+        self.background = {}  # checks that run beside the load: {future: (kind, table)}
         self.progress = Progress(None if check_mode else progress_file, {})
         self.result = {"changed": False, "status": "failed", "msg": "", "total_tables": 0, "total_rows": 0,
                        "tables": {}, "profile": {}, "post_data": [], "source_id": "", "findings": []}
@@ -128,7 +137,9 @@ class Run:
                     self._decide()
                     if self.check_mode:
                         return self._finish_check()
+                    self.journal = Journal(self.conninfo, self.schema, self.source_id)
                     self._load(counters)
+                    self._await_background()
                 self._post_data()
             finally:
                 gc.unfreeze()  # a caller that runs several migrations collects their garbage again
@@ -139,47 +150,53 @@ class Run:
             return self._finish()
         except MigrationError as error:
             message = self._stopped_message() if self.lease and self.lease.lost else str(error)
-            self._fail(message)
-            raise MigrationError(message, self.result) from None
+            self._fail(self._put_back(message))
         except BrokenProcessPool:
-            message = "a worker process died (killed, or out of memory); every table it was loading was rolled back"
-            self._fail(message)
-            raise MigrationError(message, self.result) from None
+            self._fail(self._put_back("a worker process died (killed, or out of memory)"))
         except psycopg2.Error as error:
             message = self._stopped_message() if self.lease and self.lease.lost else self._database_failure(error)
-            self._fail(message)
-            raise MigrationError(message, self.result) from None
+            self._fail(self._put_back(message))
 
     def _database_failure(self, error):
-        """A failure of this run's own session as one line: where it was, and what is left of the run."""
-        during, left = {
-            "load": ("during the load", COMMITTED_STAY),
-            "post_data": ("while keys and indexes were built", "the data is loaded: run again to finish"),
-        }.get(self.progress.phase, ("while the target was read", "nothing was written"))
+        """A failure of this run's own session as one line: where it was."""
+        during = {"load": "during the load", "post_data": "while keys and indexes were built"}.get(
+            self.progress.phase, "while the target was read")
         if self.session_lost:
-            return (f"the connection to {server_address(self.conninfo)} was lost {during} ({LOST_CAUSES}); "
-                    f"{left}")
-        return f"PostgreSQL failed {during}: {first_line(error, self.conninfo)}; {left}"
+            return f"the connection to {server_address(self.conninfo)} was lost {during} ({LOST_CAUSES})"
+        return f"PostgreSQL failed {during}: {first_line(error, self.conninfo)}"
 
     def _stopped_message(self):
-        """Why the load stopped when its run is gone, and what state each table is in."""
-        tables = self.result["tables"]
-        loaded = [n for n, t in tables.items() if t.get("action") == "loaded"]
-        undone = [n for n, t in tables.items() if t.get("status") in ("loading", "failed")]
-        waiting = [n for n, t in tables.items() if t.get("status") == "pending" and t.get("action") != "skipped"]
-        parts = [f"loaded and recorded: {', '.join(loaded)}" if loaded else "no table was loaded",
-                 f"rolled back: {', '.join(undone)}" if undone else "",
-                 f"not started: {', '.join(waiting)}" if waiting else ""]
-        return (f"load stopped: {self.lease.lost}; " + "; ".join(p for p in parts if p)
-                + "; a rerun loads only what is missing")
+        """The load stopped because its run is gone (the lease)."""
+        return f"load stopped: {self.lease.lost}" + ("; nothing was written" if self.journal is None else "")
+
+    def _put_back(self, message):
+        """Undo everything this run wrote; the message then says what was undone, or what is left and why."""
+        if self.journal is None:
+            return message  # failed before the first write
+        if self.journal.empty:
+            return message if message.endswith("nothing was written") else message + "; nothing was written"
+        what = self.journal.what()
+        problem = self.journal.undo()
+        if not problem:
+            self.result["changed"] = False
+            for entry in self.result["tables"].values():
+                if entry.get("action") == "loaded":
+                    entry.update(status="pending", action="undone", migrated=0)
+            return (f"{message}; everything this run wrote was undone ({what}): the target is as it was before "
+                    "the run, and a rerun starts again cleanly")
+        return (f"{message}; what this run wrote could not be undone ({problem}): {what} are left as loaded "
+                "(each table complete, with its state row); the runbook's rollback restores the backup, and a "
+                "rerun continues with what is missing")
 
     def _fail(self, message):
+        """Record the failure and raise it (one line; the result dict rides along)."""
         self.result.update(status="failed", msg=message)
         self.progress.phase = "failed"
         try:
             self.progress.write(force=True)
         except OSError:
             pass
+        raise MigrationError(message, self.result) from None
 
     def _validate_options(self):
         if self.on_invalid not in ("fail", "reject"):
@@ -206,7 +223,9 @@ class Run:
             tables, notes = read_schema(connection)
             # Foreign keys of a selected table may reference any table of the source.
             self.rowid_aliases = {t.name: t.rowid_alias for t in tables if t.rowid and t.rowid_alias}
-            self.sizes = {t.name: _estimated_size(connection, t) for t in tables}
+            # Row totals for progress and the dispatch order, without reading the tables.
+            self.highest = {t.name: _highest_rowid(connection, t) for t in tables}
+            self.sizes = {t.name: self.highest[t.name] * len(t.columns) for t in tables}
         except Exception as error:  # sqlite3 raises DatabaseError and friends for corrupt schemas
             raise MigrationError(f"source {self.source.path} cannot be read: {error}") from None
         finally:
@@ -237,6 +256,12 @@ class Run:
             if target == STATE_TABLE:
                 raise MigrationError(f"source table {name} has the name of this module's state table")
             seen[target] = name
+            if target != name:
+                self.notes.append(f"table {name} becomes {target} in PostgreSQL (names are cut to 63 bytes)")
+            if len(self.tables[name].columns) > MAX_COLUMNS:
+                raise MigrationError(f"table {name} has {len(self.tables[name].columns)} columns; PostgreSQL allows "
+                                     f"at most {MAX_COLUMNS:,} per table: split it before migrating; nothing was "
+                                     "written")
 
     def _lock(self):
         # One run per target schema at a time (session-level advisory lock, released when the session ends).
@@ -297,6 +322,9 @@ class Run:
                     problems.append(f"table {source.name}: columns {seen[target_name]} and {column.name} both "
                                     f"become {target_name} in PostgreSQL (names are cut to 63 bytes)")
                 seen[target_name] = column.name
+                if target_name != column.name:
+                    self.notes.append(f"table {source.name}: column {column.name} becomes {target_name} in "
+                                      "PostgreSQL (names are cut to 63 bytes)")
                 names[column.name] = target_name
                 targets[column.name] = None
                 if column.notnull or column.pk_position:
@@ -328,6 +356,13 @@ class Run:
     # Profile -------------------------------------------------------------------------
 
     def _profile(self):
+        """The source id (sha256), the integrity check, and per table the profile or a streamed stand-in.
+
+        Without preflight only the tables this run creates are profiled (their types come from their
+        values); the integrity check and the foreign keys' check in SQLite then run beside the load.
+        """
+        if not self.preflight:
+            return self._profile_for_stream()
         options = {"on_invalid": self.on_invalid, "max_rejects": self.max_rejects, "rowid_aliases": self.rowid_aliases,
                    "source_timezone": self.source_timezone}
         futures = {}
@@ -359,6 +394,57 @@ class Run:
         self.result["source_id"] = self.source_id
         self.result["profile"] = self._profile_summary()
         self.progress.write(force=True)
+
+    def _profile_for_stream(self):
+        options = {"on_invalid": self.on_invalid, "max_rejects": self.max_rejects, "rowid_aliases": self.rowid_aliases,
+                   "source_timezone": self.source_timezone}
+        futures = {self.pool.submit(_identity_task, self.source, self.baseline): ("identity", None)}
+        created = [n for n in self.order if self.existing[n] is None]
+        for name in sorted(created, key=lambda n: -self.sizes[n]):
+            table_options = dict(options, notnull=self.notnull[name])
+            futures[self.pool.submit(_profile_task, self.source, self.tables[name], self.targets[name],
+                                     table_options, self.baseline)] = ("profile", name)
+        self.background[self.pool.submit(_integrity_task, self.source, self.integrity == "quick",
+                                         self.baseline)] = ("integrity", None)
+        self.profiles, self.integrity_problems = {}, []
+        for kind, name, value in self._gather(futures):
+            if kind == "identity":
+                self.source_id = value
+            else:
+                self.profiles[name] = value
+        for name in self.order:
+            if name not in self.profiles:
+                self.profiles[name] = streamed_profile(self.tables[name], self.targets[name], self.highest[name])
+            self.progress.set_total(name, self.profiles[name].rows)
+            if name not in created and self._checks_foreign_keys_in_sqlite(name):
+                storage = {c.name: STORAGE_CLASSES for c in self.tables[name].columns}
+                self.background[self.pool.submit(_foreign_key_task, self.source, self.tables[name], storage,
+                                                 self.rowid_aliases, self.baseline)] = ("foreign keys", name)
+        self.result["source_id"] = self.source_id
+        self.result["profile"] = self._profile_summary()
+        self.progress.write(force=True)
+
+    def _checks_foreign_keys_in_sqlite(self, name):
+        """Whether a streamed table's foreign keys need SQLite's check: PostgreSQL checks them only when
+        post-data builds them, which needs the parent migrated by this run."""
+        migrated = {n.lower() for n in self.order}
+        return any(not self.post_data or fk.parent.lower() not in migrated for fk in self.tables[name].foreign_keys)
+
+    def _await_background(self):
+        """The checks that ran beside the load (integrity, foreign keys in SQLite): any finding fails the run."""
+        problems = []
+        for kind, _table, value in self._gather(self.background):
+            if kind == "integrity" and value:
+                self.integrity_problems = value
+                self.result["profile"]["source"]["integrity_check"] = "; ".join(value)
+                problems.append(f"source {self.source.path} fails PRAGMA {self._pragma()}: {value[0]}"
+                                + self._more(len(value) - 1, "problem"))
+            elif kind == "foreign keys":
+                problems += value
+        self.background = {}
+        if problems:
+            self.result["findings"] = problems[:FINDINGS_SHOWN]
+            raise MigrationError(problems[0] + self._more(len(problems) - 1, "problem"))
 
     def _gather(self, futures):
         """Yield (kind, name, result) as tasks finish, writing the progress file meanwhile."""
@@ -485,50 +571,17 @@ class Run:
 
     # Load ---------------------------------------------------------------------------
 
-    def _plan(self, name, index):
-        source, profile = self.tables[name], self.profiles[name]
-        names = self.column_names[name]
-        table_sql = sqlite_ident(source.name)
-        sql_fields, python_fields, sql_columns, python_columns, python_types = [], [], [], [], []
-        for column in profile.columns:
-            q = sqlite_ident(column.name)
-            rule = rule_for(column.target, self.source_timezone)
-            classes = set(column.storage) - {"null"}
-            formatted = rule.format_sql(q, classes, zoned_text=bool(column.zoned_text), specials=column.specials)
-            if formatted is None:
-                python_fields.append(f"typeof({q}), {q}")
-                python_columns.append(names[column.name])
-                python_types.append(column.target)
-            else:
-                # A NULL that is not a SQLite NULL means a value escaped the profile: the load stops on it.
-                sql_fields.append(f"CASE WHEN {q} IS NULL THEN '\\N' ELSE {formatted} END")
-                sql_columns.append(names[column.name])
-        where, parameters = ["1"], []
-        if profile.invalid_sql:
-            where.append(f"NOT ({profile.invalid_sql})")
-        if profile.python_excluded:
-            key = source.key_columns
-            if source.rowid:
-                where.append(f"{source.rowid} NOT IN (SELECT value FROM json_each(?))")  # noqa: S608 - fixed alias
-                parameters.append(json.dumps([k[0] for k in profile.python_excluded]))
-            else:
-                match = " AND ".join(f"{sqlite_ident(c)} IS json_extract(j.value, '$[{i}]')" for i, c in enumerate(key))
-                where.append(f"NOT EXISTS (SELECT 1 FROM json_each(?) j WHERE {match})")  # noqa: S608 - quoted
-                parameters.append(json.dumps([[_jsonable(v) for v in k] for k in profile.python_excluded]))
-        where_sql = " AND ".join(where)
-        row_sql = [copy_line_sql(sql_fields)] if sql_fields else []
-        select_sql = f"SELECT {', '.join(row_sql + python_fields)} FROM {table_sql} WHERE {where_sql}"  # noqa: S608
-        key_sql = ", ".join(c if c in ("rowid", "_rowid_", "oid") else sqlite_ident(c) for c in source.key_columns)
+    def _plan(self, name):
         create = ""
         if self.actions[name] == "create":
             create = create_table_sql(self.schema, self.target_names[name], self._column_ddl(name)).as_string(self.pg)
-        return LoadPlan(
-            index=index, source_table=name, target_table=self.target_names[name], schema=self.schema,
-            create_sql=create, copy_columns=sql_columns + python_columns, sql_fields=sql_fields, select_sql=select_sql,
-            parameters=tuple(parameters), python_types=python_types, source_rows=profile.rows,
-            expected_rows=profile.rows - profile.rejected_rows, key_sql=key_sql, key_columns=source.key_columns,
-            table_sql=table_sql, where_sql=where_sql, source_timezone=self.source_timezone, source_id=self.source_id,
-        )
+        profile = self.profiles[name]
+        return load_plan(index=self.order.index(name), name=name, target_table=self.target_names[name],
+                         schema=self.schema, source=self.tables[name], profile=profile,
+                         column_names=self.column_names[name], create_sql=create,
+                         source_timezone=self.source_timezone, source_id=self.source_id,
+                         streamed=profile.columns[0].conversion == "streamed" if profile.columns else False,
+                         notnull=self.notnull[name])
 
     def _column_ddl(self, name):
         source, profile = self.tables[name], self.profiles[name]
@@ -571,38 +624,26 @@ class Run:
         to_load = [name for name in self.order if self.actions[name] in ("load", "create")]
         if not to_load:
             return
+        state = sql.Identifier(self.schema, STATE_TABLE)
         with self.pg.cursor() as cursor:
-            cursor.execute("SELECT to_regclass(%s)", (sql.Identifier(self.schema, STATE_TABLE).as_string(cursor),))
+            cursor.execute("SELECT to_regclass(%s)", (state.as_string(cursor),))
             state_existed = cursor.fetchone()[0] is not None
+            if state_existed:
+                # A table loaded again replaces its state row: the undo puts the old one back.
+                cursor.execute(sql.SQL("SELECT to_jsonb(s) FROM {} s WHERE source_id = %s AND table_name = ANY(%s)")
+                               .format(state), (self.source_id, [self.target_names[n] for n in to_load]))
+                self.journal.replaced_state = [row[0] for row in cursor.fetchall()]
             if not self.schema_present:
                 cursor.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
             cursor.execute(state_table_ddl(self.schema))
         self.pg.commit()
+        self.journal.created_schema = not self.schema_present
+        self.journal.created_state_table = not state_existed
         self.result["changed"] = True
-        try:
-            self._stream(to_load, counters)
-        except MigrationError:
-            if not any(self.result["tables"][n]["action"] == "loaded" for n in to_load):
-                self._undo_setup(state_existed)
-            raise
-
-    def _undo_setup(self, state_existed):
-        """Nothing was loaded: take back the (empty) state table and schema this run created."""
-        try:
-            with self.pg.cursor() as cursor:
-                if not state_existed:
-                    cursor.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(
-                        sql.Identifier(self.schema, STATE_TABLE)))
-                if not self.schema_present:
-                    cursor.execute(sql.SQL("DROP SCHEMA IF EXISTS {}").format(sql.Identifier(self.schema)))
-            self.pg.commit()
-            self.result["changed"] = False
-        except psycopg2.Error:  # someone else put something there meanwhile, or the server is gone: leave it
-            if not self.pg.closed:
-                self.pg.rollback()
+        self._stream(to_load, counters)
 
     def _stream(self, to_load, counters):
-        plans = {name: self._plan(name, self.order.index(name)) for name in to_load}
+        plans = {name: self._plan(name) for name in to_load}
         waits_for = self._existing_dependencies(to_load)
         parents = self._earlier_parents(to_load)
         futures, done, submitted, first_error = {}, set(), set(), None
@@ -649,8 +690,11 @@ class Run:
                     self.progress.finish(name, "failed")
                     continue
                 done.add(name)
+                self.journal.loaded(self.target_names[name], created=self.actions[name] == "create")
                 seconds = outcome["seconds"]
-                entry.update(migrated=outcome["rows"], rejected=self.profiles[name].rows - outcome["rows"],
+                streamed = plans[name].expected_rows is None
+                entry.update(migrated=outcome["rows"], total_rows=outcome["rows"] if streamed else entry["total_rows"],
+                             rejected=0 if streamed else self.profiles[name].rows - outcome["rows"],
                              status="completed", action="loaded", seconds=round(seconds, 3),
                              rows_per_second=round(outcome["rows"] / seconds, 1) if seconds > 0 else 0.0)
                 self.progress.finish(name, "completed", outcome["rows"])
@@ -710,41 +754,9 @@ class Run:
         if not steps:
             return
         self.result["changed"] = True
-        # One session per parallel builder, kept for every step (a connection costs more than a small index).
-        sessions = queue.SimpleQueue()
-        opened = []
-        try:
-            for _ in range(self.jobs):
-                connection = connect(self.conninfo)
-                opened.append(connection)
-                connection.autocommit = True
-                with connection.cursor() as cursor:
-                    cursor.execute("SET maintenance_work_mem = %s", (MAINTENANCE_WORK_MEM,))
-                sessions.put(connection)
-            for phase in (1, 2, 3, 4):
-                batch = [s for s in steps if s.phase == phase]
-                parallel = self.jobs if phase in (1, 3) else 1
-                with ThreadPoolExecutor(max_workers=parallel) as threads:
-                    errors = [e for e in threads.map(lambda step: self._run_step(sessions, step), batch) if e]
-                if errors:
-                    raise MigrationError(errors[0] + self._more(len(errors) - 1, "error")
-                                         + "; the data is loaded: fix this and run again to finish")
-                self.progress.write()
-        finally:
-            for connection in opened:
-                connection.close()
-
-    def _run_step(self, sessions, step):
-        connection = sessions.get()
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(step.statement)
-            self.result["post_data"].append({"table": step.table, "kind": step.kind, "name": step.name})
-            return ""
-        except psycopg2.Error as error:
-            return f"post-data: {step.kind} {step.name} on {step.table} could not be built: {first_line(error)}"
-        finally:
-            sessions.put(connection)
+        created = {self.target_names[n] for n in self.order if self.actions[n] == "create"}
+        keys.build(self.conninfo, self.schema, self.jobs, steps, self.journal, self.result["post_data"],
+                   self.progress, created)
 
     # Results --------------------------------------------------------------------------
 
@@ -833,16 +845,24 @@ def _load_task(source, conninfo, plan, baseline):
     return load_table(source, conninfo, plan, baseline)
 
 
-def _estimated_size(connection, table):
-    """Rows times columns, roughly, without reading the table: max(rowid) is a b-tree descent."""
+def _highest_rowid(connection, table):
+    """max(rowid): the row count, roughly, without reading the table (a b-tree descent); 0 without rowids."""
     if not table.rowid:
         return 0
     highest = connection.execute(f"SELECT max({table.rowid}) FROM {sqlite_ident(table.name)}").fetchone()[0]  # noqa: S608
-    return max(highest or 0, 0) * len(table.columns)
+    return max(highest or 0, 0)
 
 
-def _jsonable(value):
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+def _foreign_key_task(source, table, storage, rowid_aliases, baseline):
+    connection = source.connect(text_as_bytes=True)
+    try:
+        findings = foreign_key_findings(connection, table, storage, rowid_aliases)
+    except sqlite3.DatabaseError as error:
+        raise MigrationError(f"source table {table.name} cannot be read: {error}") from None
+    finally:
+        connection.close()
+    _verify_unchanged(source, baseline)
+    return findings
 
 
 def _unescape_copy(field):
