@@ -2,14 +2,19 @@
 everything the run wrote, whether the SQL formatting, PostgreSQL or a foreign key build found the problem."""
 
 import difflib
+import json
+import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
+import textwrap
 
 import pytest
-from conftest import assert_same_content, build_sqlite, execute
+from conftest import ROOT, assert_same_content, build_sqlite, execute, wait_until
 from sqlite_pg import STATE_TABLE, MigrationError, migrate
+from test_engine_crash import build
 
 EXCEPTION_NAME = re.compile(r"\b\w*(Error|Exception)\b|Traceback")
 UNDONE = "everything this run wrote was undone"
@@ -200,3 +205,103 @@ def test_a_source_written_during_the_load_puts_everything_back(tmp_path, pg_data
     monkeypatch.setattr(loader.CopyStream, "read", read_then_write)  # inherited by the forked workers
     fails_and_puts_back(src, pg_database, postgres_server, f"source {src} changed while table child was being read",
                         UNDONE, jobs=1)
+
+
+def test_the_sample_streamed_into_existing_tables_arrives_exactly(sample_db, pg_database):
+    migrate(str(sample_db), pg_database, post_data=False)  # creates the tables (profiled: types from the values)
+    execute(pg_database, f"TRUNCATE files, tasks, replication_logs, storage_nodes; DROP TABLE {STATE_TABLE}")
+
+    result = migrate(str(sample_db), pg_database)
+
+    assert {c["conversion"] for c in result["profile"]["tables"]["files"]["columns"].values()} == {"streamed"}
+    assert result["total_rows"] == 125
+    for table in ("files", "tasks", "replication_logs", "storage_nodes"):
+        assert_same_content(sample_db, pg_database, table)
+
+
+def precreate_crash_tables(conninfo):
+    execute(conninfo, "CREATE TABLE alpha (id bigint, name text)")
+    execute(conninfo, "CREATE TABLE zeta (id bigint, alpha_id bigint, label text, amount double precision, "
+                      "at timestamptz, flag boolean)")
+
+
+def start_run(src, conninfo, output):
+    """migrate() in a process of its own (jobs=1: alpha commits before zeta streams); its outcome as JSON."""
+    options = {k: v for k, v in conninfo.items() if k != "password"}
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(ROOT / "module_utils")!r})
+        from sqlite_pg import MigrationError, migrate
+        try:
+            result = migrate({str(src)!r}, {options!r}, jobs=1)
+        except MigrationError as error:
+            result = dict(error.result or {{}}, msg=str(error))
+        with open({str(output)!r}, "w") as stream:
+            json.dump({{"msg": result["msg"], "status": result["status"]}}, stream)
+    """)
+    return subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, PGPASSWORD=conninfo["password"]))
+
+
+def wait_for_zeta_streaming(run, conninfo):
+    streaming = "SELECT count(*) FROM pg_stat_progress_copy WHERE tuples_processed > 1000"
+    assert wait_until(lambda: execute(conninfo, streaming)[0][0] or run.poll() is not None, timeout=60)
+    assert run.poll() is None, "the run ended before its COPY could be interrupted"
+
+
+def test_kill_9_mid_load_then_a_rerun_gives_exact_content(tmp_path, pg_database):
+    src = tmp_path / "big.db"
+    build(src)
+    precreate_crash_tables(pg_database)
+    run = start_run(src, pg_database, tmp_path / "outcome.json")
+    try:
+        wait_for_zeta_streaming(run, pg_database)
+        os.kill(run.pid, signal.SIGKILL)  # no chance to undo: each table stays loaded (with its state row) or empty
+        run.wait(timeout=10)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert wait_until(lambda: execute(pg_database, "SELECT count(*) FROM pg_stat_activity WHERE application_name "
+                                                   "LIKE 'sqlite_to_postgres %'")[0][0] == 0, timeout=30) is not None
+    assert execute(pg_database, "SELECT (SELECT count(*) FROM alpha), (SELECT count(*) FROM zeta)") == [(100, 0)]
+
+    result = migrate(str(src), pg_database, jobs=1)
+
+    assert result["tables"]["alpha"]["action"] == "skipped" and result["tables"]["zeta"]["action"] == "loaded"
+    assert_same_content(src, pg_database, "alpha")
+    assert_same_content(src, pg_database, "zeta")
+
+
+def test_a_server_restart_mid_load_says_so_in_one_line_puts_back_and_a_rerun_completes(tmp_path, pg_database,
+                                                                                      postgres_server):
+    src = tmp_path / "big.db"
+    build(src)
+    precreate_crash_tables(pg_database)
+    before = dump(pg_database, postgres_server)
+    output = tmp_path / "outcome.json"
+    run = start_run(src, pg_database, output)
+    data = os.path.join(postgres_server.directory, "data")
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    try:
+        wait_for_zeta_streaming(run, pg_database)
+        subprocess.run(as_postgres + [str(postgres_server.bin / "pg_ctl"), "-D", data, "-m", "immediate", "-w",
+                                      "-l", os.path.join(postgres_server.directory, "server.log"), "restart"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run.wait(timeout=90)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    outcome = json.loads(output.read_text())
+
+    assert outcome["status"] == "failed"
+    message = outcome["msg"]
+    assert "\n" not in message and not EXCEPTION_NAME.search(message), message
+    assert message.startswith(f"table zeta: the connection to {pg_database['host']}:{pg_database['port']} was lost "
+                              "while the table was loading (server restart, failover or network); everything this "
+                              "run wrote was undone (tables alpha)"), message
+    assert sorted(dump(pg_database, postgres_server).splitlines()) == sorted(before.splitlines())
+
+    result = migrate(str(src), pg_database, jobs=1)
+
+    assert result["tables"]["alpha"]["action"] == "loaded" and result["tables"]["zeta"]["action"] == "loaded"
+    assert_same_content(src, pg_database, "alpha")
+    assert_same_content(src, pg_database, "zeta")

@@ -33,43 +33,49 @@ def streamed_profile(table, targets, estimated_rows):
     return TableProfile(table.name, estimated_rows, columns, table.key_columns)
 
 
-def _sql_classes(rule, q):
-    """The storage classes the rule's SQL formats exactly (in one expression), and that expression."""
-    classes = {c for c in STORAGE_CLASSES if rule.format_sql(q, {c}) is not None}
-    while classes:
-        formatted = rule.format_sql(q, classes)
-        if formatted is not None:
-            return classes, formatted
-        classes.discard(next(c for c in ("real", "blob", "integer", "text") if c in classes))
-    return set(), None
+def _copy_escape(q):
+    """SQL escaping a text value for COPY; instr() finds the four bytes faster than one GLOB class does."""
+    return (f"CASE WHEN instr({q}, char(9)) OR instr({q}, char(10)) OR instr({q}, char(13)) OR instr({q}, '\\') "
+            f"THEN replace(replace(replace(replace({q}, '\\', '\\\\'), char(9), '\\t'), char(10), '\\n'), "
+            f"char(13), '\\r') ELSE {q} END")
 
 
 def streamed_field(rule, q, null_allowed=True):
     """(SQL of the COPY field, SQL condition for rows Python must format, or None).
 
-    The field is NULL (then char(1)) for a value the rule refuses; the rule's validity
-    test is part of it, so nothing PostgreSQL would accept silently (a timestamp
-    'now' or 'infinity', a number out of a column's range) gets past the rules.
+    One branch per storage class the rule's SQL formats exactly, each behind the rule's
+    validity test: the field is NULL (then char(1)) for a value the rule refuses, so nothing
+    PostgreSQL would accept silently (a timestamp 'now' or 'infinity', a number out of a
+    column's range) gets past the rules. The other classes are left to Python.
     """
-    classes, formatted = _sql_classes(rule, q)
-    null = "'\\N'" if null_allowed else "NULL"
-    valid = rule.valid_sql(q)
-    if rule.text_scan:
-        # printf() would end the line's text at a NUL silently; PostgreSQL judges the UTF-8 itself.
-        valid = f"({valid or 1}) AND (typeof({q}) <> 'text' OR instr({q}, char(0)) = 0)"
-    if classes:
-        guard = f"typeof({q}) IN ({', '.join(repr(c) for c in sorted(classes))})"
-        if isinstance(rule, TimestampRule) and not rule.aware and "text" in classes:
+    valid = rule.valid_sql(q) or "1"
+    branches, python_classes = [], []
+    for storage_class in STORAGE_CLASSES:
+        formatted = rule.format_sql(q, {storage_class}, specials=False)
+        if formatted is None:
+            python_classes.append(storage_class)
+            continue
+        test = valid
+        if storage_class == "text" and rule.text_scan:
+            # printf() would end the line's text at a NUL silently; PostgreSQL judges the UTF-8 itself.
+            test = f"({valid}) AND instr({q}, char(0)) = 0"
+            formatted = _copy_escape(q) if formatted == q else formatted.replace(
+                f"ELSE {q} END", f"ELSE {_copy_escape(q)} END")
+        if storage_class == "text" and isinstance(rule, TimestampRule) and not rule.aware:
             # PostgreSQL would drop a zone silently from timestamp without time zone: Python converts those.
-            guard += f" AND NOT {TimestampRule.has_zone_sql(q)}"
-        field = f"CASE WHEN {q} IS NULL THEN {null} WHEN {guard} AND {valid or 1} THEN {formatted} END"
-        python = None if classes == set(STORAGE_CLASSES) else f"{q} IS NOT NULL AND NOT ({guard})"
-    else:
-        field = f"CASE WHEN {q} IS NULL THEN {null} END"
-        python = f"{q} IS NOT NULL"
-    if python:
-        python = f"coalesce({python}, 0)"
-    return field, python
+            branches.append(f"WHEN 'text' THEN CASE WHEN {TimestampRule.has_zone_sql(q)} THEN NULL "
+                            f"WHEN {test} THEN {formatted} END")
+            python_classes.append("zoned text")
+            continue
+        branches.append(f"WHEN '{storage_class}' THEN CASE WHEN {test} THEN {formatted} END")
+    null = "'\\N'" if null_allowed else "NULL"
+    field = f"CASE typeof({q}) WHEN 'null' THEN {null} {' '.join(branches)} END"
+    if not python_classes:
+        return field, None
+    conditions = [f"typeof({q}) IN ({', '.join(repr(c) for c in python_classes if c != 'zoned text')})"]
+    if "zoned text" in python_classes:
+        conditions.append(TimestampRule.has_zone_sql(q))
+    return field, "coalesce(" + " OR ".join(conditions) + ", 0)"
 
 
 def load_plan(*, index, name, target_table, schema, source, profile, column_names, create_sql, source_timezone,
