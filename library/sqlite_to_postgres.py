@@ -20,7 +20,7 @@ description:
   transaction per table, from one consistent snapshot of the source.
 - Reads each table once, by its load, which checks every value as it streams (values the
   target types would refuse, invalid UTF-8, NUL characters, foreign keys, C(PRAGMA quick_check)
-  beside the load). Any problem fails the task, and everything the run wrote is put back first:
+  beside the load). Any problem fails the task, and everything the run wrote is put back first, so
   the target is as it was before the run. Check mode, O(on_invalid=reject) and O(preflight=true)
   profile the whole source before anything is written instead.
 - Each table is created when missing (types chosen from the SQLite declaration
