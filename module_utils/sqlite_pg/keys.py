@@ -16,7 +16,7 @@ import psycopg2
 from psycopg2 import sql
 
 from .errors import MigrationError, shorten
-from .target import MAINTENANCE_WORK_MEM, connect, first_line
+from .target import MAINTENANCE_WORK_MEM, connect, first_line, plan_post_data, sequence_steps
 
 FOREIGN_KEY_VIOLATION = "23503"
 
@@ -116,3 +116,33 @@ def _orphan(connection, schema, step):
     return (f"table {step.table}, column {', '.join(child_columns)},{where or ' a row'}: value {value} references "
             f"a row missing from {parent} ({', '.join(parent_columns)}), found when foreign key {step.name} was "
             "validated")
+
+
+class Keys:
+    """Post-data after the load (a stage of engine.Run)."""
+
+    def _post_data_entries(self):
+        return [{"source": self.tables[name], "name": self.target_names[name], "columns": self.column_names[name],
+                 "exists": self.existing[name] is not None or not self.check_mode} for name in self.order]
+
+    def _post_data_steps(self):
+        with self.pg.cursor() as cursor:
+            steps, notes = plan_post_data(cursor, self.schema, self._post_data_entries())
+            existing = [self.target_names[n] for n in self.order if self.existing[n] is not None or not self.check_mode]
+            steps += sequence_steps(cursor, self.schema, existing)
+        self.pg.commit()
+        return steps, notes
+
+    def _post_data(self):
+        if not self.post_data:
+            return
+        self.progress.phase = "post_data"
+        self.progress.write(force=True)
+        steps, notes = self._post_data_steps()
+        self.result["profile"]["notes"] += notes
+        if not steps:
+            return
+        self.result["changed"] = True
+        created = {self.target_names[n] for n in self.order if self.actions[n] == "create"}
+        build(self.conninfo, self.schema, self.jobs, steps, self.journal, self.result["post_data"],
+                   self.progress, created)
