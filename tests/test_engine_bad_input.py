@@ -220,6 +220,6 @@ def test_a_value_only_postgresql_can_judge_rolls_its_table_back_and_names_the_ro
     with connection, connection.cursor() as cursor:
         cursor.execute("CREATE TABLE hosts (id bigint, address inet)")
     connection.close()
-    message = fails_closed(src, pg_database, "table hosts, column address, rowid 2: PostgreSQL refused the data",
-                           "nothing of this table was written")
+    message = fails_closed(src, pg_database, "table hosts, column address, rowid 2: value '192.168.1.300' was "
+                           "refused by PostgreSQL", "everything this run wrote was undone")
     assert "192.168.1.300" in message

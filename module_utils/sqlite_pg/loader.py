@@ -17,7 +17,8 @@ import psycopg2
 from psycopg2 import sql
 
 from .errors import MigrationError
-from .profile import describe_key
+from .names import sqlite_ident
+from .profile import describe_key, display
 from .rules import Invalid, rule_for
 from .target import connect, first_line, has_rows, record_load, server_address
 
@@ -31,10 +32,10 @@ PR_SET_PDEATHSIG = 1
 UNCONVERTED = b"\x01"
 PRINTF_ARGUMENTS = 100  # SQLite functions take at most 127 arguments
 TRUNCATE_LOCK_WAIT = "1s"
-# What an operator needs to know after a lost connection: the likely causes, and what is left.
+# What an operator needs to know after a lost connection: the likely causes.
 LOST_CAUSES = "server restart, failover or network"
-COMMITTED_STAY = ("tables already committed stay loaded and are recorded in the state table; "
-                  "a rerun continues with the rest")
+# What PostgreSQL says when a value is over its limit of 1 GB per field (or the row does not fit in memory).
+TOO_LARGE = ("invalid memory alloc request size", "out of memory")
 
 # Rows streamed per table, shared with the parent (which writes the progress file).
 # Set by the engine before the worker processes are forked.
@@ -49,12 +50,15 @@ class LoadPlan:
     schema: str
     create_sql: str  # CREATE TABLE, or "" when the table exists and is used as it is
     copy_columns: list  # target columns in the order the query produces them
+    copy_sources: list  # the source column of each
     sql_fields: list  # SQLite expression of each SQL-formatted column (the first len() of copy_columns)
+    field_types: list  # TargetType of each SQL-formatted column
+    raw_types: list  # streamed plans: (field position, TargetType) of fields Python formats for some rows
     select_sql: str  # SQLite query: the SQL-formatted fields joined by tabs, then (typeof, value) pairs for Python
     parameters: tuple
     python_types: list  # TargetType of each Python-formatted column, in order
     source_rows: int
-    expected_rows: int  # source rows minus rejected ones
+    expected_rows: object  # source rows minus rejected ones; None when streamed (no count came first)
     key_sql: str  # SQLite expression list naming a row (for messages)
     key_columns: list
     table_sql: str  # the quoted SQLite table name
@@ -101,7 +105,11 @@ class CopyStream:
         self.width = 1 if plan.sql_fields else 0  # the SQL-formatted fields arrive as one value
         self.all_converted = False
         self.rules = [rule_for(t, plan.source_timezone) for t in plan.python_types]
+        self.raw_rules = {position: (index, rule_for(t, plan.source_timezone))
+                          for index, (position, t) in enumerate(plan.raw_types)}
         self.format = self._format_python if self.rules else self._format_sql
+        self.streamed = plan.expected_rows is None
+        self.failure = None  # what read() raised
         self.batch = FIRST_FETCH_ROWS  # adapted to the row size, so wide rows never pile up in memory
 
     def _format_sql(self, rows):
@@ -121,6 +129,15 @@ class CopyStream:
         return b"\n".join(lines) + b"\n"
 
     def read(self, size=-1):
+        # copy_expert turns an exception raised here into a PostgreSQL error carrying its class name;
+        # keep the exception itself, so the load reports it as it is.
+        try:
+            return self._read()
+        except BaseException as error:
+            self.failure = error
+            raise
+
+    def _read(self):
         if os.getppid() != self.parent:
             raise ParentGone()
         parts, total = [], 0
@@ -129,7 +146,9 @@ class CopyStream:
             if not rows:
                 break
             data = self.format(rows)
-            if UNCONVERTED in data and not self.all_converted:
+            if UNCONVERTED in data and self.streamed:
+                data = self._complete(rows)
+            elif UNCONVERTED in data and not self.all_converted:
                 problem = self._unexpected()
                 if problem:
                     raise MigrationError(problem)
@@ -141,6 +160,67 @@ class CopyStream:
         if progress_counters is not None:
             progress_counters[self.plan.index] = self.rows
         return b"".join(parts)
+
+    def _complete(self, rows):
+        """Streamed rows holding UNCONVERTED fields: Python formats what SQL left to it, or names the bad value."""
+        lines = []
+        for number, row in enumerate(rows, start=self.rows):
+            line = row[0]
+            if UNCONVERTED in line:
+                fields = line.split(b"\t")
+                for position, field in enumerate(fields):
+                    if field != UNCONVERTED:
+                        continue
+                    index, rule = self.raw_rules.get(position, (None, None))
+                    storage = row[1 + 2 * index] if rule else None
+                    if storage is None:  # the rule's SQL refused the value (or the source's text is 0x01)
+                        problem = self._refused_value(number, position)
+                        if problem:
+                            raise MigrationError(problem)
+                        continue
+                    try:
+                        fields[position] = rule.convert(STORAGE_CLASS[storage], row[2 + 2 * index])
+                    except Invalid as error:
+                        raise MigrationError(
+                            self._bad_value(number, position, row[2 + 2 * index], str(error))) from None
+                line = b"\t".join(fields)
+            lines.append(line)
+        return b"\n".join(lines) + b"\n"
+
+    def _row(self, number, columns):
+        """The key and the given SQLite expressions of the query's row ``number`` (0-based)."""
+        plan = self.plan
+        query = (f"SELECT {plan.key_sql}, {', '.join(columns)} FROM {plan.table_sql} "  # noqa: S608
+                 f"WHERE {plan.where_sql} LIMIT 1 OFFSET ?")
+        return self.cursor.connection.execute(query, plan.parameters + (number,)).fetchone()
+
+    def _bad_value(self, number, position, value, reason, key=None):
+        plan = self.plan
+        if key is None:
+            key = self._row(number, ["1"])[: len(plan.key_columns)]
+        return (f"table {plan.source_table}, column {plan.copy_sources[position]}, "
+                f"{describe_key(plan.key_columns, list(key))}: value {display(value)} {reason}")
+
+    def _refused_value(self, number, position):
+        """The message for a value the field's SQL refused, or None when the field is the source's own 0x01."""
+        plan = self.plan
+        q = sqlite_ident(plan.copy_sources[position])
+        found = self._row(number, [f"typeof({q})", q, f"({plan.sql_fields[position]}) IS NULL"])
+        width = len(plan.key_columns)
+        storage, value, refused = found[width], found[width + 1], found[width + 2]
+        if not refused:
+            return None
+        rule = rule_for(plan.field_types[position], plan.source_timezone)
+        if value is None:
+            return (f"table {plan.source_table}, column {plan.copy_sources[position]}, "
+                    f"{describe_key(plan.key_columns, list(found[:width]))}: is NULL but the target column is NOT NULL "
+                    f"({rule.target.sql})")
+        try:
+            rule.convert(STORAGE_CLASS[storage], value)
+            reason = f"cannot become {rule.target.sql}"
+        except Invalid as error:
+            reason = str(error)
+        return self._bad_value(number, position, value, reason, key=found[:width])
 
     def _unexpected(self):
         """Name the first column and row whose SQL formatting gave NULL, or None when there is none."""
@@ -182,7 +262,7 @@ def load_table(source, conninfo, plan, fingerprint):
                 if has_rows(cursor, plan.schema, plan.target_table):
                     raise MigrationError(
                         f"table {plan.schema}.{plan.target_table} received rows from elsewhere while this run "
-                        "was starting; nothing of this table was written")
+                        "was starting")
             freeze = bool(plan.create_sql) or _truncated(cursor, target)
             copy = sql.SQL("COPY {} ({}) FROM STDIN{}").format(
                 target, sql.SQL(", ").join(map(sql.Identifier, plan.copy_columns)),
@@ -193,25 +273,27 @@ def load_table(source, conninfo, plan, fingerprint):
                 raise MigrationError(f"source table {plan.source_table} cannot be read: {error}") from None
             stream = CopyStream(rows, plan)
             try:
-                cursor.copy_expert(copy.as_string(cursor), stream, size=CHUNK_BYTES)
-            except psycopg2.Error as error:
-                if pg.closed:
-                    raise  # a lost connection, not a refusal: told below
-                raise MigrationError(_refused(lite, plan, error, conninfo)) from None
+                try:
+                    cursor.copy_expert(copy.as_string(cursor), stream, size=CHUNK_BYTES)
+                except psycopg2.Error as error:
+                    if stream.failure is not None and not pg.closed:
+                        raise stream.failure from None
+                    if pg.closed:
+                        raise  # a lost connection, not a refusal: told below
+                    raise MigrationError(_refused(lite, plan, error, conninfo)) from None
             except Invalid as error:
-                raise MigrationError(
-                    f"table {plan.source_table}: a value {error}; nothing of this table was written") from None
+                raise MigrationError(f"table {plan.source_table}: a value {error}") from None
             except sqlite3.DatabaseError as error:
                 raise MigrationError(f"source table {plan.source_table} cannot be read: {error}") from None
             copied = cursor.rowcount
-            if copied != stream.rows or copied != plan.expected_rows:
+            if copied != stream.rows or copied != (plan.expected_rows if plan.expected_rows is not None else copied):
                 raise MigrationError(
                     f"table {plan.source_table}: PostgreSQL stored {copied} rows, {stream.rows} were sent and "
-                    f"{plan.expected_rows} expected; nothing of this table was written")
+                    f"{plan.expected_rows} expected")
             if source.fingerprint() != fingerprint:
                 raise MigrationError(
-                    f"source {source.path} changed while it was being read (another process wrote to it): "
-                    f"stop the application and run again; nothing of table {plan.source_table} was written")
+                    f"source {source.path} changed while table {plan.source_table} was being read (another process "
+                    "wrote to it): stop the application and run again")
             seconds = time.monotonic() - started
             record_load(cursor, plan.schema, plan.source_id, plan.target_table, plan.source_table, source.path,
                         copied, plan.source_rows - copied, started_at, seconds)
@@ -244,13 +326,11 @@ def _failed(plan, error, conninfo, lost, committing):
     table = f"table {plan.source_table}"
     if lost and committing:
         return (f"{table}: the connection to {server_address(conninfo)} was lost while the table's load was "
-                f"committing ({LOST_CAUSES}): the state table tells whether it committed, and a rerun skips the "
-                f"table if it did and loads it again if not; {COMMITTED_STAY}")
+                f"committing ({LOST_CAUSES})")
     if lost:
         return (f"{table}: the connection to {server_address(conninfo)} was lost while the table was loading "
-                f"({LOST_CAUSES}); the table's transaction was rolled back, {COMMITTED_STAY}")
-    return (f"{table}: PostgreSQL stopped the load: {first_line(error, conninfo)}; the table's transaction was "
-            f"rolled back, {COMMITTED_STAY}")
+                f"({LOST_CAUSES})")
+    return f"{table}: PostgreSQL stopped the load: {first_line(error, conninfo)}"
 
 
 def _truncated(cursor, target):
@@ -280,25 +360,51 @@ def _truncated(cursor, target):
 
 
 def _refused(lite, plan, error, conninfo):
-    """PostgreSQL's refusal as one line naming the table, column, row and value."""
+    """PostgreSQL's refusal as one line naming the table, column, row and value (the COPY line mapped back)."""
     diag = getattr(error, "diag", None)
     context = " ".join((getattr(diag, "context", None) or "").split())
     message = getattr(diag, "message_primary", None) or first_line(error, conninfo)
-    where = ""
-    if context.startswith("COPY"):
-        # "COPY files, line 17, column created_at: "..."": line N is the query's Nth row.
+    detail = " ".join((getattr(diag, "message_detail", None) or "").split())
+    if detail:
+        message += f" ({detail})"
+    # "... COPY files, line 17, column created_at: "..."": line N is the query's Nth row. The COPY part
+    # comes last (a JSON error puts its own "line 1" before it).
+    copy_context = context[context.rfind("COPY "):] if "COPY " in context else ""
+    line = copy_context.split(", line ")[1].split(",")[0].split(":")[0] if ", line " in copy_context else ""
+    column = copy_context.split(", column ")[1].split(":")[0] if ", column " in copy_context else ""
+    where, shown = "", ""
+    if line.isdigit():
         try:
-            line = int(context.split(", line ")[1].split(",")[0].split(":")[0])
-            key_query = (f"SELECT {plan.key_sql} FROM {plan.table_sql} WHERE {plan.where_sql} "  # noqa: S608
-                         f"LIMIT 1 OFFSET ?")
-            key = lite.execute(key_query, plan.parameters + (line - 1,)).fetchone()
-            if key:
-                where = f", {describe_key(plan.key_columns, list(key))}"
-        except (IndexError, ValueError, sqlite3.DatabaseError):
-            pass
-        column = context.split(", column ")[1].split(":")[0] if ", column " in context else ""
-        if column:
-            where = f", column {column}{where}"
-    return (f"table {plan.source_table}{where}: PostgreSQL refused the data: {message}"
-            f"{' (' + context + ')' if context else ''}; nothing of this table was written")
+            found = lite.execute(
+                f"SELECT {', '.join([plan.key_sql] + [sqlite_ident(c) for c in plan.copy_sources])} "  # noqa: S608
+                f"FROM {plan.table_sql} WHERE {plan.where_sql} LIMIT 1 OFFSET ?",
+                plan.parameters + (int(line) - 1,)).fetchone()
+        except sqlite3.DatabaseError:
+            found = None
+        if found:
+            width = len(plan.key_columns)
+            values = dict(zip(plan.copy_sources, found[width:]))
+            where = f", {describe_key(plan.key_columns, list(found[:width]))}"
+            source_column = plan.copy_sources[plan.copy_columns.index(column)] if column in plan.copy_columns \
+                else _undecodable(values)
+            if source_column:
+                where = f", column {source_column}{where}"
+                shown = f"value {display(values[source_column])} "
+    table = f"table {plan.source_table}{where}"
+    if any(marker in message for marker in TOO_LARGE):
+        return (f"{table}: a value is larger than PostgreSQL accepts (at most 1 GB per value, less for a whole row "
+                "in one COPY line)")
+    return f"{table}: {shown}was refused by PostgreSQL: {message}"
 
+
+def _undecodable(values):
+    """The first column holding text PostgreSQL cannot take (invalid UTF-8, NUL), for a refusal naming none."""
+    for name, value in values.items():
+        if isinstance(value, bytes):
+            try:
+                if "\x00" not in value.decode("utf-8"):
+                    continue
+            except UnicodeDecodeError:
+                pass
+            return name
+    return ""

@@ -485,6 +485,21 @@ def _foreign_key_check(connection, profile, table, collect, limit):
     profile.uncollected_rejects += max(0, count - limit)
 
 
+def foreign_key_findings(connection, table, storage, rowid_aliases):
+    """One-line messages for the first child rows of ``table`` whose parent is missing ([] when none).
+
+    For a table loaded without a profile: ``storage`` maps its columns to the storage classes they may
+    hold (all of them when unknown, which rules out the bitmap only for keys that are not rowids).
+    """
+    profile = TableProfile(table.name, 0, [ColumnProfile(c, "", None, list(s)) for c, s in storage.items()],
+                           table.key_columns)
+    if not _references_resolve(connection, profile, table, rowid_aliases):
+        _foreign_key_check(connection, profile, table, False, 1)
+    return profile.problems + [
+        f"table {table.name}, column {bad.column}, {describe_key(profile.key_columns, bad.key)}: {bad.reason}"
+        for bad in profile.bad_values]
+
+
 def integrity_check(connection, quick=False):
     """[] when the database passes PRAGMA integrity_check (or quick_check), else the first problems."""
     pragma = "quick_check" if quick else "integrity_check"

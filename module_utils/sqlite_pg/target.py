@@ -251,6 +251,7 @@ class Step:
     name: str
     statement: object  # Composable
     note: str = ""
+    foreign_key: tuple = ()  # validations: (child columns, parent table, parent columns), to name an orphan
 
 
 def _relation_exists(cursor, schema, name):
@@ -390,7 +391,8 @@ def plan_post_data(cursor, schema, tables):
                 sql.Identifier(schema, parent["name"]), sql.SQL(", ").join(map(sql.Identifier, parent_cols)),
                 sql.SQL(on_delete), sql.SQL(on_update))))
             steps.append(Step(3, target, "foreign key validation", name, sql.SQL(
-                "ALTER TABLE {} VALIDATE CONSTRAINT {}").format(table_ident, sql.Identifier(name))))
+                "ALTER TABLE {} VALIDATE CONSTRAINT {}").format(table_ident, sql.Identifier(name)),
+                foreign_key=(child_cols, parent["name"], parent_cols)))
     return steps, notes
 
 

@@ -1,0 +1,140 @@
+"""What each table's load reads and how: the SQLite query that formats its COPY lines.
+
+Two kinds of plan:
+
+* **streamed** (the default run): no profile came first, so the query must
+  itself refuse every value the rules refuse. Each field is the rule's
+  formatting expression behind the rule's validity test; a value that fails it
+  becomes byte 0x01 (UNCONVERTED) and the load names it (loader.CopyStream).
+  Storage classes SQL cannot format exactly (REAL timestamps, text in integer
+  columns, ...) arrive as (typeof, value) pairs beside the line, NULL for every
+  other row, and are converted by the rule's Python form. What PostgreSQL's
+  input functions refuse themselves (calendar dates, UUID and JSON syntax,
+  varchar lengths, invalid UTF-8, NUL) it refuses during COPY, and the load maps
+  the COPY line back to its rowid.
+* **profiled** (check mode, ``on_invalid: reject``, ``preflight``, tables the
+  run creates): the profile found each column's storage classes and bad rows,
+  so the query formats exactly those classes and leaves out rejected rows.
+"""
+
+import json
+
+from .loader import LoadPlan, copy_line_sql
+from .names import sqlite_ident
+from .profile import ColumnProfile, TableProfile
+from .rules import TimestampRule, rule_for
+
+STORAGE_CLASSES = ("integer", "real", "text", "blob")
+
+
+def streamed_profile(table, targets, estimated_rows):
+    """A stand-in TableProfile for a table loaded without a profile: its target types, an estimated row count."""
+    columns = [ColumnProfile(c.name, c.declared, targets[c.name], [], conversion="streamed") for c in table.columns]
+    return TableProfile(table.name, estimated_rows, columns, table.key_columns)
+
+
+def _copy_escape(q):
+    """SQL escaping a text value for COPY; instr() finds the four bytes faster than one GLOB class does."""
+    return (f"CASE WHEN instr({q}, char(9)) OR instr({q}, char(10)) OR instr({q}, char(13)) OR instr({q}, '\\') "
+            f"THEN replace(replace(replace(replace({q}, '\\', '\\\\'), char(9), '\\t'), char(10), '\\n'), "
+            f"char(13), '\\r') ELSE {q} END")
+
+
+def streamed_field(rule, q, null_allowed=True):
+    """(SQL of the COPY field, SQL condition for rows Python must format, or None).
+
+    One branch per storage class the rule's SQL formats exactly, each behind the rule's
+    validity test: the field is NULL (then char(1)) for a value the rule refuses, so nothing
+    PostgreSQL would accept silently (a timestamp 'now' or 'infinity', a number out of a
+    column's range) gets past the rules. The other classes are left to Python.
+    """
+    valid = rule.valid_sql(q) or "1"
+    branches, python_classes = [], []
+    for storage_class in STORAGE_CLASSES:
+        formatted = rule.format_sql(q, {storage_class}, specials=False)
+        if formatted is None:
+            python_classes.append(storage_class)
+            continue
+        test = valid
+        if storage_class == "text" and rule.text_scan:
+            # printf() would end the line's text at a NUL silently; PostgreSQL judges the UTF-8 itself.
+            test = f"({valid}) AND instr({q}, char(0)) = 0"
+            formatted = _copy_escape(q) if formatted == q else formatted.replace(
+                f"ELSE {q} END", f"ELSE {_copy_escape(q)} END")
+        if storage_class == "text" and isinstance(rule, TimestampRule) and not rule.aware:
+            # PostgreSQL would drop a zone silently from timestamp without time zone: Python converts those.
+            branches.append(f"WHEN 'text' THEN CASE WHEN {TimestampRule.has_zone_sql(q)} THEN NULL "
+                            f"WHEN {test} THEN {formatted} END")
+            python_classes.append("zoned text")
+            continue
+        branches.append(f"WHEN '{storage_class}' THEN CASE WHEN {test} THEN {formatted} END")
+    null = "'\\N'" if null_allowed else "NULL"
+    field = f"CASE typeof({q}) WHEN 'null' THEN {null} {' '.join(branches)} END"
+    if not python_classes:
+        return field, None
+    conditions = [f"typeof({q}) IN ({', '.join(repr(c) for c in python_classes if c != 'zoned text')})"]
+    if "zoned text" in python_classes:
+        conditions.append(TimestampRule.has_zone_sql(q))
+    return field, "coalesce(" + " OR ".join(conditions) + ", 0)"
+
+
+def load_plan(*, index, name, target_table, schema, source, profile, column_names, create_sql, source_timezone,
+              source_id, streamed, notnull=()):
+    """The LoadPlan of one table (see the module docstring for the two kinds)."""
+    table_sql = sqlite_ident(source.name)
+    sql_fields, sql_columns, field_sources, field_types = [], [], [], []
+    python_fields, python_columns, python_types, raw_fields, raw_types = [], [], [], [], []
+    for column in profile.columns:
+        q = sqlite_ident(column.name)
+        rule = rule_for(column.target, source_timezone)
+        if streamed:
+            # A NULL into a NOT NULL column is refused here, by name, before PostgreSQL would refuse it.
+            field, python = streamed_field(rule, q, column.name not in notnull)
+            if python:
+                raw_fields.append(f"CASE WHEN {python} THEN typeof({q}) END, CASE WHEN {python} THEN {q} END")
+                raw_types.append((len(sql_fields), column.target))
+        else:
+            classes = set(column.storage) - {"null"}
+            formatted = rule.format_sql(q, classes, zoned_text=bool(column.zoned_text), specials=column.specials)
+            if formatted is None:
+                python_fields.append(f"typeof({q}), {q}")
+                python_columns.append(column_names[column.name])
+                python_types.append(column.target)
+                continue
+            # A NULL that is not a SQLite NULL means a value escaped the profile: the load stops on it.
+            field = f"CASE WHEN {q} IS NULL THEN '\\N' ELSE {formatted} END"
+        sql_fields.append(field)
+        sql_columns.append(column_names[column.name])
+        field_sources.append(column.name)
+        field_types.append(column.target)
+    where, parameters = ["1"], []
+    if profile.invalid_sql:
+        where.append(f"NOT ({profile.invalid_sql})")
+    if profile.python_excluded:
+        key = source.key_columns
+        if source.rowid:
+            where.append(f"{source.rowid} NOT IN (SELECT value FROM json_each(?))")  # noqa: S608 - fixed alias
+            parameters.append(json.dumps([k[0] for k in profile.python_excluded]))
+        else:
+            match = " AND ".join(f"{sqlite_ident(c)} IS json_extract(j.value, '$[{i}]')" for i, c in enumerate(key))
+            where.append(f"NOT EXISTS (SELECT 1 FROM json_each(?) j WHERE {match})")  # noqa: S608 - quoted
+            parameters.append(json.dumps([[_jsonable(v) for v in k] for k in profile.python_excluded]))
+    where_sql = " AND ".join(where)
+    row_sql = [copy_line_sql(sql_fields)] if sql_fields else []
+    select_sql = (f"SELECT {', '.join(row_sql + python_fields + raw_fields)} "  # noqa: S608 - quoted identifiers
+                  f"FROM {table_sql} WHERE {where_sql}")
+    key_sql = ", ".join(c if c in ("rowid", "_rowid_", "oid") else sqlite_ident(c) for c in source.key_columns)
+    python_sources = [c.name for c in profile.columns if column_names[c.name] in python_columns]
+    return LoadPlan(
+        index=index, source_table=name, target_table=target_table, schema=schema, create_sql=create_sql,
+        copy_columns=sql_columns + python_columns, copy_sources=field_sources + python_sources,
+        sql_fields=sql_fields, field_types=field_types, raw_types=raw_types, select_sql=select_sql,
+        parameters=tuple(parameters), python_types=python_types, source_rows=profile.rows,
+        expected_rows=None if streamed else profile.rows - profile.rejected_rows, key_sql=key_sql,
+        key_columns=source.key_columns, table_sql=table_sql, where_sql=where_sql, source_timezone=source_timezone,
+        source_id=source_id,
+    )
+
+
+def _jsonable(value):
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value

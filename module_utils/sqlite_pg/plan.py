@@ -1,0 +1,343 @@
+"""The run's plan: options, the source's schema, the target's tables, and per table what to do.
+
+Everything here happens before the first write: a run that stops here leaves
+nothing behind. Per table the decision is skip (already loaded from this
+source), load (empty), create (missing), or a one-line refusal.
+"""
+
+import hashlib
+import json
+import os
+
+from psycopg2 import sql
+
+from .errors import MigrationError
+from .names import pg_name, sqlite_ident
+from .profile import describe_key, display
+from .rules import Invalid, check_timezone, rule_for, storage_class_of
+from .source import foreign_key_order, read_schema
+from .target import (
+    STATE_TABLE,
+    count_rows,
+    default_literal,
+    has_rows,
+    planned_tables,
+    read_table,
+    schema_exists,
+    state_rows,
+)
+from .typemap import clock_default, parse_default
+
+MAX_COLUMNS = 1600  # PostgreSQL's limit per table
+FINDINGS_SHOWN = 5  # a failed run lists this many of its findings, one line each
+LOCK_NAMESPACE = "sqlite_to_postgres:"
+
+
+class Plan:
+    """Reading the source and the target, and deciding per table (a stage of engine.Run)."""
+
+    def _validate_options(self):
+        if self.on_invalid not in ("fail", "reject"):
+            raise MigrationError(f"on_invalid must be 'fail' or 'reject', not {self.on_invalid!r}")
+        if self.on_invalid == "reject" and not self.reject_file:
+            raise MigrationError("on_invalid: reject needs reject_file (where rejected rows are written)")
+        if not isinstance(self.jobs, int) or self.jobs < 1:
+            raise MigrationError(f"jobs must be a whole number of at least 1, not {self.jobs!r}")
+        if not isinstance(self.max_rejects, int) or self.max_rejects < 0:
+            raise MigrationError(f"max_rejects must be 0 or more, not {self.max_rejects!r}")
+        if self.integrity not in ("full", "quick"):
+            raise MigrationError(f"integrity_check must be 'full' or 'quick', not {self.integrity!r}")
+        try:
+            check_timezone(self.source_timezone)
+        except ValueError as error:
+            raise MigrationError(f"source_timezone: {error}") from None
+        for option, path in (("reject_file", self.reject_file), ("progress_file", self.progress.path)):
+            if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+                raise MigrationError(f"{option}: directory {os.path.dirname(os.path.abspath(path))} does not exist")
+
+    def _read_source_schema(self):
+        connection = self.source.connect()
+        try:
+            tables, notes = read_schema(connection)
+            # Foreign keys of a selected table may reference any table of the source.
+            self.rowid_aliases = {t.name: t.rowid_alias for t in tables if t.rowid and t.rowid_alias}
+            # Row totals for progress and the dispatch order, without reading the tables.
+            self.highest = {t.name: _highest_rowid(connection, t) for t in tables}
+            self.sizes = {t.name: self.highest[t.name] * len(t.columns) for t in tables}
+        except Exception as error:  # sqlite3 raises DatabaseError and friends for corrupt schemas
+            raise MigrationError(f"source {self.source.path} cannot be read: {error}") from None
+        finally:
+            connection.close()
+        self.notes += notes
+        by_name = {t.name: t for t in tables}
+        if self.requested:
+            selected = []
+            for name in self.requested:
+                match = by_name.get(name) or next((t for t in tables if t.name.lower() == str(name).lower()), None)
+                if match is None:
+                    available = ", ".join(sorted(by_name)) or "none"
+                    raise MigrationError(f"table {name} does not exist in source {self.source.path} "
+                                         f"(its tables: {available})")
+                if match not in selected:
+                    selected.append(match)
+        else:
+            selected = tables
+        self.tables = {t.name: t for t in selected}
+        self.order, order_notes = foreign_key_order(selected)
+        self.notes += order_notes
+        self.target_names = {name: pg_name(name) for name in self.order}
+        seen = {}
+        for name, target in self.target_names.items():
+            if target in seen:
+                raise MigrationError(f"tables {seen[target]} and {name} both become {target} in PostgreSQL "
+                                     "(names are cut to 63 bytes)")
+            if target == STATE_TABLE:
+                raise MigrationError(f"source table {name} has the name of this module's state table")
+            seen[target] = name
+            if target != name:
+                self.notes.append(f"table {name} becomes {target} in PostgreSQL (names are cut to 63 bytes)")
+            if len(self.tables[name].columns) > MAX_COLUMNS:
+                raise MigrationError(f"table {name} has {len(self.tables[name].columns)} columns; PostgreSQL allows "
+                                     f"at most {MAX_COLUMNS:,} per table: split it before migrating; nothing was "
+                                     "written")
+
+    def _lock(self):
+        # One run per target schema at a time (session-level advisory lock, released when the session ends).
+        digest = hashlib.sha256((LOCK_NAMESPACE + self.schema).encode()).digest()
+        key = int.from_bytes(digest[:8], "big", signed=True)
+        with self.pg.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+            if not cursor.fetchone()[0]:
+                raise MigrationError(f"another sqlite_to_postgres run is loading schema {self.schema} "
+                                     "of this database; wait for it to finish")
+        self.pg.commit()
+
+    def _read_target(self):
+        self.existing, self.targets, self.notnull, self.column_names = {}, {}, {}, {}
+        problems = []
+        with self.pg.cursor() as cursor:
+            self.schema_present = schema_exists(cursor, self.schema)
+            if not self.schema_present and not self.create_tables and not self._uses_target_ddl():
+                raise MigrationError(f"schema {self.schema} does not exist in the target database "
+                                     "(and create_tables is false)")
+            for name in self.order:
+                found = read_table(cursor, self.schema, self.target_names[name]) if self.schema_present else None
+                self.existing[name] = found
+        self.pg.commit()
+        planned = self._planned_tables()
+        for name in self.order:
+            existing = self.existing[name] or planned.get(name)
+            if existing is None and not self.create_tables:
+                raise MigrationError(f"target table {self.schema}.{self.target_names[name]} does not exist "
+                                     "(and create_tables is false)")
+            problems += self._match_columns(self.tables[name], existing)
+        if problems:
+            raise MigrationError(problems[0] + self._more(len(problems) - 1, "problem"))
+
+    def _uses_target_ddl(self):
+        return self.check_mode and bool(self.target_ddl)
+
+    def _planned_tables(self):
+        """Check mode: {source table: TargetTable} of the missing tables as target_ddl creates them.
+
+        The real run loads into the tables the schema stage makes from that SQL, so the profile
+        must check the values against those types, not the ones this engine would pick.
+        """
+        missing = [self.target_names[name] for name in self.order if self.existing[name] is None]
+        if not (self._uses_target_ddl() and missing):
+            return {}
+        found = planned_tables(self.pg, self.schema, self.target_ddl, missing)
+        return {name: found[self.target_names[name]] for name in self.order if self.target_names[name] in found}
+
+    def _match_columns(self, source, existing):
+        """Fill targets/notnull/column_names for one table; return problems (one line each)."""
+        problems, targets, notnull, names = [], {}, set(), {}
+        if existing is None:
+            seen = {}
+            for column in source.columns:
+                target_name = pg_name(column.name)
+                if target_name in seen:
+                    problems.append(f"table {source.name}: columns {seen[target_name]} and {column.name} both "
+                                    f"become {target_name} in PostgreSQL (names are cut to 63 bytes)")
+                seen[target_name] = column.name
+                if target_name != column.name:
+                    self.notes.append(f"table {source.name}: column {column.name} becomes {target_name} in "
+                                      "PostgreSQL (names are cut to 63 bytes)")
+                names[column.name] = target_name
+                targets[column.name] = None
+                if column.notnull or column.pk_position:
+                    notnull.add(column.name)
+        else:
+            for column in source.columns:
+                match = existing.column(column.name)
+                if match is None:
+                    problems.append(
+                        f"table {source.name}: column {column.name} has no column in target table "
+                        f"{self.schema}.{existing.name} (it has {', '.join(c.name for c in existing.columns)})")
+                    continue
+                if match.generated:
+                    problems.append(f"table {source.name}: target column {existing.name}.{match.name} is generated "
+                                    "and cannot be loaded")
+                    continue
+                names[column.name] = match.name
+                targets[column.name] = match.type
+                if match.notnull:
+                    notnull.add(column.name)
+            loaded = set(names.values())
+            for column in existing.columns:
+                if column.name not in loaded and column.notnull and not column.has_default and not column.generated:
+                    problems.append(f"table {source.name}: target column {existing.name}.{column.name} is NOT NULL "
+                                    "without a default and has no source column")
+        self.targets[source.name], self.notnull[source.name], self.column_names[source.name] = targets, notnull, names
+        return problems
+
+    def _decide(self):
+        if self.integrity_problems:
+            self.result["findings"] = self.integrity_problems[:FINDINGS_SHOWN]
+            raise MigrationError(f"source {self.source.path} fails PRAGMA {self._pragma()}: "
+                                 f"{self.integrity_problems[0]}" + self._more(len(self.integrity_problems) - 1,
+                                                                             "problem"))
+        problems = [p for name in self.order for p in self.profiles[name].problems]
+        if problems:
+            self.result["findings"] = problems[:FINDINGS_SHOWN]
+            raise MigrationError(problems[0] + self._more(len(problems) - 1, "problem") + "; nothing was written")
+        bad = [(name, b) for name in self.order for b in self.profiles[name].bad_values]
+        rejected = sum(self.profiles[name].rejected_rows for name in self.order)
+        if bad and (self.on_invalid == "fail" or rejected > self.max_rejects):
+            self.result["findings"] = [self._bad_message(name, b) for name, b in bad[:FINDINGS_SHOWN]]
+        if bad and self.on_invalid == "fail":
+            name, first = bad[0]
+            total_invalid = sum(c.invalid for p in self.profiles.values() for c in p.columns) or len(bad)
+            raise MigrationError(self._bad_message(name, first) + self._more(total_invalid - 1, "invalid value")
+                                 + "; nothing was written")
+        if rejected > self.max_rejects:
+            name, first = bad[0]
+            raise MigrationError(f"{rejected} rows are invalid, more than max_rejects ({self.max_rejects}); "
+                                 f"first: {self._bad_message(name, first)}; nothing was written")
+        self.actions = {}
+        problems = []
+        with self.pg.cursor() as cursor:
+            recorded = state_rows(cursor, self.schema) if self.schema_present else {}
+            for name in self.order:
+                problem = self._decide_table(cursor, name, recorded.get(self.target_names[name], []))
+                if problem:
+                    problems.append(problem)
+        self.pg.commit()
+        if problems:
+            raise MigrationError(problems[0] + self._more(len(problems) - 1, "problem") + "; nothing was written")
+        if rejected and not self.check_mode:
+            self._write_rejects()
+
+    def _decide_table(self, cursor, name, recorded):
+        target = self.target_names[name]
+        mine = [r for r in recorded if r[0] == self.source_id]
+        entry = {"total_rows": self.profiles[name].rows, "migrated": 0, "rejected": 0, "status": "pending",
+                 "seconds": 0.0, "rows_per_second": 0.0, "action": "load"}
+        self.result["tables"][name] = entry
+        if self.existing[name] is None:
+            self.actions[name] = "create"
+            return ""
+        present = count_rows(cursor, self.schema, target) if mine else None
+        if mine:
+            _source_id, _path, loaded, rejected, _loaded_at, validated = mine[-1]
+            if present == loaded:
+                entry.update(migrated=present, rejected=rejected, status="completed", action="skipped",
+                             validated=validated)
+                self.actions[name] = "skip"
+                self.progress.finish(name, "skipped", present)
+                return ""
+            if present:
+                return (f"target table {self.schema}.{target} holds {present} rows but {loaded} were loaded from this "
+                        "source: it was changed after the migration; empty it to load it again")
+        elif has_rows(cursor, self.schema, target):
+            other = recorded[-1] if recorded else None
+            origin = (f"loaded from another source ({other[1]}, snapshot {other[0][:12]}, {other[4]:%Y-%m-%d %H:%M})"
+                      if other else "not loaded by this module")
+            return (f"target table {self.schema}.{target} already holds rows {origin}; "
+                    "empty it or choose another schema")
+        self.actions[name] = "load"
+        return ""
+
+    def _bad_message(self, name, bad):
+        profile = self.profiles[name]
+        where = f"table {name}"
+        if bad.column:
+            where += f", column {bad.column}"
+        where += f", {describe_key(profile.key_columns, bad.key)}"
+        shown = f"value {display(bad.value)} " if bad.value is not None else ""
+        return f"{where}: {shown}{bad.reason}"
+
+    @staticmethod
+    def _more(count, what):
+        return f" (and {count} more {what}{'s' if count != 1 else ''})" if count > 0 else ""
+
+    def _pragma(self):
+        return "quick_check" if self.integrity == "quick" else "integrity_check"
+
+    def _write_rejects(self):
+        temporary = self.reject_file + ".partial"
+        with open(temporary, "w", encoding="utf-8") as stream:
+            for name in self.order:
+                profile = self.profiles[name]
+                for bad in profile.bad_values:
+                    stream.write(json.dumps(bad.record(name, profile.key_columns), ensure_ascii=False,
+                                            default=repr) + "\n")
+        os.replace(temporary, self.reject_file)
+
+    def _column_ddl(self, name):
+        source, profile = self.tables[name], self.profiles[name]
+        columns = []
+        for column, column_profile in zip(source.columns, profile.columns):
+            target = column_profile.target
+            default = None
+            if column.default is not None and not target.identity:
+                default = self._default(name, column, target)
+            columns.append((self.column_names[name][column.name], target, column.name in self.notnull[name], default))
+        return columns
+
+    def _default(self, table, column, target):
+        kind, value = parse_default(column.default)
+        where = f"{table}.{column.name}"
+        if kind == "clock":
+            keyword = clock_default(value, target)
+            if keyword:
+                return sql.SQL(keyword)
+            self._note(f"{where}: default {column.default} dropped (no equivalent for {target.sql})")
+            return None
+        if kind == "expression":
+            self._note(f"{where}: default {column.default} is SQLite SQL and was dropped")
+            return None
+        if value is None:
+            return None
+        try:
+            text = rule_for(target, self.source_timezone).convert(storage_class_of(value), value)
+        except Invalid as error:
+            self._note(f"{where}: default {column.default} dropped: it {error}")
+            return None
+        return default_literal(_unescape_copy(text), target)
+
+    def _note(self, text):
+        self.result["profile"].setdefault("notes", []).append(text)
+
+
+def _highest_rowid(connection, table):
+    """max(rowid): the row count, roughly, without reading the table (a b-tree descent); 0 without rowids."""
+    if not table.rowid:
+        return 0
+    highest = connection.execute(f"SELECT max({table.rowid}) FROM {sqlite_ident(table.name)}").fetchone()[0]  # noqa: S608
+    return max(highest or 0, 0)
+
+
+def _unescape_copy(field):
+    """A COPY text field back to the plain text (for default literals)."""
+    text = field.decode("utf-8")
+    out, index = [], 0
+    while index < len(text):
+        char = text[index]
+        if char == "\\" and index + 1 < len(text):
+            out.append({"t": "\t", "n": "\n", "r": "\r", "\\": "\\"}.get(text[index + 1], text[index + 1]))
+            index += 2
+        else:
+            out.append(char)
+            index += 1
+    return "".join(out)
