@@ -25,7 +25,7 @@ from .errors import MigrationError
 from .lease import Lease
 from .loader import COMMITTED_STAY, LOST_CAUSES, LoadPlan, become_worker, copy_line_sql, load_table
 from .names import pg_name, sqlite_ident
-from .profile import describe_key, display, integrity_check, profile_table
+from .profile import describe_key, display, integrity_check, profile_table, resolve_datetime_formats
 from .progress import Progress
 from .rules import Invalid, check_timezone, rule_for, storage_class_of
 from .source import Source, foreign_key_order, read_schema
@@ -57,7 +57,7 @@ LOCK_NAMESPACE = "sqlite_to_postgres:"
 
 def migrate(src, conninfo, schema="public", tables=None, create_tables=True, jobs=DEFAULT_JOBS, on_invalid="fail",
             max_rejects=0, reject_file=None, source_timezone="UTC", progress_file=None, post_data=True,
-            integrity="full", check_mode=False, lease=None, target_ddl=None):
+            integrity="full", check_mode=False, lease=None, target_ddl=None, datetime_formats=None):
     """Migrate the SQLite database ``src`` into ``schema`` of the PostgreSQL database ``conninfo`` describes.
 
     ``conninfo``: libpq keywords for psycopg2.connect (host, port, user, dbname,
@@ -72,19 +72,23 @@ def migrate(src, conninfo, schema="public", tables=None, create_tables=True, job
     mode, target tables that do not exist yet are created from it in one
     transaction that is always rolled back, and the source is profiled against
     their types (without it, against the types the engine would choose).
+    ``datetime_formats``: {"table.column": representation} for date columns whose
+    numbers are not to be read by SQLite's 'auto' rule (rules.DATETIME_FORMATS).
 
     Returns the result dict (status, changed, msg, total_tables, total_rows,
     tables, profile, post_data, source_id). Raises MigrationError, whose
     ``result`` holds the same dict with status 'failed'.
     """
     run = Run(src, conninfo, schema, tables, create_tables, jobs, on_invalid, max_rejects, reject_file,
-              source_timezone, progress_file, post_data, integrity, check_mode, lease, target_ddl)
+              source_timezone, progress_file, post_data, integrity, check_mode, lease, target_ddl,
+              datetime_formats or {})
     return run.execute()
 
 
 class Run:
     def __init__(self, src, conninfo, schema, tables, create_tables, jobs, on_invalid, max_rejects, reject_file,
-                 source_timezone, progress_file, post_data, integrity, check_mode, lease=None, target_ddl=None):
+                 source_timezone, progress_file, post_data, integrity, check_mode, lease=None, target_ddl=None,
+                 datetime_formats=None):
         self.src, self.conninfo, self.schema = src, dict(conninfo), schema
         # Every session of this run carries one name, so that exactly these can be ended (lease.py).
         self.conninfo.setdefault("application_name", f"{APPLICATION_NAME} {secrets.token_hex(4)}")
@@ -94,6 +98,7 @@ class Run:
         self.on_invalid, self.max_rejects, self.reject_file = on_invalid, max_rejects, reject_file
         self.source_timezone, self.post_data, self.integrity = source_timezone, post_data, integrity
         self.check_mode, self.target_ddl = check_mode, target_ddl
+        self.datetime_option = datetime_formats or {}
         self.progress = Progress(None if check_mode else progress_file, {})
         self.result = {"changed": False, "status": "failed", "msg": "", "total_tables": 0, "total_rows": 0,
                        "tables": {}, "profile": {}, "post_data": [], "source_id": "", "findings": []}
@@ -212,6 +217,7 @@ class Run:
         finally:
             connection.close()
         self.notes += notes
+        self.datetime_formats = resolve_datetime_formats(self.datetime_option, tables)
         by_name = {t.name: t for t in tables}
         if self.requested:
             selected = []
@@ -341,7 +347,8 @@ class Run:
         if self.integrity == "full":
             integrity()
         for name in sorted(self.order, key=lambda n: -self.sizes[n]):
-            table_options = dict(options, notnull=self.notnull[name])
+            table_options = dict(options, notnull=self.notnull[name],
+                                 datetime_formats=self.datetime_formats.get(name, {}))
             futures[self.pool.submit(_profile_task, self.source, self.tables[name], self.targets[name],
                                      table_options, self.baseline)] = ("profile", name)
         if self.integrity == "quick":
@@ -490,15 +497,17 @@ class Run:
         names = self.column_names[name]
         table_sql = sqlite_ident(source.name)
         sql_fields, python_fields, sql_columns, python_columns, python_types = [], [], [], [], []
+        python_formats = []
         for column in profile.columns:
             q = sqlite_ident(column.name)
-            rule = rule_for(column.target, self.source_timezone)
+            rule = rule_for(column.target, self.source_timezone, column.datetime_format)
             classes = set(column.storage) - {"null"}
             formatted = rule.format_sql(q, classes, zoned_text=bool(column.zoned_text), specials=column.specials)
             if formatted is None:
                 python_fields.append(f"typeof({q}), {q}")
                 python_columns.append(names[column.name])
                 python_types.append(column.target)
+                python_formats.append(column.datetime_format)
             else:
                 # A NULL that is not a SQLite NULL means a value escaped the profile: the load stops on it.
                 sql_fields.append(f"CASE WHEN {q} IS NULL THEN '\\N' ELSE {formatted} END")
@@ -525,7 +534,8 @@ class Run:
         return LoadPlan(
             index=index, source_table=name, target_table=self.target_names[name], schema=self.schema,
             create_sql=create, copy_columns=sql_columns + python_columns, sql_fields=sql_fields, select_sql=select_sql,
-            parameters=tuple(parameters), python_types=python_types, source_rows=profile.rows,
+            parameters=tuple(parameters), python_types=python_types, python_formats=python_formats,
+            source_rows=profile.rows,
             expected_rows=profile.rows - profile.rejected_rows, key_sql=key_sql, key_columns=source.key_columns,
             table_sql=table_sql, where_sql=where_sql, source_timezone=self.source_timezone, source_id=self.source_id,
         )
@@ -556,7 +566,8 @@ class Run:
         if value is None:
             return None
         try:
-            text = rule_for(target, self.source_timezone).convert(storage_class_of(value), value)
+            datetime_format = self.datetime_formats.get(table, {}).get(column.name, "auto")
+            text = rule_for(target, self.source_timezone, datetime_format).convert(storage_class_of(value), value)
         except Invalid as error:
             self._note(f"{where}: default {column.default} dropped: it {error}")
             return None

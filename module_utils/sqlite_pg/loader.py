@@ -19,6 +19,7 @@ from psycopg2 import sql
 from .errors import MigrationError
 from .profile import describe_key
 from .rules import Invalid, rule_for
+from .source import mixed_dates
 from .target import connect, first_line, has_rows, record_load, server_address
 
 CHUNK_BYTES = 1 << 20  # what each read() hands to COPY: large writes, flat memory
@@ -53,6 +54,7 @@ class LoadPlan:
     select_sql: str  # SQLite query: the SQL-formatted fields joined by tabs, then (typeof, value) pairs for Python
     parameters: tuple
     python_types: list  # TargetType of each Python-formatted column, in order
+    python_formats: list  # and its datetime format (rules.DATETIME_FORMATS; matters for date columns only)
     source_rows: int
     expected_rows: int  # source rows minus rejected ones
     key_sql: str  # SQLite expression list naming a row (for messages)
@@ -100,7 +102,7 @@ class CopyStream:
         self.parent = os.getppid()
         self.width = 1 if plan.sql_fields else 0  # the SQL-formatted fields arrive as one value
         self.all_converted = False
-        self.rules = [rule_for(t, plan.source_timezone) for t in plan.python_types]
+        self.rules = [rule_for(t, plan.source_timezone, f) for t, f in zip(plan.python_types, plan.python_formats)]
         self.format = self._format_python if self.rules else self._format_sql
         self.batch = FIRST_FETCH_ROWS  # adapted to the row size, so wide rows never pile up in memory
 
@@ -146,6 +148,9 @@ class CopyStream:
         """Name the first column and row whose SQL formatting gave NULL, or None when there is none."""
         plan = self.plan
         fields = plan.sql_fields
+        mixed = mixed_dates(self.cursor.connection)
+        if mixed:
+            return f"{mixed}; nothing of this table was written"
         if fields:
             query = (f"SELECT {plan.key_sql}, {', '.join(f'({field}) IS NULL' for field in fields)} "  # noqa: S608
                      f"FROM {plan.table_sql} WHERE {plan.where_sql} AND ({' || '.join(fields)}) IS NULL LIMIT 1")
