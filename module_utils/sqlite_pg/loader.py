@@ -99,6 +99,7 @@ class CopyStream:
         self.cursor = cursor
         self.plan = plan
         self.rows = 0
+        self.failure = ""  # why read() stopped the COPY (psycopg2 reports it as a failed read() call)
         self.parent = os.getppid()
         self.width = 1 if plan.sql_fields else 0  # the SQL-formatted fields arrive as one value
         self.all_converted = False
@@ -130,10 +131,15 @@ class CopyStream:
             rows = self.cursor.fetchmany(self.batch)
             if not rows:
                 break
-            data = self.format(rows)
+            try:
+                data = self.format(rows)
+            except Invalid as error:
+                self.failure = f"table {self.plan.source_table}: a value {error}; nothing of this table was written"
+                raise
             if UNCONVERTED in data and not self.all_converted:
                 problem = self._unexpected()
                 if problem:
+                    self.failure = problem
                     raise MigrationError(problem)
                 self.all_converted = True  # the check covered the whole table
             parts.append(data)
@@ -202,7 +208,7 @@ def load_table(source, conninfo, plan, fingerprint):
             except psycopg2.Error as error:
                 if pg.closed:
                     raise  # a lost connection, not a refusal: told below
-                raise MigrationError(_refused(lite, plan, error, conninfo)) from None
+                raise MigrationError(stream.failure or _refused(lite, plan, error, conninfo)) from None
             except Invalid as error:
                 raise MigrationError(
                     f"table {plan.source_table}: a value {error}; nothing of this table was written") from None

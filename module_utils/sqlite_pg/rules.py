@@ -612,7 +612,10 @@ class TimestampRule(Rule):
                 moment = moment.replace(tzinfo=self.zone)
             return moment.isoformat(" ").encode()
         if moment.tzinfo is not None:
-            moment = moment.astimezone(self.zone).replace(tzinfo=None)
+            try:
+                moment = moment.astimezone(self.zone).replace(tzinfo=None)
+            except OverflowError:
+                raise Invalid(f"is outside the years 1 to 9999 in {self.source_timezone}") from None
         return moment.isoformat(" ").encode()
 
 
