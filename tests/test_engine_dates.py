@@ -117,22 +117,26 @@ def test_a_julian_day_column_becomes_the_timestamps_sqlite_shows(tmp_path, pg_da
 
 
 def test_unix_seconds_and_milliseconds_columns(tmp_path, pg_database):
-    rows = [(1, 1709296496, 1709296496123), (2, 1709296496.25, 1709296496123.5), (3, -86400, -100000000000),
-            (4, 5373485, 100000000000)]
-    src = build_sqlite(tmp_path / "u.db", "CREATE TABLE events (id INTEGER PRIMARY KEY, at, at_ms);",
+    rows = [(1, 1709296496, 1709296496123, 0), (2, 1709296496.25, 1709296496123.5, 1000),
+            (3, -86400, -100000000000, -5), (4, 5373485, 100000000000, 5373484.25), (5, None, -100000000001, None)]
+    src = build_sqlite(tmp_path / "u.db", "CREATE TABLE events (id INTEGER PRIMARY KEY, at, at_ms, small);",
                        {"events": rows})
-    execute(pg_database, "CREATE TABLE events (id bigint PRIMARY KEY, at timestamptz, at_ms timestamptz)")
+    execute(pg_database, "CREATE TABLE events (id bigint PRIMARY KEY, at timestamptz, at_ms timestamptz, "
+                         "small timestamptz)")
 
-    migrate(src, pg_database)
+    # small holds Unix times SQLite's rule would take for Julian days: declared, they are seconds
+    migrate(src, pg_database, datetime_formats={"events.small": "unixepoch"})
 
-    assert [row for row in execute(pg_database, "SET TIME ZONE 'UTC'; SELECT at, at_ms FROM events ORDER BY id")] == [
-        (datetime.datetime(2024, 3, 1, 12, 34, 56, tzinfo=UTC), datetime.datetime(2024, 3, 1, 12, 34, 56, 123000,
-                                                                                   tzinfo=UTC)),
-        (datetime.datetime(2024, 3, 1, 12, 34, 56, 250000, tzinfo=UTC),
-         datetime.datetime(2024, 3, 1, 12, 34, 56, 123500, tzinfo=UTC)),
-        (datetime.datetime(1969, 12, 31, tzinfo=UTC), datetime.datetime(1966, 10, 31, 14, 13, 20, tzinfo=UTC)),
-        # just past the Julian-day range: Unix seconds; at the threshold: milliseconds
-        (datetime.datetime(1970, 3, 4, 4, 38, 5, tzinfo=UTC), datetime.datetime(1973, 3, 3, 9, 46, 40, tzinfo=UTC)),
+    def utc(*fields):
+        return datetime.datetime(*fields, tzinfo=UTC)
+
+    assert execute(pg_database, "SELECT at, at_ms, small FROM events ORDER BY id") == [
+        (utc(2024, 3, 1, 12, 34, 56), utc(2024, 3, 1, 12, 34, 56, 123000), utc(1970, 1, 1)),
+        (utc(2024, 3, 1, 12, 34, 56, 250000), utc(2024, 3, 1, 12, 34, 56, 123500), utc(1970, 1, 1, 0, 16, 40)),
+        (utc(1969, 12, 31), utc(1966, 10, 31, 14, 13, 20), utc(1969, 12, 31, 23, 59, 55)),
+        # just past the Julian-day range: Unix seconds; from |n| = 1e11 on: milliseconds
+        (utc(1970, 3, 4, 4, 38, 5), utc(1973, 3, 3, 9, 46, 40), utc(1970, 3, 4, 4, 38, 4, 250000)),
+        (None, utc(1966, 10, 31, 14, 13, 19, 999000), None),
     ]
 
 
