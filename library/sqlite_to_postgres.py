@@ -91,6 +91,20 @@ options:
     - Time zone of the source's timestamps that carry no zone (IANA name).
     type: str
     default: UTC
+  datetime_formats:
+    description:
+    - How the numbers of date and timestamp columns are read, per column as C(table.column). SQLite keeps a
+      date as ISO 8601 text, a Julian day number or Unix time (U(https://sqlite.org/lang_datefunc.html)).
+    - V(auto) (every column not named here) reads a number as SQLite's C(auto) modifier does, a number from
+      0 to below 5373484.5 is a Julian day number, another one Unix time, in milliseconds when its absolute
+      value is 100000000000 or more. A column holding both Julian day numbers and Unix times fails the task,
+      naming the column, since some of its dates would move by decades.
+    - V(julian) Julian day numbers only; V(unixepoch) Unix time in seconds only (small numbers too, such as 0);
+      V(unixepoch_ms) Unix time in milliseconds only; V(iso) text only. A number that does not fit the
+      declared representation is an invalid value. Text dates are read the same way whatever is declared.
+    - A name that is no column of the source fails the task before anything is written.
+    type: dict
+    default: {}
   progress_file:
     description:
     - While the task runs, this file is replaced about once a second with JSON progress
@@ -184,6 +198,8 @@ EXAMPLES = r'''
     max_rejects: 10
     reject_file: /var/tmp/fileshare.rej.jsonl
     source_timezone: Europe/Berlin
+    datetime_formats:
+      tasks.started_at: julian
 '''
 
 RETURN = r'''
@@ -222,7 +238,9 @@ profile:
   description:
   - What the profile found. C(source) (path, bytes, sha256, journal, integrity check result) and per
     table C(rows), C(invalid_rows), C(problems), C(notes) and per column C(declared), C(target),
-    C(storage) (SQLite storage classes found), C(invalid) and C(conversion) (V(sql) or V(python)).
+    C(storage) (SQLite storage classes found), C(invalid) and C(conversion) (V(sql) or V(python)); for a
+    date or timestamp column C(dates), its values per representation (C(iso) text, C(julian), C(unixepoch),
+    C(unixepoch_ms)) and its C(datetime_format).
   - On failure RV(findings) says what the profile found instead.
   returned: success
   type: dict
@@ -265,6 +283,7 @@ def main():
         max_rejects=dict(type='int', default=0),
         reject_file=dict(type='path'),
         source_timezone=dict(type='str', default='UTC'),
+        datetime_formats=dict(type='dict', default={}),
         progress_file=dict(type='path'),
         post_data=dict(type='bool', default=True),
         integrity_check=dict(type='str', default='quick', choices=['full', 'quick']),
@@ -293,7 +312,7 @@ def main():
             preflight=params['preflight'],
             lease=({'key': params['lease_key'], 'backend_pid': params['lease_backend_pid']}
                    if params['lease_key'] is not None else None),
-            target_ddl=params['target_ddl'],
+            target_ddl=params['target_ddl'], datetime_formats=params['datetime_formats'],
         )
     except MigrationError as error:
         result = dict(error.result or {}, status='failed')

@@ -33,7 +33,7 @@ def test_declared_types_map_to_postgresql_types(tmp_path, pg_database):
     """, {"odd": [(1, "Zoë", 12.5, 0.25, 65535, "2024-01-02 03:04:05", "x", 1, "2024-01-02", '{"a": 1}',
                    b"\x00\x01", 2**40, "n", 1.5, "abc", "text")]})
 
-    result = migrate(src, pg_database)
+    result = migrate(src, pg_database, datetime_formats={"odd.happened": "unixepoch"})
 
     assert column_types(pg_database, "odd") == {
         "id": "bigint", "name": "character varying(160)", "amount": "numeric(20,6)", "ratio": "double precision",
@@ -42,7 +42,8 @@ def test_declared_types_map_to_postgresql_types(tmp_path, pg_database):
         "code": "character varying(3)", "mixed": "text"}
     assert result["profile"]["tables"]["odd"]["columns"]["mixed"]["declared"] == "STRING"
     assert_same_content(src, pg_database, "odd")
-    # DATETIME DEFAULT 0 is epoch 0 in PostgreSQL, not the text '0'
+    # DATETIME DEFAULT 0 of a column declared Unix time is epoch 0 in PostgreSQL, not the text '0'
+    # (read by SQLite's auto rule, 0 would be Julian day 0, before the year 1: the default is then dropped)
     default = catalog(pg_database, "SELECT pg_get_expr(adbin, adrelid) FROM pg_attrdef "
                                    "WHERE adrelid = 'odd'::regclass AND adnum = 6")[0][0]
     assert default.startswith("'1970-01-01 00:00:00+00'")

@@ -40,7 +40,8 @@ class Checks:
         if self.integrity == "full":
             integrity()
         for name in sorted(self.order, key=lambda n: -self.sizes[n]):
-            table_options = dict(options, notnull=self.notnull[name])
+            table_options = dict(options, notnull=self.notnull[name],
+                                 datetime_formats=self.datetime_formats.get(name, {}))
             futures[self.pool.submit(_profile_task, self.source, self.tables[name], self.targets[name],
                                      table_options, self.baseline)] = ("profile", name)
         if self.integrity == "quick":
@@ -65,7 +66,8 @@ class Checks:
         futures = {self.pool.submit(_identity_task, self.source, self.baseline): ("identity", None)}
         created = [n for n in self.order if self.existing[n] is None]
         for name in sorted(created, key=lambda n: -self.sizes[n]):
-            table_options = dict(options, notnull=self.notnull[name])
+            table_options = dict(options, notnull=self.notnull[name],
+                                 datetime_formats=self.datetime_formats.get(name, {}))
             futures[self.pool.submit(_profile_task, self.source, self.tables[name], self.targets[name],
                                      table_options, self.baseline)] = ("profile", name)
         self.background[self.pool.submit(_integrity_task, self.source, self.integrity == "quick",
@@ -78,7 +80,8 @@ class Checks:
                 self.profiles[name] = value
         for name in self.order:
             if name not in self.profiles:
-                self.profiles[name] = streamed_profile(self.tables[name], self.targets[name], self.highest[name])
+                self.profiles[name] = streamed_profile(self.tables[name], self.targets[name], self.highest[name],
+                                                       self.datetime_formats.get(name, {}))
             self.progress.set_total(name, self.profiles[name].rows)
             if name not in created and self._checks_foreign_keys_in_sqlite(name):
                 storage = {c.name: STORAGE_CLASSES for c in self.tables[name].columns}

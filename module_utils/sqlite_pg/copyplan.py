@@ -27,9 +27,10 @@ from .rules import TimestampRule, rule_for
 STORAGE_CLASSES = ("integer", "real", "text", "blob")
 
 
-def streamed_profile(table, targets, estimated_rows):
+def streamed_profile(table, targets, estimated_rows, datetime_formats):
     """A stand-in TableProfile for a table loaded without a profile: its target types, an estimated row count."""
-    columns = [ColumnProfile(c.name, c.declared, targets[c.name], [], conversion="streamed") for c in table.columns]
+    columns = [ColumnProfile(c.name, c.declared, targets[c.name], [], conversion="streamed",
+                             datetime_format=datetime_formats.get(c.name, "auto")) for c in table.columns]
     return TableProfile(table.name, estimated_rows, columns, table.key_columns)
 
 
@@ -86,7 +87,9 @@ def load_plan(*, index, name, target_table, schema, source, profile, column_name
     python_fields, python_columns, python_types, raw_fields, raw_types = [], [], [], [], []
     for column in profile.columns:
         q = sqlite_ident(column.name)
-        rule = rule_for(column.target, source_timezone)
+        # A streamed 'auto' date column watches for a mix of Julian days and Unix times (rules.NumberDates).
+        rule = rule_for(column.target, source_timezone, column.datetime_format,
+                        stream_label=(name, column.name) if streamed else None)
         if streamed:
             # A NULL into a NOT NULL column is refused here, by name, before PostgreSQL would refuse it.
             field, python = streamed_field(rule, q, column.name not in notnull)
@@ -129,7 +132,8 @@ def load_plan(*, index, name, target_table, schema, source, profile, column_name
         index=index, source_table=name, target_table=target_table, schema=schema, create_sql=create_sql,
         copy_columns=sql_columns + python_columns, copy_sources=field_sources + python_sources,
         sql_fields=sql_fields, field_types=field_types, raw_types=raw_types, select_sql=select_sql,
-        parameters=tuple(parameters), python_types=python_types, source_rows=profile.rows,
+        parameters=tuple(parameters), python_types=python_types,
+        datetime_formats={c.name: c.datetime_format for c in profile.columns}, source_rows=profile.rows,
         expected_rows=None if streamed else profile.rows - profile.rejected_rows, key_sql=key_sql,
         key_columns=source.key_columns, table_sql=table_sql, where_sql=where_sql, source_timezone=source_timezone,
         source_id=source_id,

@@ -41,7 +41,8 @@ DEFAULT_JOBS = 2
 
 def migrate(src, conninfo, schema="public", tables=None, create_tables=True, jobs=DEFAULT_JOBS, on_invalid="fail",
             max_rejects=0, reject_file=None, source_timezone="UTC", progress_file=None, post_data=True,
-            integrity="quick", check_mode=False, lease=None, target_ddl=None, preflight=False):
+            integrity="quick", check_mode=False, lease=None, target_ddl=None, preflight=False,
+            datetime_formats=None):
     """Migrate the SQLite database ``src`` into ``schema`` of the PostgreSQL database ``conninfo`` describes.
 
     ``conninfo``: libpq keywords for psycopg2.connect (host, port, user, dbname,
@@ -58,13 +59,16 @@ def migrate(src, conninfo, schema="public", tables=None, create_tables=True, job
     mode, target tables that do not exist yet are created from it in one
     transaction that is always rolled back, and the source is profiled against
     their types (without it, against the types the engine would choose).
+    ``datetime_formats``: {"table.column": representation} for date columns whose
+    numbers are not to be read by SQLite's 'auto' rule (rules.DATETIME_FORMATS).
 
     Returns the result dict (status, changed, msg, total_tables, total_rows,
     tables, profile, post_data, source_id). Raises MigrationError, whose
     ``result`` holds the same dict with status 'failed'.
     """
     run = Run(src, conninfo, schema, tables, create_tables, jobs, on_invalid, max_rejects, reject_file,
-              source_timezone, progress_file, post_data, integrity, check_mode, lease, target_ddl, preflight)
+              source_timezone, progress_file, post_data, integrity, check_mode, lease, target_ddl, preflight,
+              datetime_formats or {})
     return run.execute()
 
 
@@ -73,7 +77,7 @@ class Run(Plan, Checks, Load, Keys):
 
     def __init__(self, src, conninfo, schema, tables, create_tables, jobs, on_invalid, max_rejects, reject_file,
                  source_timezone, progress_file, post_data, integrity, check_mode, lease=None, target_ddl=None,
-                 preflight=False):
+                 preflight=False, datetime_formats=None):
         self.src, self.conninfo, self.schema = src, dict(conninfo), schema
         # Every session of this run carries one name, so that exactly these can be ended (lease.py).
         self.conninfo.setdefault("application_name", f"{APPLICATION_NAME} {secrets.token_hex(4)}")
@@ -83,6 +87,7 @@ class Run(Plan, Checks, Load, Keys):
         self.on_invalid, self.max_rejects, self.reject_file = on_invalid, max_rejects, reject_file
         self.source_timezone, self.post_data, self.integrity = source_timezone, post_data, integrity
         self.check_mode, self.target_ddl = check_mode, target_ddl
+        self.datetime_option = datetime_formats or {}
         # The full profile before any write: what check mode predicts, and what reject mode needs to leave
         # rows out. Otherwise each table is read once, by its load, which checks every value it streams.
         self.preflight = check_mode or on_invalid == "reject" or bool(preflight)

@@ -20,6 +20,7 @@ from .errors import MigrationError
 from .names import sqlite_ident
 from .profile import describe_key, display
 from .rules import Invalid, rule_for
+from .source import mixed_dates
 from .target import connect, first_line, has_rows, record_load, server_address
 
 CHUNK_BYTES = 1 << 20  # what each read() hands to COPY: large writes, flat memory
@@ -57,6 +58,7 @@ class LoadPlan:
     select_sql: str  # SQLite query: the SQL-formatted fields joined by tabs, then (typeof, value) pairs for Python
     parameters: tuple
     python_types: list  # TargetType of each Python-formatted column, in order
+    datetime_formats: dict  # {source column: how a date column reads numbers} (rules.DATETIME_FORMATS)
     source_rows: int
     expected_rows: object  # source rows minus rejected ones; None when streamed (no count came first)
     key_sql: str  # SQLite expression list naming a row (for messages)
@@ -104,13 +106,19 @@ class CopyStream:
         self.parent = os.getppid()
         self.width = 1 if plan.sql_fields else 0  # the SQL-formatted fields arrive as one value
         self.all_converted = False
-        self.rules = [rule_for(t, plan.source_timezone) for t in plan.python_types]
-        self.raw_rules = {position: (index, rule_for(t, plan.source_timezone))
+        python_sources = plan.copy_sources[len(plan.sql_fields):]
+        self.rules = [self._rule(t, c) for t, c in zip(plan.python_types, python_sources)]
+        self.raw_rules = {position: (index, self._rule(t, plan.copy_sources[position], watch=True))
                           for index, (position, t) in enumerate(plan.raw_types)}
         self.format = self._format_python if self.rules else self._format_sql
         self.streamed = plan.expected_rows is None
         self.failure = None  # what read() raised
         self.batch = FIRST_FETCH_ROWS  # adapted to the row size, so wide rows never pile up in memory
+
+    def _rule(self, target, column, watch=False):
+        plan = self.plan
+        return rule_for(target, plan.source_timezone, plan.datetime_formats.get(column, "auto"),
+                        stream_label=(plan.source_table, column) if watch else None)
 
     def _format_sql(self, rows):
         return b"\n".join([row[0] for row in rows]) + b"\n"
@@ -174,7 +182,7 @@ class CopyStream:
                     index, rule = self.raw_rules.get(position, (None, None))
                     storage = row[1 + 2 * index] if rule else None
                     if storage is None:  # the rule's SQL refused the value (or the source's text is 0x01)
-                        problem = self._refused_value(number, position)
+                        problem = self._mixed_dates() or self._refused_value(number, position)
                         if problem:
                             raise MigrationError(problem)
                         continue
@@ -210,7 +218,7 @@ class CopyStream:
         storage, value, refused = found[width], found[width + 1], found[width + 2]
         if not refused:
             return None
-        rule = rule_for(plan.field_types[position], plan.source_timezone)
+        rule = self._rule(plan.field_types[position], plan.copy_sources[position])
         if value is None:
             return (f"table {plan.source_table}, column {plan.copy_sources[position]}, "
                     f"{describe_key(plan.key_columns, list(found[:width]))}: is NULL but the target column is NOT NULL "
@@ -222,9 +230,17 @@ class CopyStream:
             reason = str(error)
         return self._bad_value(number, position, value, reason, key=found[:width])
 
+    def _mixed_dates(self):
+        """The message for a date column whose numbers this stream found mixing Julian days and Unix times."""
+        mixed = mixed_dates(self.cursor.connection)
+        return f"{mixed}; nothing of this table was written" if mixed else None
+
     def _unexpected(self):
         """Name the first column and row whose SQL formatting gave NULL, or None when there is none."""
         plan = self.plan
+        mixed = self._mixed_dates()
+        if mixed:
+            return mixed
         fields = plan.sql_fields
         if fields:
             query = (f"SELECT {plan.key_sql}, {', '.join(f'({field}) IS NULL' for field in fields)} "  # noqa: S608

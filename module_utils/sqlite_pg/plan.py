@@ -13,7 +13,7 @@ from psycopg2 import sql
 
 from .errors import MigrationError
 from .names import pg_name, sqlite_ident
-from .profile import describe_key, display
+from .profile import DATE_CATEGORIES, describe_key, display, resolve_datetime_formats
 from .rules import Invalid, check_timezone, rule_for, storage_class_of
 from .source import foreign_key_order, read_schema
 from .target import (
@@ -69,6 +69,7 @@ class Plan:
         finally:
             connection.close()
         self.notes += notes
+        self.datetime_formats = resolve_datetime_formats(self.datetime_option, tables)
         by_name = {t.name: t for t in tables}
         if self.requested:
             selected = []
@@ -131,6 +132,11 @@ class Plan:
                 raise MigrationError(f"target table {self.schema}.{self.target_names[name]} does not exist "
                                      "(and create_tables is false)")
             problems += self._match_columns(self.tables[name], existing)
+            for column in self.datetime_formats.get(name, {}):
+                target = self.targets[name].get(column)
+                if target is not None and target.category not in DATE_CATEGORIES:
+                    problems.append(f"datetime_formats: {name}.{column} becomes {target.sql}, not a date or "
+                                    "timestamp, so a date representation does not apply to it")
         if problems:
             raise MigrationError(problems[0] + self._more(len(problems) - 1, "problem"))
 
@@ -310,7 +316,8 @@ class Plan:
         if value is None:
             return None
         try:
-            text = rule_for(target, self.source_timezone).convert(storage_class_of(value), value)
+            datetime_format = self.datetime_formats.get(table, {}).get(column.name, "auto")
+            text = rule_for(target, self.source_timezone, datetime_format).convert(storage_class_of(value), value)
         except Invalid as error:
             self._note(f"{where}: default {column.default} dropped: it {error}")
             return None

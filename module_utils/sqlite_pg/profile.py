@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 
 from .errors import MigrationError, shorten
 from .names import sqlite_ident
-from .rules import Invalid, TimestampRule, rule_for
+from .rules import (
+    DATETIME_FORMATS,
+    EPOCH_MS_THRESHOLD,
+    JULIAN_LIMIT,
+    Invalid,
+    TimestampRule,
+    mixed_reason,
+    rule_for,
+)
 from .typemap import map_declared
 
 TEXT_SCAN_ROWS = 8192
@@ -27,6 +35,7 @@ PATTERN_VALUE_CHARS = 40  # longer than any value a rule's text_pattern accepts
 BITMAP_SPARSENESS = 16
 BITMAP_MAX_BITS = 1 << 28
 STORAGE_CLASSES = ("integer", "real", "text", "blob")
+DATE_CATEGORIES = ("timestamptz", "timestamp", "date")
 
 
 @dataclass
@@ -57,10 +66,14 @@ class ColumnProfile:
     zoned_text: int = 0
     specials: bool = False  # holds characters COPY must escape
     note: str = ""
+    datetime_format: str = "auto"  # how a date column reads numbers (rules.DATETIME_FORMATS)
+    dates: dict = None  # date columns: values per representation (text, Julian days, Unix seconds, milliseconds)
 
     def summary(self):
         summary = {"declared": self.declared, "target": self.target.sql, "storage": self.storage,
                    "invalid": self.invalid, "conversion": self.conversion}
+        if self.dates is not None:
+            summary["dates"] = dict(self.dates, datetime_format=self.datetime_format)
         if self.note:
             summary["note"] = self.note
         return summary
@@ -130,7 +143,8 @@ def profile_table(connection, table, targets, options):
     ``targets`` maps column names to the existing target column's TargetType, or
     None when the table will be created (the type is then chosen here).
     ``options``: dict with on_invalid, max_rejects, source_timezone, notnull (set
-    of target columns that are NOT NULL).
+    of target columns that are NOT NULL), datetime_formats ({column: format} of
+    the date columns whose representation the operator declared).
     """
     ident = sqlite_ident(table.name)
     key_columns = table.key_columns
@@ -141,6 +155,7 @@ def profile_table(connection, table, targets, options):
     notnull = options.get("notnull", set())
     collect = options.get("on_invalid") == "reject"
     limit = (options.get("max_rejects", 0) + 1) if collect else 1
+    formats = options.get("datetime_formats", {})
 
     # What the declaration (or the existing column) fixes before any value is seen. A new table's
     # integer width and content-typed columns are settled after, from the values; neither can make a
@@ -152,7 +167,7 @@ def profile_table(connection, table, targets, options):
             target, _ = map_declared(column, table.rowid_alias, STORAGE_CLASSES, None)
             if target.category == "integer":
                 target, _ = map_declared(column, table.rowid_alias, ("integer",), (-(2**63), 2**63 - 1))
-        provisional[column.name] = rule_for(target, timezone)
+        provisional[column.name] = rule_for(target, timezone, formats.get(column.name, "auto"))
 
     select, slots, checks, aggregated, patterns = ["count(*)"], {}, {}, {}, {}
     for column in table.columns:
@@ -166,6 +181,9 @@ def profile_table(connection, table, targets, options):
         if provisional[column.name].target.category == "timestamp":
             slots[column.name]["zoned"] = len(select)
             select.append(f"sum({TimestampRule.has_zone_sql(q)})")
+        if provisional[column.name].target.category in DATE_CATEGORIES:
+            slots[column.name]["dates"] = len(select)
+            select += _representation_sql(q, formats.get(column.name, "auto"))
         rule = provisional[column.name]
         valid = _valid_sql(rule.valid_sql(q), q, column, notnull)
         if valid:
@@ -200,10 +218,17 @@ def profile_table(connection, table, targets, options):
             if int_range and int_range[0] is None:
                 int_range = None
             target, note = map_declared(column, table.rowid_alias, storage, int_range)
-        rule = rule_for(target, timezone)
-        column_profile = ColumnProfile(column.name, column.declared, target, storage, note=note)
+        datetime_format = formats.get(column.name, "auto")
+        rule = rule_for(target, timezone, datetime_format)
+        column_profile = ColumnProfile(column.name, column.declared, target, storage, note=note,
+                                       datetime_format=datetime_format)
         column_profile.zoned_text = row[slot["zoned"]] if "zoned" in slot else 0
         profile.columns.append(column_profile)
+        if column.name in formats and target.category not in DATE_CATEGORIES:
+            profile.problems.append(f"datetime_formats: {table.name}.{column.name} becomes {target.sql}, not a date "
+                                    "or timestamp, so a date representation does not apply to it")
+        if "dates" in slot and target.category in DATE_CATEGORIES:
+            _representations(profile, column_profile, row[slot["dates"]:slot["dates"] + 6])
         if note:
             profile.notes.append(f"{table.name}.{column.name}: {note}")
         if invalid_counts.get(column.name):
@@ -217,7 +242,7 @@ def profile_table(connection, table, targets, options):
     if text_columns and profile.rows:
         _text_scan(connection, profile, table, text_columns, key_sql, limit, collect)
     for column_profile in profile.columns:
-        rule = rule_for(column_profile.target, timezone)
+        rule = rule_for(column_profile.target, timezone, column_profile.datetime_format)
         classes = set(column_profile.storage) - {"null"}
         if rule.format_sql("x", classes, zoned_text=bool(column_profile.zoned_text),
                            specials=column_profile.specials) is None:
@@ -237,6 +262,67 @@ def profile_table(connection, table, targets, options):
                 (json.dumps([key[0] for key in profile.python_excluded]),))}
             profile.python_excluded = [key for key in profile.python_excluded if key[0] not in overlap]
     return profile
+
+
+def resolve_datetime_formats(formats, tables):
+    """{table: {column: format}} from the datetime_formats option ({"table.column": format}), names matched
+    as SQLite matches them (exactly, else ignoring case); raises MigrationError naming an unknown one."""
+    if not isinstance(formats, dict):
+        raise MigrationError("datetime_formats must be a mapping of table.column to a representation")
+    resolved = {}
+    for key, datetime_format in formats.items():
+        if datetime_format not in DATETIME_FORMATS:
+            raise MigrationError(f"datetime_formats: {key} is {datetime_format!r}, not one of "
+                                 f"{', '.join(DATETIME_FORMATS)}")
+        found = None
+        for position, char in enumerate(str(key)):  # table and column names may hold dots themselves
+            if char == ".":
+                found = found or _find_column(tables, key[:position], key[position + 1:])
+        if found is None:
+            raise MigrationError(f"datetime_formats: {key} names no column of the source "
+                                 "(write it as table.column)")
+        table, column = found
+        resolved.setdefault(table, {})[column] = datetime_format
+    return resolved
+
+
+def _find_column(tables, table_name, column_name):
+    for fold in (str, str.lower):
+        for table in tables:
+            for column in table.columns:
+                if (fold(table.name), fold(column.name)) == (fold(table_name), fold(column_name)):
+                    return table.name, column.name
+    return None
+
+
+def _representation_sql(q, datetime_format):
+    """Aggregates of a date column: its text values, its numbers by representation, one number of each kind.
+
+    Numbers are counted as the column reads them: by SQLite's 'auto' rule, or all
+    under the representation datetime_formats declares (whether they fit is the
+    validity test's business).
+    """
+    number = f"typeof({q}) IN ('integer', 'real')"
+    julian = f"{number} AND {q} >= 0 AND {q} < {JULIAN_LIMIT!r}"
+    unix = f"{number} AND NOT ({q} >= 0 AND {q} < {JULIAN_LIMIT!r})"
+    if datetime_format in ("julian", "unixepoch", "unixepoch_ms"):
+        counts = [f"sum({number})" if datetime_format == kind else "0"
+                  for kind in ("julian", "unixepoch", "unixepoch_ms")]
+    else:
+        counts = [f"sum({julian})", f"sum({unix} AND abs({q}) < {EPOCH_MS_THRESHOLD})",
+                  f"sum({unix} AND abs({q}) >= {EPOCH_MS_THRESHOLD})"]
+    return [f"sum(typeof({q}) = 'text')", *counts, f"min(CASE WHEN {julian} THEN {q} END)",
+            f"min(CASE WHEN {unix} THEN {q} END)"]
+
+
+def _representations(profile, column, found):
+    """Record a date column's representations; an 'auto' column holding Julian days and Unix times both
+    cannot be read safely (some of its dates would move by decades): a problem that stops the run."""
+    text, julian, seconds, millis, julian_example, unix_example = (value or 0 for value in found)
+    column.dates = {"iso": text, "julian": julian, "unixepoch": seconds, "unixepoch_ms": millis}
+    if column.datetime_format == "auto" and julian and (seconds or millis):
+        profile.problems.append(f"table {profile.table}, column {column.name}: value {unix_example!r} "
+                                f"{mixed_reason(False, julian_example)}")
 
 
 def _valid_sql(valid, q, column, notnull):

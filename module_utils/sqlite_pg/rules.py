@@ -17,6 +17,7 @@ only joins fields with tabs and rows with newlines.
 
 import datetime
 import json
+import math
 import re
 import uuid
 from decimal import Decimal, InvalidOperation
@@ -28,10 +29,25 @@ try:
 except ImportError:  # Python < 3.9
     ZoneInfo = None
 
+# A number in a date column (https://sqlite.org/lang_datefunc.html) is a Julian day number or Unix time.
+# datetime_formats names the representation of a column; 'auto' reads each number as SQLite's own 'auto'
+# modifier does (0 <= n < JULIAN_LIMIT: a Julian day; other numbers: Unix time), and keeps this module's
+# older rule for milliseconds: |n| >= EPOCH_MS_THRESHOLD is Unix time in milliseconds.
+DATETIME_FORMATS = ("auto", "iso", "julian", "unixepoch", "unixepoch_ms")
 EPOCH_MS_THRESHOLD = 100_000_000_000  # |n| below this is epoch seconds (to year 5138), above it milliseconds
-EPOCH_MIN_MS, EPOCH_MAX_MS = -62135596800000, 253402300799999  # 0001-01-01 .. 9999-12-31 23:59:59.999
+JULIAN_LIMIT = 5373484.5  # SQLite's 'auto': Julian day numbers are 0 <= n < this (to 9999-12-31)
+JULIAN_FIRST = 1721425.5  # 0001-01-01 00:00 UTC, the first instant converted (as for text and Unix time)
+JULIAN_UNIX_DAY = 2440588  # the Julian day whose noon is 1970-01-01 12:00 UTC
+JULIAN_UNIX_MS = 210866760000000  # 1970-01-01 00:00 UTC in milliseconds from the start of Julian day 0
+EPOCH_MIN_S, EPOCH_END_S = -62135596800, 253402300800  # 0001-01-01 00:00 and 10000-01-01 00:00 UTC
+EPOCH_MIN_MS, EPOCH_END_MS = EPOCH_MIN_S * 1000, EPOCH_END_S * 1000
+MICROS_FROM_YEAR_1 = -EPOCH_MIN_S * 1_000_000  # shifts Unix microseconds so that every valid instant is >= 0
 UTC = datetime.timezone.utc
 UNIX_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=UTC)
+# The SQL function a source connection provides for loads no profile has vetted (source.py):
+# same_date_representation(column, is_julian, value) is 1 while the column's numbers are all Julian days or
+# all Unix times, NULL once both have appeared (the field's formatting then gives NULL and the load stops).
+SAME_REPRESENTATION = "same_date_representation"
 TRUE_WORDS = ("true", "t", "yes", "y", "on", "1")
 FALSE_WORDS = ("false", "f", "no", "n", "off", "0")
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -113,7 +129,7 @@ class Rule:
     text_scan = False  # text values pass through as they are: UTF-8 and NUL must be checked
     text_pattern = None  # bytes regex of text values valid_sql surely accepts (see _TIMESTAMP_PATTERN)
 
-    def __init__(self, target, source_timezone="UTC"):
+    def __init__(self, target, source_timezone="UTC", datetime_format="auto", stream_label=None):
         self.target = target
         self.source_timezone = source_timezone
 
@@ -339,29 +355,207 @@ class BooleanRule(Rule):
         raise Invalid("is not a boolean (0/1, true/false, t/f, yes/no, y/n, on/off)")
 
 
+def sql_text(text):
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _floor_sql(q):
+    # CAST truncates towards zero; floor() is not in every SQLite build.
+    return f"(CAST({q} AS INTEGER) - ({q} < CAST({q} AS INTEGER)))"
+
+
+def _unix_micros_sql(q, per_unit, integers_only):
+    """Unix microseconds of ``q`` in Unix seconds (per_unit 10**6) or milliseconds (10**3)."""
+    if integers_only:
+        return f"({q} * {per_unit})"
+    whole = _floor_sql(q)
+    return f"({whole} * {per_unit} + CAST(({q} - {whole}) * {float(per_unit)!r} + 0.5 AS INTEGER))"
+
+
+def _julian_micros_sql(q, integers_only):
+    """Unix microseconds of the Julian day number ``q`` (>= 0); see julian_micros()."""
+    if integers_only:
+        return f"(({q} - {JULIAN_UNIX_DAY}) * 86400000000 + 43200000000)"
+    millis, day = f"CAST({q} * 86400000.0 + 0.5 AS INTEGER)", f"CAST({q} AS INTEGER)"
+    return (f"(CASE WHEN {millis} / 86400000.0 = {q} THEN ({millis} - {JULIAN_UNIX_MS}) * 1000 "
+            f"ELSE ({day} - {JULIAN_UNIX_DAY}) * 86400000000 + 43200000000 "
+            f"+ CAST(({q} - {day}) * 86400000000.0 + 0.5 AS INTEGER) END)")
+
+
+def _scaled_micros(value, per_unit):
+    whole = math.floor(value)
+    return whole * per_unit + int((value - whole) * float(per_unit) + 0.5)
+
+
+def julian_micros(value):
+    """Unix microseconds of a Julian day number (0 <= value < JULIAN_LIMIT), with the SQL's arithmetic.
+
+    A double near today's Julian days resolves about 40 microseconds. When the
+    instant SQLite itself reads (whole milliseconds, as datetime() and julianday()
+    round) gives back this very double, that instant is the value; otherwise the
+    double's nearest microsecond is. So what julianday() stored comes back exactly.
+    """
+    millis = int(value * 86400000.0 + 0.5)
+    if millis / 86400000.0 == value:
+        return (millis - JULIAN_UNIX_MS) * 1000
+    day = int(value)
+    return (day - JULIAN_UNIX_DAY) * 86_400_000_000 + 43_200_000_000 + int((value - day) * 86400000000.0 + 0.5)
+
+
+def is_julian_day(value):
+    """SQLite's 'auto' rule: whether a number in a date column is a Julian day number (else Unix time)."""
+    return 0 <= value < JULIAN_LIMIT
+
+
+_DECLARED = "which datetime_formats declares for this column"
+_OUT_OF_RANGE = {
+    "julian": f"is not a Julian day number from {JULIAN_FIRST} (0001-01-01) to below {JULIAN_LIMIT} (10000-01-01), "
+              + _DECLARED,
+    "unixepoch": "is not Unix time in seconds between 0001-01-01 and 9999-12-31, " + _DECLARED,
+    "unixepoch_ms": "is not Unix time in milliseconds between 0001-01-01 and 9999-12-31, " + _DECLARED,
+    "iso": "is a number, but datetime_formats declares ISO 8601 text for this column",
+}
+_EARLY_JULIAN = (f"is read as a Julian day number (SQLite's rule for numbers from 0 to {JULIAN_LIMIT}) and falls "
+                 "before 0001-01-01; if the column holds Unix times, declare it unixepoch in datetime_formats")
+_NO_REPRESENTATION = ("fits no date representation: neither a Julian day number nor Unix time in seconds or "
+                      "milliseconds between 0001-01-01 and 9999-12-31")
+
+
+def mixed_reason(is_julian, other):
+    """Why a number cannot be read in a column whose earlier numbers were of the other kind (``other``)."""
+    kind, other_kind = ("a Julian day number", "Unix times") if is_julian else ("Unix time", "Julian day numbers")
+    return (f"is {kind} but the column also holds {other_kind} (such as {other!r}), so its dates cannot be told "
+            "apart; declare the column in datetime_formats as julian, unixepoch or unixepoch_ms")
+
+
+class RepresentationWatch:
+    """Which kind of number (Julian day or Unix time) each column of one stream has shown first.
+
+    Behind SQL function same_date_representation (source.py) and the Python
+    conversion of columns no profile has vetted: a column that holds both kinds
+    stops the load instead of moving some of its dates by decades.
+    """
+
+    def __init__(self):
+        self.first = {}  # column label: (is_julian, value)
+        self.mixed = ""  # the first mix found, as a message naming table and column
+
+    def __call__(self, label, is_julian, value):
+        first = self.first.get(label)
+        if first is None:
+            self.first[label] = (bool(is_julian), value)
+            return 1
+        if first[0] == bool(is_julian):
+            return 1
+        if not self.mixed:
+            table, column = json.loads(label)
+            self.mixed = f"table {table}, column {column}: value {value!r} {mixed_reason(bool(is_julian), first[1])}"
+        return None
+
+
+class NumberDates:
+    """How one date column reads numbers: by its datetime_format, in SQL and in Python alike."""
+
+    def __init__(self, datetime_format, stream_label=None):
+        self.format = datetime_format
+        # A load no profile vetted watches an 'auto' column for a mix of Julian days and Unix times.
+        self.label = json.dumps(list(stream_label)) if stream_label and datetime_format == "auto" else None
+        self.watch = RepresentationWatch() if self.label else None
+
+    def text_sql(self, q, classes, date=False):
+        """SQL: the UTC timestamp text (or the date) of the number ``q``, NULL when it fits the column's
+        representation not. ``classes``: the number storage classes the column holds."""
+        if self.format == "iso":
+            return "NULL"
+        integers_only = "real" not in classes
+
+        def text(kind):
+            if kind == "unixepoch" and integers_only:
+                return f"date({q}, 'unixepoch')" if date else f"strftime('%Y-%m-%d %H:%M:%S', {q}, 'unixepoch')"
+            micros = (_julian_micros_sql(q, integers_only) if kind == "julian" else
+                      _unix_micros_sql(q, 1_000_000 if kind == "unixepoch" else 1000, integers_only))
+            return _micros_date_sql(micros) if date else _micros_timestamp_sql(micros)
+
+        ranges = {"julian": f"{q} >= {JULIAN_FIRST!r} AND {q} < {JULIAN_LIMIT!r}",
+                  "unixepoch": f"{q} >= {EPOCH_MIN_S} AND {q} < {EPOCH_END_S}",
+                  "unixepoch_ms": f"{q} >= {EPOCH_MIN_MS} AND {q} < {EPOCH_END_MS}"}
+        if self.format != "auto":
+            return f"(CASE WHEN {ranges[self.format]} THEN {text(self.format)} END)"
+        julian = f"{q} >= 0 AND {q} < {JULIAN_LIMIT!r}"
+        auto = (f"(CASE WHEN {julian} THEN (CASE WHEN {q} >= {JULIAN_FIRST!r} THEN {text('julian')} END) "
+                f"WHEN abs({q}) < {EPOCH_MS_THRESHOLD} THEN (CASE WHEN {q} >= {EPOCH_MIN_S} THEN "
+                f"{text('unixepoch')} END) "
+                f"WHEN {ranges['unixepoch_ms']} THEN {text('unixepoch_ms')} END)")
+        if not self.label:
+            return auto
+        return f"(CASE WHEN {SAME_REPRESENTATION}({sql_text(self.label)}, {julian}, {q}) THEN {auto} END)"
+
+    def micros(self, value):
+        """Unix microseconds of a number (int or float) by the column's representation; raises Invalid."""
+        kind = self.format
+        if kind == "auto":
+            julian = is_julian_day(value)
+            if self.watch and not self.watch(self.label, julian, value):
+                raise Invalid(mixed_reason(julian, self.watch.first[self.label][1]))
+            if julian:
+                if value < JULIAN_FIRST:
+                    raise Invalid(_EARLY_JULIAN)
+                kind = "julian"
+            elif abs(value) < EPOCH_MS_THRESHOLD:
+                kind = "unixepoch"
+            else:
+                kind = "unixepoch_ms"
+            reason = _NO_REPRESENTATION
+        else:
+            reason = _OUT_OF_RANGE[kind]
+        if kind == "julian" and JULIAN_FIRST <= value < JULIAN_LIMIT:
+            micros = julian_micros(value)
+        elif kind == "unixepoch" and EPOCH_MIN_S <= value < EPOCH_END_S:
+            micros = _scaled_micros(value, 1_000_000)
+        elif kind == "unixepoch_ms" and EPOCH_MIN_MS <= value < EPOCH_END_MS:
+            micros = _scaled_micros(value, 1000)
+        else:
+            raise Invalid(reason)
+        if micros >= EPOCH_END_S * 1_000_000:  # rounded up into the year 10000
+            raise Invalid(reason)
+        return micros
+
+
+def _micros_timestamp_sql(micros):
+    """SQL: the UTC timestamp text of Unix microseconds, NULL when NULL or past 9999."""
+    shifted = f"({micros} + {MICROS_FROM_YEAR_1})"  # >= 0, so / and % need no sign handling
+    return (f"strftime('%Y-%m-%d %H:%M:%S', {shifted} / 1000000 + {EPOCH_MIN_S}, 'unixepoch') "
+            f"|| printf('.%06d', {shifted} % 1000000)")
+
+
+def _micros_date_sql(micros):
+    return f"date(({micros} + {MICROS_FROM_YEAR_1}) / 1000000 + {EPOCH_MIN_S}, 'unixepoch')"
+
+
 class TimestampRule(Rule):
-    """timestamptz and timestamp: text dates in ISO 8601 shapes, or unix epoch seconds/milliseconds."""
+    """timestamptz and timestamp: text dates in ISO 8601 shapes, Julian day numbers or Unix time (NumberDates)."""
 
     category = "timestamptz"
     text_pattern = _TIMESTAMP_PATTERN
 
-    def __init__(self, target, source_timezone="UTC"):
+    def __init__(self, target, source_timezone="UTC", datetime_format="auto", stream_label=None):
         super().__init__(target, source_timezone)
         self.aware = target.category == "timestamptz"
         self.zone = _zone(source_timezone)
+        self.numbers = NumberDates(datetime_format, stream_label)
 
     def valid_sql(self, q):
         # The date GLOB rules out julian-day numbers, bare times and 'now'; julianday() then parses
         # every shape SQLite knows. SQLite accepts Feb 30 (and normalises it): days that could be past
         # a month's end (29, 30, 31) are checked against the calendar. Cheapest test first: this runs
-        # once per value of the source.
+        # once per value of the source. A number is valid when its formatting gives a timestamp.
+        number = self.numbers.text_sql(q, {"integer", "real"})
         return (
             f"CASE typeof({q}) WHEN 'text' THEN ({q} GLOB '{_DATE_PREFIX}[0-9][0-9]*' AND {q} NOT GLOB '0000*' "
             f"AND julianday({q}) IS NOT NULL "
             f"AND (substr({q}, 9, 2) < '29' OR date(substr({q}, 1, 10), '+0 days') = substr({q}, 1, 10)) "
             f"AND {_NO_BREAKS.format(q=q)}) "
-            f"WHEN 'integer' THEN {q} BETWEEN {EPOCH_MIN_MS} AND {EPOCH_MAX_MS} "
-            f"WHEN 'real' THEN {q} BETWEEN {EPOCH_MIN_MS}.0 AND {EPOCH_MAX_MS}.0 "
+            f"WHEN 'integer' THEN ({number}) IS NOT NULL WHEN 'real' THEN ({number}) IS NOT NULL "
             f"WHEN 'blob' THEN 0 ELSE 1 END"
         )
 
@@ -370,44 +564,32 @@ class TimestampRule(Rule):
         """SQL true for text timestamps that carry a zone (Z or an offset after the date)."""
         return f"(typeof({q}) = 'text' AND (substr({q}, 11) GLOB '*[+-]*' OR {q} GLOB '*[Zz]*'))"
 
-    def _epoch_sql(self, q):
-        seconds = f"strftime('%Y-%m-%d %H:%M:%S', {q}, 'unixepoch')"
-        whole = f"(({q} - ((({q} % 1000) + 1000) % 1000)) / 1000)"
-        millis = (
-            f"strftime('%Y-%m-%d %H:%M:%S', {whole}, 'unixepoch') || printf('.%03d', (({q} % 1000) + 1000) % 1000)"
-        )
-        text = f"CASE WHEN abs({q}) < {EPOCH_MS_THRESHOLD} THEN {seconds} ELSE {millis} END"
-        return f"{text} || '+00'" if self.aware else text
-
     def format_sql(self, q, classes, zoned_text=False, specials=True):
-        epochs_in_sql = self.aware or self.source_timezone == "UTC"
-        if "real" in classes or "blob" in classes:
+        numbers = classes & {"integer", "real"}
+        if "blob" in classes:
             return None
-        if "integer" in classes and not epochs_in_sql:
-            return None
+        if numbers and not (self.aware or self.source_timezone == "UTC"):
+            return None  # instants become wall-clock time in the source zone: Python knows the zone's rules
         if "text" in classes and zoned_text and not self.aware:
             return None  # PostgreSQL would silently drop the zone: convert in Python
-        if classes <= {"text"}:
+        if not numbers:
             return q  # validated: digits, dashes, colons, dot, T, Z, +: nothing to escape
-        if classes <= {"integer"}:
-            return self._epoch_sql(q)
-        return f"CASE WHEN typeof({q}) = 'integer' THEN {self._epoch_sql(q)} ELSE {q} END"
+        number = self.numbers.text_sql(q, numbers) + (" || '+00'" if self.aware else "")
+        if "text" not in classes:
+            return number
+        return f"CASE WHEN typeof({q}) = 'text' THEN {q} ELSE {number} END"
 
     def parse(self, storage_class, value):
-        """An aware datetime for epochs and zoned text, a naive one for naive text."""
+        """An aware datetime for numbers and zoned text, a naive one for naive text."""
         if storage_class in ("integer", "real"):
-            if not EPOCH_MIN_MS <= value <= EPOCH_MAX_MS:
-                raise Invalid("is out of range for a unix epoch in seconds or milliseconds")
-            exact = Decimal(value) if storage_class == "integer" else Decimal(repr(value))
-            micros = exact * (1_000_000 if abs(value) < EPOCH_MS_THRESHOLD else 1_000)
-            return UNIX_EPOCH + datetime.timedelta(microseconds=int(micros.to_integral_value()))
+            return UNIX_EPOCH + datetime.timedelta(microseconds=self.numbers.micros(value))
         if storage_class != "text":
             raise Invalid(f"is a BLOB, which cannot become {self.target.sql}")
         text = decode_text(value)
         match = _TIMESTAMP_TEXT.match(text)
         if not match:
-            raise Invalid(f"is not a timestamp (YYYY-MM-DD[ HH:MM[:SS[.ffffff]]][Z|±HH:MM] or epoch), "
-                          f"so it cannot become {self.target.sql}")
+            raise Invalid(f"is not a timestamp (YYYY-MM-DD[ HH:MM[:SS[.ffffff]]][Z|±HH:MM], a Julian day number "
+                          f"or Unix time), so it cannot become {self.target.sql}")
         year, month, day, hour, minute, second, fraction, zone = match.groups()
         # Round extra digits as PostgreSQL's input does (rint of the fraction in microseconds), so the
         # SQL path, which sends the text as it is, and this one store the same instant.
@@ -430,35 +612,45 @@ class TimestampRule(Rule):
                 moment = moment.replace(tzinfo=self.zone)
             return moment.isoformat(" ").encode()
         if moment.tzinfo is not None:
-            moment = moment.astimezone(self.zone).replace(tzinfo=None)
+            try:
+                moment = moment.astimezone(self.zone).replace(tzinfo=None)
+            except OverflowError:
+                raise Invalid(f"is outside the years 1 to 9999 in {self.source_timezone}") from None
         return moment.isoformat(" ").encode()
 
 
 class DateRule(Rule):
+    """date: YYYY-MM-DD text, or the UTC calendar day of a Julian day number or Unix time."""
+
     category = "date"
 
+    def __init__(self, target, source_timezone="UTC", datetime_format="auto", stream_label=None):
+        super().__init__(target, source_timezone)
+        self.numbers = NumberDates(datetime_format, stream_label)
+
     def valid_sql(self, q):
+        number = self.numbers.text_sql(q, {"integer", "real"}, date=True)
         return (
             f"CASE typeof({q}) WHEN 'text' THEN ({q} GLOB '{_DATE_PREFIX}[0-9][0-9]' AND substr({q}, 1, 4) <> '0000' "
             f"AND date({q}, '+0 days') = {q}) "
-            f"WHEN 'integer' THEN {q} BETWEEN {EPOCH_MIN_MS} AND {EPOCH_MAX_MS} "
-            f"WHEN 'real' THEN 0 WHEN 'blob' THEN 0 ELSE 1 END"
+            f"WHEN 'integer' THEN ({number}) IS NOT NULL WHEN 'real' THEN ({number}) IS NOT NULL "
+            f"WHEN 'blob' THEN 0 ELSE 1 END"
         )
 
     def format_sql(self, q, classes, zoned_text=False, specials=True):
-        epoch = (f"CASE WHEN abs({q}) < {EPOCH_MS_THRESHOLD} THEN date({q}, 'unixepoch') "
-                 f"ELSE date(({q} - ((({q} % 1000) + 1000) % 1000)) / 1000, 'unixepoch') END")
-        if classes <= {"text"}:
+        numbers = classes & {"integer", "real"}
+        if "blob" in classes:
+            return None
+        if not numbers:
             return q
-        if classes <= {"integer"}:
-            return epoch
-        if classes <= {"text", "integer"}:
-            return f"CASE WHEN typeof({q}) = 'integer' THEN {epoch} ELSE {q} END"
-        return None
+        number = self.numbers.text_sql(q, numbers, date=True)
+        if "text" not in classes:
+            return number
+        return f"CASE WHEN typeof({q}) = 'text' THEN {q} ELSE {number} END"
 
     def convert(self, storage_class, value):
-        if storage_class == "integer":
-            moment = TimestampRule(self.target).parse("integer", value)
+        if storage_class in ("integer", "real"):
+            moment = UNIX_EPOCH + datetime.timedelta(microseconds=self.numbers.micros(value))
             return moment.date().isoformat().encode()
         if storage_class == "text":
             text = decode_text(value)
@@ -467,7 +659,7 @@ class DateRule(Rule):
                     raise ValueError
                 return datetime.date.fromisoformat(text).isoformat().encode()
             except ValueError:
-                raise Invalid("is not a date (YYYY-MM-DD or epoch)") from None
+                raise Invalid("is not a date (YYYY-MM-DD, a Julian day number or Unix time)") from None
         raise Invalid(f"is not a date, so it cannot become {self.target.sql}")
 
 
@@ -578,8 +770,11 @@ RULES = {
 }
 
 
-def rule_for(target, source_timezone="UTC"):
-    return RULES[target.category](target, source_timezone)
+def rule_for(target, source_timezone="UTC", datetime_format="auto", stream_label=None):
+    """The rule for a target type. Date rules read numbers by ``datetime_format`` (DATETIME_FORMATS);
+    ``stream_label`` (table, column) asks them to watch an 'auto' column for a mix of representations,
+    for a load no profile has vetted (RepresentationWatch)."""
+    return RULES[target.category](target, source_timezone, datetime_format, stream_label)
 
 
 def _zone(name):

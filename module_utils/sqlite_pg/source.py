@@ -8,6 +8,7 @@ from urllib.parse import quote
 
 from .errors import MigrationError
 from .names import sqlite_ident
+from .rules import SAME_REPRESENTATION, RepresentationWatch
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 HEADER_BYTES = 100
@@ -57,6 +58,26 @@ class SourceTable:
     def key_columns(self):
         """What identifies a row in messages and reject records."""
         return [self.rowid] if self.rowid else list(self.primary_key)
+
+
+class SourceConnection(sqlite3.Connection):
+    """A source connection with the SQL functions the rules' formatting may call.
+
+    same_date_representation (rules.RepresentationWatch) is called only for the
+    numbers of date columns a load watches, so text dates never pay for it. It
+    has state, so it is not registered as deterministic.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.date_watch = RepresentationWatch()
+        self.create_function(SAME_REPRESENTATION, 3, self.date_watch)
+
+
+def mixed_dates(connection):
+    """The message for the first date column this connection's reads found mixing Julian days and Unix
+    times (the formatting of its numbers then gave NULL), or ""."""
+    return connection.date_watch.mixed if isinstance(connection, SourceConnection) else ""
 
 
 class Source:
@@ -145,7 +166,8 @@ class Source:
     def connect(self, text_as_bytes=False):
         """A new read-only connection with its read transaction begun."""
         try:
-            connection = sqlite3.connect(self.uri, uri=True, isolation_level=None, check_same_thread=False)
+            connection = sqlite3.connect(self.uri, uri=True, isolation_level=None, check_same_thread=False,
+                                         factory=SourceConnection)
             if text_as_bytes:
                 connection.text_factory = bytes
             connection.execute("PRAGMA query_only = ON")
