@@ -43,7 +43,7 @@ LAB_INVENTORY = REPO / "inventory" / "lab"
 LAB_PLAYBOOK = REPO / "playbooks" / "lab.yml"
 MIGRATE_PLAYBOOK = REPO / "migrate.yml"
 # inventory/lab's ports plus this: clear of the bundled lab (+0) and the test suites' labs (+100 to +300).
-DEFAULT_LAB_PORT_OFFSET = 400
+DEFAULT_LAB_PORT_OFFSET = 600
 # The original guide's settings, which the runbook reads from the environment: not the bench's to pass on.
 GUIDE_VARIABLES = ("DATABASE_URL", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "POSTGRES_PORT", "SQLITE_PATH")
 SAMPLE_SCRIPT = REPO / "scripts" / "make_sample_db.py"
