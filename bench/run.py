@@ -877,8 +877,8 @@ def parse_args(argv):
     parser.add_argument("--pg-bin", type=Path, default=Path(DEFAULT_PG_BIN), help=f"default {DEFAULT_PG_BIN}")
     parser.add_argument("--module-jobs", type=int, default=2,
                         help="jobs option of the module (default 2, the runbook's)")
-    parser.add_argument("--module-integrity-check", choices=("full", "quick"), default="full",
-                        help="integrity_check option of the module (default full, the runbook's)")
+    parser.add_argument("--module-integrity-check", choices=("full", "quick"), default="quick",
+                        help="integrity_check option of the module (default quick, the runbook's)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every system this many times, interleaved, and report the median (default 1)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds one system may take (default 3600)")

@@ -42,8 +42,8 @@ class Checks:
         for name in sorted(self.order, key=lambda n: -self.sizes[n]):
             table_options = dict(options, notnull=self.notnull[name],
                                  datetime_formats=self.datetime_formats.get(name, {}))
-            futures[self.pool.submit(_profile_task, self.source, self.tables[name], self.targets[name],
-                                     table_options, self.baseline)] = ("profile", name)
+            futures[self.pool.submit(_table_task, self.source, self.tables[name], self.baseline, profile_table,
+                                     self.targets[name], table_options)] = ("profile", name)
         if self.integrity == "quick":
             integrity()
         futures[self.pool.submit(_identity_task, self.source, self.baseline)] = ("identity", None)
@@ -68,8 +68,8 @@ class Checks:
         for name in sorted(created, key=lambda n: -self.sizes[n]):
             table_options = dict(options, notnull=self.notnull[name],
                                  datetime_formats=self.datetime_formats.get(name, {}))
-            futures[self.pool.submit(_profile_task, self.source, self.tables[name], self.targets[name],
-                                     table_options, self.baseline)] = ("profile", name)
+            futures[self.pool.submit(_table_task, self.source, self.tables[name], self.baseline, profile_table,
+                                     self.targets[name], table_options)] = ("profile", name)
         self.background[self.pool.submit(_integrity_task, self.source, self.integrity == "quick",
                                          self.baseline)] = ("integrity", None)
         self.profiles, self.integrity_problems = {}, []
@@ -85,8 +85,9 @@ class Checks:
             self.progress.set_total(name, self.profiles[name].rows)
             if name not in created and self._checks_foreign_keys_in_sqlite(name):
                 storage = {c.name: STORAGE_CLASSES for c in self.tables[name].columns}
-                self.background[self.pool.submit(_foreign_key_task, self.source, self.tables[name], storage,
-                                                 self.rowid_aliases, self.baseline)] = ("foreign keys", name)
+                self.background[self.pool.submit(_table_task, self.source, self.tables[name], self.baseline,
+                                                 foreign_key_findings, storage, self.rowid_aliases)] = (
+                    "foreign keys", name)
         self.result["source_id"] = self.source_id
         self.result["profile"] = self._profile_summary()
         self.progress.write(force=True)
@@ -169,25 +170,14 @@ def _integrity_task(source, quick, baseline):
     return problems
 
 
-def _profile_task(source, table, targets, options, baseline):
+def _table_task(source, table, baseline, read, *arguments):
+    """``read(connection, table, *arguments)`` on a connection of its own, in a worker: a profile or a check."""
     connection = source.connect(text_as_bytes=True)
     try:
-        profile = profile_table(connection, table, targets, options)
+        found = read(connection, table, *arguments)
     except sqlite3.DatabaseError as error:
         raise MigrationError(f"source table {table.name} cannot be read: {error}") from None
     finally:
         connection.close()
     _verify_unchanged(source, baseline)
-    return profile
-
-
-def _foreign_key_task(source, table, storage, rowid_aliases, baseline):
-    connection = source.connect(text_as_bytes=True)
-    try:
-        findings = foreign_key_findings(connection, table, storage, rowid_aliases)
-    except sqlite3.DatabaseError as error:
-        raise MigrationError(f"source table {table.name} cannot be read: {error}") from None
-    finally:
-        connection.close()
-    _verify_unchanged(source, baseline)
-    return findings
+    return found
