@@ -443,7 +443,9 @@ def test_drift_mode_still_fails_on_what_is_not_drift(migrated):
 
 def run_module(arguments, *options):
     """``ansible localhost -m sqlite_to_postgres_validate`` from the repository; (exit code, result, output)."""
-    environment = dict(os.environ, ANSIBLE_STDOUT_CALLBACK="ansible.builtin.json", ANSIBLE_LOAD_CALLBACK_PLUGINS="1")
+    # JSON alone on stdout: the enabled callbacks replaced, so no profile_tasks timing (ansible.cfg) follows it.
+    environment = dict(os.environ, ANSIBLE_STDOUT_CALLBACK="ansible.builtin.json", ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
+                       ANSIBLE_CALLBACKS_ENABLED="ansible.builtin.json")
     completed = subprocess.run(
         [str(Path(sys.executable).parent / "ansible"), "localhost", "-i", "localhost,", "-c", "local",
          "-e", f"ansible_python_interpreter={sys.executable}", "-m", "sqlite_to_postgres_validate",
