@@ -1023,17 +1023,12 @@ def main(argv=None) -> int:
         print("bench: interrupted", file=sys.stderr)
         return 130
     finally:
-        if lab is not None and lab.started:
-            progress("tearing the lab cluster down")
+        stops = [("tearing the lab cluster down", lab.down)] if lab is not None and lab.started else []
+        stops += [("stopping PostgreSQL", server.stop)] if server is not None else []
+        for what, stop in stops:
+            progress(what)
             try:
-                lab.down()
-            except BenchError as error:
-                print(f"bench: error: {one_line(error)}", file=sys.stderr)
-                keep_logs = True
-        if server is not None:
-            progress("stopping PostgreSQL")
-            try:
-                server.stop()
+                stop()
             except BenchError as error:
                 print(f"bench: error: {one_line(error)}", file=sys.stderr)
                 keep_logs = True

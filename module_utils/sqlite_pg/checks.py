@@ -27,8 +27,6 @@ class Checks:
         """
         if not self.preflight:
             return self._profile_for_stream()
-        options = {"on_invalid": self.on_invalid, "max_rejects": self.max_rejects, "rowid_aliases": self.rowid_aliases,
-                   "source_timezone": self.source_timezone}
         futures = {}
 
         def integrity():
@@ -39,11 +37,7 @@ class Checks:
         # the file and is the longest; a quick one and the hash fill the gaps at the end.
         if self.integrity == "full":
             integrity()
-        for name in sorted(self.order, key=lambda n: -self.sizes[n]):
-            table_options = dict(options, notnull=self.notnull[name],
-                                 datetime_formats=self.datetime_formats.get(name, {}))
-            futures[self.pool.submit(_table_task, self.source, self.tables[name], self.baseline, profile_table,
-                                     self.targets[name], table_options)] = ("profile", name)
+        self._submit_profiles(futures, self.order)
         if self.integrity == "quick":
             integrity()
         futures[self.pool.submit(_identity_task, self.source, self.baseline)] = ("identity", None)
@@ -60,16 +54,20 @@ class Checks:
         self.result["profile"] = self._profile_summary()
         self.progress.write(force=True)
 
-    def _profile_for_stream(self):
+    def _submit_profiles(self, futures, names):
+        """Profile ``names`` in the workers, largest first, into ``futures`` ({future: ("profile", table)})."""
         options = {"on_invalid": self.on_invalid, "max_rejects": self.max_rejects, "rowid_aliases": self.rowid_aliases,
                    "source_timezone": self.source_timezone}
-        futures = {self.pool.submit(_identity_task, self.source, self.baseline): ("identity", None)}
-        created = [n for n in self.order if self.existing[n] is None]
-        for name in sorted(created, key=lambda n: -self.sizes[n]):
+        for name in sorted(names, key=lambda n: -self.sizes[n]):
             table_options = dict(options, notnull=self.notnull[name],
                                  datetime_formats=self.datetime_formats.get(name, {}))
             futures[self.pool.submit(_table_task, self.source, self.tables[name], self.baseline, profile_table,
                                      self.targets[name], table_options)] = ("profile", name)
+
+    def _profile_for_stream(self):
+        futures = {self.pool.submit(_identity_task, self.source, self.baseline): ("identity", None)}
+        created = [n for n in self.order if self.existing[n] is None]
+        self._submit_profiles(futures, created)
         self.background[self.pool.submit(_integrity_task, self.source, self.integrity == "quick",
                                          self.baseline)] = ("integrity", None)
         self.profiles, self.integrity_problems = {}, []
