@@ -62,7 +62,10 @@ def change_rows(path, fraction=0.01, seed=1):
         for key in draw.sample(nodes, count):
             connection.execute("UPDATE storage_nodes SET hostname = hostname || '.moved', used_bytes = used_bytes + 1 "
                                "WHERE id = ?", (key,))
-        retired = draw.sample(nodes, count)
+        # the nodes holding the fewest files retire, so that few files move
+        retired = [row[0] for row in connection.execute(
+            "SELECT n.id FROM storage_nodes n LEFT JOIN files f ON f.primary_node = n.node_id "
+            "WHERE n.node_id NOT LIKE 'node-sync-%' GROUP BY n.id ORDER BY count(f.id), n.id LIMIT ?", (count,))]
         for key in retired:
             (node_id,) = connection.execute("SELECT node_id FROM storage_nodes WHERE id = ?", (key,)).fetchone()
             connection.execute("UPDATE files SET primary_node = ? WHERE primary_node = ?", (new_nodes[0], node_id))
@@ -130,6 +133,19 @@ def change_rows(path, fraction=0.01, seed=1):
     return counts
 
 
+def add_spare_nodes(path, count):
+    """Storage nodes without files: on a large sample every real node holds thousands of files, and retiring
+    one would move them all (far more than the fraction of rows measured)."""
+    connection = sqlite3.connect(path)
+    with connection:
+        for number in range(count):
+            connection.execute(
+                "INSERT INTO storage_nodes (node_id, hostname, port, capacity_bytes, used_bytes, status, is_active, "
+                "last_heartbeat, created_at) VALUES (?, ?, 8080, 0, 0, 'offline', 0, NULL, '2024-06-01 00:00:00')",
+                (f"node-spare-{number}", f"spare-{number}.internal"))
+    connection.close()
+
+
 def touch_without_change(path):
     """Commit a write that changes no row: the file (and its source_id) changes, its content does not."""
     connection = sqlite3.connect(path)
@@ -163,6 +179,7 @@ def main(argv=None):
         database = f"measure_sync_{os.getpid()}_{round_number}"
         copy = os.path.join(options.workdir, f"{database}.db")
         shutil.copyfile(options.sample, copy)
+        add_spare_nodes(copy, 1)
         connection = psycopg2.connect(**admin)
         connection.autocommit = True
         connection.cursor().execute(f'CREATE DATABASE "{database}"')

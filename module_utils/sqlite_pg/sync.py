@@ -33,7 +33,7 @@ import psycopg2
 from psycopg2 import sql
 
 from .errors import MigrationError
-from .loader import STORAGE_CLASS, copy_line_sql
+from .loader import STORAGE_CLASS, UNCONVERTED, copy_line_sql
 from .names import pg_name, sqlite_ident
 from .pages import PageReader, table_digest, table_pages
 from .profile import display
@@ -47,6 +47,7 @@ FORMAT = 1  # of key_range_checksums; another one is read as "no checksums"
 LOCK_NAMESPACE = "sqlite_to_postgres:"  # migrate()'s: one run per target schema, whichever it is
 ALL_CLASSES = frozenset({"integer", "real", "text", "blob"})
 ALL_KEYS = [-(1 << 63), (1 << 63) - 1]
+SPECIALS_GLOB = "*[\t\n\r\\]*"  # text holding what COPY must escape (real tab, newline, CR, backslash)
 
 
 def earlier_migration(cursor, schema, source_path, source_id, tables=None):
@@ -82,7 +83,7 @@ class TablePlan:
     baseline: bool = False  # checksums to store although no row changes
     fresh: bool = False  # the stored checksums are not used: spans are recorded into a new, incomplete document
     rowid: str = ""  # how SQLite addresses the rowid, "" for WITHOUT ROWID tables
-    counts: dict = field(default_factory=lambda: {"inserted": 0, "updated": 0, "deleted": 0})
+    counts: dict = field(default_factory=lambda: {"inserted": 0, "updated": 0, "deleted": 0, "rows_sent": 0})
 
 
 def sync(src, conninfo, schema="public", tables=None, jobs=2, source_timezone="UTC", range_keys=RANGE_KEYS,
@@ -211,6 +212,8 @@ class Sync:
 
     def _scan(self):
         """Read every table's leaf pages (in parallel), then decide which key intervals are dirty."""
+        if all(self._finished(plan) for plan in self.plans.values()):
+            return  # the last sync finished on this very snapshot: nothing can differ
         with ThreadPoolExecutor(max_workers=self.jobs) as threads:
             list(threads.map(self._scan_table, [self.plans[n] for n in self.order]))
         self._verify_unchanged()
@@ -224,6 +227,10 @@ class Sync:
                         plan.dirty = {0: [ALL_KEYS]}
                 continue
             self._decide(plan, same_snapshot)
+
+    def _finished(self, plan):
+        """Its state row names this snapshot and holds complete checksums (a killed sync leaves them incomplete)."""
+        return plan.state_id == self.source_id and plan.records.get("complete", False)
 
     def _scan_table(self, plan):
         connection = self.source.connect()
@@ -347,6 +354,15 @@ class Sync:
                     plan.counts[key] += value
 
     def _upsert(self, session, plan, span):
+        try:
+            return self._write_rows(session, plan, span)
+        except (psycopg2.DataError, psycopg2.IntegrityError) as error:
+            session.pg.rollback()
+            problem = self._first_invalid(plan, session.lite, plan.dirty[span])
+            raise MigrationError(problem or f"table {plan.name}: PostgreSQL refused the changed rows of key range "
+                                 f"{span}: {first_line(error, self.conninfo)}; {_LEFT}") from None
+
+    def _write_rows(self, session, plan, span):
         intervals = plan.dirty[span]
         data, sent, copy_columns = self._copy_text(session, plan, intervals)
         columns = [target for _source, target, _type in plan.columns]
@@ -363,9 +379,10 @@ class Sync:
                                    io.BytesIO(data))
                 self._record(cursor, plan, None)
                 self._commit(session)
-                return {"inserted": sent, "deleted": deleted}
+                return {"inserted": sent, "deleted": deleted, "rows_sent": sent}
             if not sent:
                 return {}
+            counts = {"rows_sent": sent}
             cursor.execute(sql.SQL("CREATE TEMPORARY TABLE IF NOT EXISTS {} AS SELECT {} FROM {} WITH NO DATA").format(
                 temporary, names, target))
             cursor.execute(sql.SQL("TRUNCATE {}").format(temporary))
@@ -394,7 +411,7 @@ class Sync:
             self._commit(session)
         else:
             session.pg.rollback()  # nothing differed: leave no transaction behind
-        return {"inserted": inserted, "updated": updated}
+        return dict(counts, inserted=inserted, updated=updated)
 
     def _delete(self, session, plan, span):
         if not plan.key:
@@ -403,11 +420,14 @@ class Sync:
         keys = [row[0] for row in session.lite.execute(
             f"SELECT src.{sqlite_ident(plan.key)} {_interval_join(plan)}", (json.dumps(intervals),))]  # noqa: S608
         key = sql.Identifier(self._target_key(plan))
-        within = sql.SQL(" OR ").join(sql.SQL("{} BETWEEN {} AND {}").format(key, sql.Literal(low), sql.Literal(high))
-                                      for low, high in intervals)
         with session.pg.cursor() as cursor:
-            cursor.execute(sql.SQL("DELETE FROM {} WHERE ({}) AND NOT ({} = ANY(%s::bigint[]))").format(
-                sql.Identifier(self.schema, plan.target), within, key), (keys,))
+            # One index range scan per interval (an OR of BETWEENs is tested row by row), and NOT IN a
+            # subquery, which is hashed (NOT (key = ANY(array)) scans the array once per row).
+            cursor.execute(sql.SQL(
+                "DELETE FROM {table} t USING unnest(%s::bigint[], %s::bigint[]) AS span(low, high) "
+                "WHERE t.{key} BETWEEN span.low AND span.high AND t.{key} NOT IN (SELECT unnest(%s::bigint[]))").format(
+                table=sql.Identifier(self.schema, plan.target), key=key),
+                ([low for low, _high in intervals], [high for _low, high in intervals], keys))
             deleted = cursor.rowcount
             self._record(cursor, plan, span)
         self._commit(session)
@@ -441,40 +461,43 @@ class Sync:
     def _copy_text(self, session, plan, intervals):
         """COPY text of the source rows in ``intervals``, formatted as the load formats them.
 
+        The storage classes and escaping needs of these rows are read first (the load has
+        them from the profile), so each column gets the formatting the load would give it.
+        Validity is left to the formatting (a value it cannot convert becomes UNCONVERTED)
+        and to PostgreSQL; only then are the rules' validity tests run, to name the value.
         Returns (bytes, rows, the target columns in the order of the text's fields).
         """
-        join = _interval_join(plan) if plan.key else f"FROM {sqlite_ident(plan.name)} src"
-        parameters = (json.dumps(intervals),) if plan.key else ()
+        join, parameters = self._rows_from(plan, intervals)
         lite = session.lite
         quoted = [f"src.{sqlite_ident(s)}" for s, _t, _type in plan.columns]
-        classes_sql = ", ".join(f"group_concat(DISTINCT typeof({q}))" for q in quoted)
-        found = lite.execute(f"SELECT {classes_sql} {join}", parameters).fetchone()  # noqa: S608
-        sql_fields, python_fields, checks, rules = [], [], [], []
-        for index, ((_source, _target, kind), q, classes) in enumerate(zip(plan.columns, quoted, found)):
+        found = lite.execute("SELECT " + ", ".join(  # noqa: S608 - quoted names
+            f"group_concat(DISTINCT typeof({q})), max(typeof({q}) = 'text' AND {q} GLOB '{SPECIALS_GLOB}')"
+            for q in quoted) + f" {join}", parameters).fetchone()
+        sql_fields, python_fields, rules = [], [], []
+        for index, ((_source, _target, kind), q) in enumerate(zip(plan.columns, quoted)):
             rule = rule_for(kind, self.timezone)
+            classes, specials = found[2 * index], found[2 * index + 1]
             present = set(classes.decode().split(",")) - {"null"} if classes else set()
-            formatted = rule.format_sql(q, present & ALL_CLASSES, zoned_text=True, specials=True)
-            valid = rule.valid_sql(q)
-            if valid:
-                checks.append(f"WHEN NOT ({valid}) THEN {index}")
+            formatted = rule.format_sql(q, present & ALL_CLASSES, zoned_text=True, specials=bool(specials))
             if formatted is None:
                 python_fields.append(f"typeof({q}), {q}")
                 rules.append((index, rule))
             else:
-                checks.append(f"WHEN {q} IS NOT NULL AND ({formatted}) IS NULL THEN {index}")
                 sql_fields.append(f"CASE WHEN {q} IS NULL THEN '\\N' ELSE {formatted} END")
         python_indexes = {index for index, _rule in rules}
         copy_columns = ([t for i, (_s, t, _k) in enumerate(plan.columns) if i not in python_indexes]
                         + [plan.columns[i][1] for i, _rule in rules])  # the order the query gives the fields in
-        check = f"CASE {' '.join(checks)} ELSE -1 END" if checks else "-1"
         key = f"src.{sqlite_ident(plan.key or plan.rowid)}" if plan.key or plan.rowid else "NULL"
-        select = ", ".join([key, check] + ([copy_line_sql(sql_fields)] if sql_fields else []) + python_fields)
-        lines = []
+        select = ", ".join([key] + ([copy_line_sql(sql_fields)] if sql_fields else []) + python_fields)
+        lines, checked = [], False
         for row in lite.execute(f"SELECT {select} {join}", parameters):  # noqa: S608
-            if row[1] >= 0:
-                raise MigrationError(self._invalid(plan, lite, row[0], row[1]))
-            fields = [row[2]] if sql_fields else []
-            position = 3 if sql_fields else 2
+            fields = [row[1]] if sql_fields else []
+            if sql_fields and UNCONVERTED in row[1] and not checked:
+                problem = self._first_invalid(plan, lite, intervals)
+                if problem:
+                    raise MigrationError(problem)
+                checked = True  # the byte is the source's own, in a text value
+            position = 2 if sql_fields else 1
             for index, rule in rules:
                 storage, value = row[position], row[position + 1]
                 try:
@@ -484,6 +507,33 @@ class Sync:
                 position += 2
             lines.append(b"\t".join(fields))
         return (b"\n".join(lines) + b"\n" if lines else b""), len(lines), copy_columns
+
+    @staticmethod
+    def _rows_from(plan, intervals):
+        """FROM clause and parameters of the source rows in ``intervals`` (of all rows for a keyless table)."""
+        if not plan.key:
+            return f"FROM {sqlite_ident(plan.name)} src", ()
+        return _interval_join(plan), (json.dumps(intervals),)
+
+    def _first_invalid(self, plan, lite, intervals):
+        """The message naming the first value in ``intervals`` the rules refuse or cannot format, or ""."""
+        join, parameters = self._rows_from(plan, intervals)
+        checks = []
+        for index, (_source, _target, kind) in enumerate(plan.columns):
+            q = f"src.{sqlite_ident(plan.columns[index][0])}"
+            rule = rule_for(kind, self.timezone)
+            valid = rule.valid_sql(q)
+            if valid:
+                checks.append(f"WHEN NOT ({valid}) THEN {index}")
+            formatted = rule.format_sql(q, ALL_CLASSES, zoned_text=True)
+            if formatted:
+                checks.append(f"WHEN {q} IS NOT NULL AND ({formatted}) IS NULL THEN {index}")
+        if not checks:
+            return ""
+        key = f"src.{sqlite_ident(plan.key or plan.rowid)}" if plan.key or plan.rowid else "NULL"
+        found = lite.execute(f"SELECT row_key, failed FROM (SELECT {key} AS row_key, CASE {' '.join(checks)} "  # noqa: S608
+                             f"ELSE -1 END AS failed {join}) WHERE failed >= 0 LIMIT 1", parameters).fetchone()
+        return self._invalid(plan, lite, found[0], found[1]) if found else ""
 
     def _invalid(self, plan, lite, key, index, reason=""):
         source, _target, kind = plan.columns[index]
