@@ -573,14 +573,16 @@ class Sync:
             plan = self.plans[name]
             if plan.state_id == self.source_id and not plan.baseline and not plan.dirty:
                 continue
-            rows = count_rows(cursor, self.schema, plan.target)
+            # Only a table that was written to can hold another number of rows.
+            rows = count_rows(cursor, self.schema, plan.target) if plan.dirty or plan.baseline else None
             if plan.state_id != self.source_id:
                 cursor.execute(sql.SQL("DELETE FROM {} WHERE source_id = %s AND table_name = %s").format(state),
                                (self.source_id, plan.target))
             seconds = time.monotonic() - self.started
             document = json.dumps(self._document(plan)) if plan.baseline or not plan.key else None
             cursor.execute(sql.SQL(
-                "UPDATE {} SET source_id = %s, rows_loaded = %s, rows_rejected = 0, started_at = %s, "
+                "UPDATE {} SET source_id = %s, rows_loaded = coalesce(%s, rows_loaded), rows_rejected = 0, "
+                "started_at = %s, "
                 "loaded_at = now(), seconds = %s, validated_at = NULL, "
                 "key_range_checksums = coalesce(%s::jsonb, key_range_checksums || '{{\"complete\": true}}') "
                 "WHERE source_id = %s AND table_name = %s").format(state),
