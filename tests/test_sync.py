@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-from conftest import execute, wait_until
+from conftest import assert_same_content, build_sqlite, execute, wait_until
 from sqlite_pg.engine import migrate
 from sqlite_pg.errors import MigrationError
 from sqlite_pg.sync import dirty_intervals, earlier_migration, sync
@@ -212,3 +212,20 @@ def test_dirty_intervals():
     assert dirty_intervals(0, 99, [a, b, c, (31, 40, 10, 4)], [a, b, c]) == [[31, 99]]
     assert dirty_intervals(0, 99, [b, c], [a, b, c]) == [[0, 10]]
     assert dirty_intervals(0, 99, [], [a]) == [[0, 99]]
+
+
+def test_a_table_without_integer_key_is_replaced_as_a_whole(tmp_path, pg_database):
+    src = build_sqlite(tmp_path / "tags.db", "CREATE TABLE tags (name TEXT NOT NULL, weight REAL);",
+                       {"tags": [("red", 1.5), ("blue", None), ("green", 0.1)]})
+    migrate(src, pg_database)
+    assert "recorded" in sync(src, pg_database)["msg"]
+    assert not sync(src, pg_database)["changed"]
+    with sqlite3.connect(src) as connection:
+        connection.execute("UPDATE tags SET weight = 0.30000000000000004 WHERE name = 'green'")
+        connection.execute("DELETE FROM tags WHERE name = 'red'")
+        connection.execute("INSERT INTO tags VALUES ('tab\tbed', -0.0)")
+    result = sync(src, pg_database)
+    assert result["tables"]["tags"] == {"inserted": 3, "updated": 0, "deleted": 3, "rows_sent": 3,
+                                        "ranges_checked": 1, "ranges_changed": 1}
+    assert_same_content(src, pg_database, "tags", order_by=["name"])
+    assert not sync(src, pg_database)["changed"]
