@@ -470,12 +470,16 @@ class Sync:
         join, parameters = self._rows_from(plan, intervals)
         lite = session.lite
         quoted = [f"src.{sqlite_ident(s)}" for s, _t, _type in plan.columns]
+        column_rules = [rule_for(kind, self.timezone) for _s, _t, kind in plan.columns]
+        # Looking for characters to escape costs a scan of each text value: only where the rule escapes.
+        escapes = [rule.format_sql("v", {"text"}, specials=True) != rule.format_sql("v", {"text"}, specials=False)
+                   for rule in column_rules]
         found = lite.execute("SELECT " + ", ".join(  # noqa: S608 - quoted names
-            f"group_concat(DISTINCT typeof({q})), max(typeof({q}) = 'text' AND {q} GLOB '{SPECIALS_GLOB}')"
-            for q in quoted) + f" {join}", parameters).fetchone()
+            f"group_concat(DISTINCT typeof({q})), "
+            + (f"max(typeof({q}) = 'text' AND {q} GLOB '{SPECIALS_GLOB}')" if escape else "0")
+            for q, escape in zip(quoted, escapes)) + f" {join}", parameters).fetchone()
         sql_fields, python_fields, rules = [], [], []
-        for index, ((_source, _target, kind), q) in enumerate(zip(plan.columns, quoted)):
-            rule = rule_for(kind, self.timezone)
+        for index, (rule, q) in enumerate(zip(column_rules, quoted)):
             classes, specials = found[2 * index], found[2 * index + 1]
             present = set(classes.decode().split(",")) - {"null"} if classes else set()
             formatted = rule.format_sql(q, present & ALL_CLASSES, zoned_text=True, specials=bool(specials))
