@@ -50,22 +50,6 @@ ALL_KEYS = [-(1 << 63), (1 << 63) - 1]
 SPECIALS_GLOB = "*[\t\n\r\\]*"  # text holding what COPY must escape (real tab, newline, CR, backslash)
 
 
-def earlier_migration(cursor, schema, source_path, source_id, tables=None):
-    """{target table: recorded source_id} of tables whose newest state row is an earlier snapshot of source_path.
-
-    This is how migrate() tells a target to sync from one to refuse: rows loaded from
-    the same file (same source_path) at a different snapshot (another source_id).
-    """
-    found = {}
-    for table, rows in state_rows(cursor, schema).items():
-        if tables is not None and table not in tables:
-            continue
-        recorded_id, recorded_path = rows[-1][0], rows[-1][1]
-        if recorded_path == source_path and recorded_id != source_id:
-            found[table] = recorded_id
-    return found
-
-
 @dataclass
 class TablePlan:
     name: str  # in SQLite
@@ -73,7 +57,6 @@ class TablePlan:
     key: str  # the rowid alias column in SQLite, "" for a table compared as a whole
     columns: list  # [(SQLite column, target column, TargetType)]
     state_id: str  # source_id of its state row
-    state_source_id: str = ""
     records: dict = field(default_factory=dict)
     pages: list = field(default_factory=list)  # Page records of the source, in key order
     digest: int = 0  # keyless tables: crc of all pages
@@ -87,24 +70,25 @@ class TablePlan:
 
 
 def sync(src, conninfo, schema="public", tables=None, jobs=2, source_timezone="UTC", range_keys=RANGE_KEYS,
-         hold_lock=True):
+         hold_lock=True, source_id=None):
     """Bring ``schema`` (which holds an earlier migration of ``src``) up to date with ``src``.
 
     ``hold_lock``: take migrate()'s advisory lock for the schema (False when the
-    caller's session holds it already). Returns dict(status, changed, msg,
+    caller's session holds it already). ``source_id``: the source's sha256 when the
+    caller has hashed it already (migrate() has). Returns dict(status, changed, msg,
     tables={name: inserted, updated, deleted, ranges_checked, ranges_changed},
     sequences, seconds, source_id); raises MigrationError, whose ``result`` is
     the same dict with status 'failed'.
     """
-    run = Sync(src, conninfo, schema, tables, jobs, source_timezone, range_keys, hold_lock)
-    return run.execute()
+    return Sync(src, conninfo, schema, tables, jobs, source_timezone, range_keys, hold_lock, source_id).execute()
 
 
 class Sync:
-    def __init__(self, src, conninfo, schema, tables, jobs, source_timezone, range_keys, hold_lock):
+    def __init__(self, src, conninfo, schema, tables, jobs, source_timezone, range_keys, hold_lock, source_id=None):
         self.src, self.conninfo, self.schema = src, dict(conninfo), schema
         self.requested, self.jobs, self.timezone = tables, jobs, source_timezone
         self.range_keys, self.hold_lock = range_keys, hold_lock
+        self.source_id = source_id or ""
         self.started = time.monotonic()
         self.started_at = datetime.datetime.now(datetime.timezone.utc)
         self.result = {"status": "failed", "changed": False, "msg": "", "tables": {}, "sequences": [],
@@ -116,13 +100,13 @@ class Sync:
             self.source = Source(self.src)
             self.fingerprint = self.source.fingerprint()
             with ThreadPoolExecutor(max_workers=1) as identity:
-                hashing = identity.submit(self.source.content_id)
+                hashing = None if self.source_id else identity.submit(self.source.content_id)
                 self._read_source_schema()
                 self.pg = connect(self.conninfo)
                 try:
                     self._lock()
                     self._read_target()
-                    self.source_id = hashing.result()
+                    self.source_id = self.source_id or hashing.result()
                     self.result["source_id"] = self.source_id
                     self._scan()
                     self._apply()
