@@ -674,6 +674,90 @@ def summarize_runbook(ctx: Context, name: str, runs: list[dict]) -> dict:
     }
 
 
+SYNC_DATABASE = "bench_sync"
+SYNC_FRACTION = 0.01  # of each table's rows inserted, updated and deleted (a third each) before the sync
+
+
+def sample_changes():
+    """scripts/measure_sync.py's change_rows and touch_without_change (also what the sync tests use)."""
+    spec = importlib.util.spec_from_file_location("measure_sync", REPO / "scripts" / "measure_sync.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.change_rows, module.touch_without_change
+
+
+def run_sync(ctx: Context) -> dict:
+    """One round of the nights before a cutover, through the module as the runbook calls it: a full migration
+    (load, then the schema's post-data) of a copy of the sample, then 1 % of its rows changed and synced, then
+    a write that changes no row and a sync, then a rerun on the same file; the validation then compares the
+    whole content of both sides."""
+    change_rows, touch_without_change = sample_changes()
+    result = {"load_average": round(os.getloadavg()[0], 2)}
+    copy = ctx.run_dir / "sync-source.db"  # changed by the round: the shared sample stays as it was built
+    ctx.server.admin(f'DROP DATABASE IF EXISTS "{SYNC_DATABASE}"')
+    ctx.server.admin(f'CREATE DATABASE "{SYNC_DATABASE}" TEMPLATE template0')
+    try:
+        shutil.copyfile(ctx.sample.path, copy)
+        ctx.server.execute(SYNC_DATABASE, ctx.pre_data)
+        arguments = {**module_connection(ctx, SYNC_DATABASE), "src": str(copy), "create_tables": False,
+                     "jobs": ctx.module_jobs, "post_data": False, "integrity_check": ctx.module_integrity_check}
+        ctx.deadline = time.monotonic() + ctx.timeout
+
+        def timed(step):
+            started = time.monotonic()
+            step()
+            return round(time.monotonic() - started, 3)
+
+        progress(f"sync: full migration of {ctx.sample.rows:,} rows")
+        result["full_s"] = timed(lambda: (run_module(ctx, "sqlite_to_postgres", arguments),
+                                          ctx.server.execute(SYNC_DATABASE, ctx.post_data)))
+        result["changed_rows"] = change_rows(str(copy), SYNC_FRACTION, seed=len(ctx.run_dir.name))
+        progress(f"sync: {sum(result['changed_rows'].values()):,} rows changed; syncing")
+        result["sync_changed_s"] = timed(lambda: run_module(ctx, "sqlite_to_postgres", arguments))
+        touch_without_change(str(copy))
+        result["sync_unchanged_s"] = timed(lambda: run_module(ctx, "sqlite_to_postgres", arguments))
+        result["rerun_same_file_s"] = timed(lambda: run_module(ctx, "sqlite_to_postgres", arguments))
+        progress("sync: validating both sides")
+        result["validate_s"] = timed(lambda: run_module(ctx, "sqlite_to_postgres_validate", {
+            **module_connection(ctx, SYNC_DATABASE), "src": str(copy), "jobs": ctx.module_jobs}))
+        with sqlite3.connect(f"file:{copy}?mode=ro", uri=True) as source:
+            expected = {t: source.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in TABLES}  # noqa: S608
+        counts = ctx.server.counts(SYNC_DATABASE)
+        check = {t: {"sqlite": expected[t], "postgresql": counts[t]} for t in TABLES}
+        passed = all(c["sqlite"] == c["postgresql"] for c in check.values())
+        result.update(status="passed" if passed else "failed", content_check="validation passed",
+                      row_check={"passed": passed, "tables": check},
+                      **{f"{name}_vs_full": round(result[f"{name}_s"] / result["full_s"], 3)
+                         for name in ("sync_changed", "sync_unchanged", "rerun_same_file")})
+        if not passed:
+            result["error"] = "row counts differ after the sync"
+    except (BenchError, psycopg2.Error) as error:
+        result.update({"status": "failed", "error": one_line(error)})
+    finally:
+        ctx.server.admin(f'DROP DATABASE IF EXISTS "{SYNC_DATABASE}"')
+        copy.unlink(missing_ok=True)
+    if result["status"] == "failed":
+        progress(f"sync: FAILED: {result['error']}")
+    else:
+        progress(f"sync: full {result['full_s']:.1f} s; 1 % changed {result['sync_changed_s']:.1f} s "
+                 f"({result['sync_changed_vs_full']:.2f}); nothing changed {result['sync_unchanged_s']:.1f} s "
+                 f"({result['sync_unchanged_vs_full']:.2f})")
+    return result
+
+
+def summarize_sync(ctx: Context, name: str, runs: list[dict]) -> dict:
+    summary = {"system": name, "description": SYSTEMS[name].description, "runs": runs}
+    failed = [run for run in runs if run["status"] == "failed"]
+    if failed:
+        return {**summary, "status": "failed", "error": failed[0]["error"]}
+    medians = {key: round(statistics.median(run[key] for run in runs), 3)
+               for key in ("full_s", "sync_changed_s", "sync_unchanged_s", "rerun_same_file_s", "validate_s")}
+    return {**summary, "status": "passed", "wall_s": medians["sync_changed_s"], **medians,
+            **{f"{key}_vs_full": round(statistics.median(run[f"{key}_vs_full"] for run in runs), 3)
+               for key in ("sync_changed", "sync_unchanged", "rerun_same_file")},
+            "row_check": {"passed": True, "tables": runs[-1]["row_check"]["tables"]}}
+
+
 @dataclass
 class System:
     load: Callable[[Context, str], Outcome] | None
@@ -693,6 +777,8 @@ SYSTEMS = {
     "module": System(load_module, module_missing, "the runbook's sqlite_to_postgres module via ansible",
                      validate_module),
     "pgloader": System(load_pgloader, pgloader_missing, f"pgloader ({PGLOADER_SETTINGS})"),
+    "sync": System(None, module_missing, "the module's sync after 1 % of the rows changed, beside a full migration "
+                   "through it", run=run_sync, summarize=summarize_sync, opt_in=True),
     "runbook": System(None, runbook_missing, "the whole ansible-playbook migrate.yml on the lab cluster, beside the "
                       "pipeline into the same leader", run=run_runbook, summarize=summarize_runbook, opt_in=True),
 }
@@ -838,7 +924,10 @@ def print_table(results: list[dict]):
     print(header)
     print("-" * len(header))
     for r in results:
-        if r["status"] == "passed":
+        if r["status"] == "passed" and "sync_changed_vs_full" in r:
+            print(f"{r['system']:<10} {r['wall_s']:>8.1f}  after 1 % changed: {r['sync_changed_vs_full']:.3f} x the "
+                  f"full migration ({r['full_s']:.1f} s); nothing changed: {r['sync_unchanged_vs_full']:.3f} x  passed")
+        elif r["status"] == "passed":
             ratio = f"{r['speedup_vs_baseline']:.2f}x" if r.get("speedup_vs_baseline") else "-"
             # The runbook's module runs detached (async), outside any tree measured here: no memory figures.
             rss, pss = (f"{r[key]:>12.1f}" if key in r else f"{'-':>12}" for key in ("peak_rss_mb", "peak_pss_mb"))
@@ -952,7 +1041,7 @@ def write_report(args, stamp: str, machine: dict, sample: Sample, results: list[
                   f"({r['pipeline_into_leader_wall_s']:.1f} s, load and post-data), medians of {args.rounds}")
             print(f"  stages from its report, back to back: {stage_line(r['stages_s'])} = {r['report_s']:.1f} s; "
                   f"ansible-playbook start-up and exit around them: {r['outside_report_s']:.1f} s")
-        if "validate_s" in r:
+        if "validate_vs_migrate" in r:
             print(f"{r['system']} validation (checksums of every table, both sides): {r['validate_s']:.1f} s = "
                   f"{r['validate_vs_migrate']:.2f} x its migrate time, peak PSS {r['validate_peak_pss_mb']:.1f} MB")
     print(f"results: {out}")
