@@ -7,6 +7,7 @@ authentication, and stopped at the end of the session even when tests fail.
 Set PG_BIN to use another PostgreSQL installation's binaries.
 """
 
+import contextlib
 import glob
 import os
 import pwd
@@ -70,6 +71,13 @@ class PostgresServer:
 @pytest.fixture(scope="session")
 def postgres_server():
     """A PostgreSQL server of this session's own (see the module docstring)."""
+    with running_server() as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_server(**overrides):
+    """Start a server as the module docstring says (``overrides``: settings to change), stop it at the end."""
     pg_bin = _pg_bin()
     as_root = os.geteuid() == 0
     directory = tempfile.mkdtemp(prefix="pytest-postgres-")
@@ -91,7 +99,11 @@ def postgres_server():
     os.unlink(password_file)
     port = _free_port()
     settings = ["-p", str(port), "-k", directory, "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
-                "-c", "full_page_writes=off", "-c", "max_connections=60", "-c", "shared_buffers=64MB"]
+                "-c", "full_page_writes=off", "-c", "max_connections=60", "-c", "shared_buffers=64MB",
+                # Large tables load in rowid ranges committed by two-phase commit (module_utils/sqlite_pg/ranges.py).
+                "-c", "max_prepared_transactions=8"]
+    for name, value in overrides.items():
+        settings += ["-c", f"{name}={value}"]
     log = os.path.join(directory, "server.log")
     server = PostgresServer("127.0.0.1", port, "postgres", password, directory, pg_bin)
     try:
