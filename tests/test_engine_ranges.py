@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, assert_same_content, execute, running_server
 from sqlite_pg import STATE_TABLE, migrate
 from test_engine_crash import BIG_ROWS, build
-from test_engine_one_pass import UNDONE, fails_and_puts_back, precreate_crash_tables
+from test_engine_one_pass import EXCEPTION_NAME, UNDONE, dump, fails_and_puts_back, precreate_crash_tables
 
 PREPARED = "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()"
 SECOND_RANGE_ROW = BIG_ROWS * 3 // 4  # zeta's rowids 1..200000 split in two: 100001 and up is the second range
@@ -158,3 +158,47 @@ def test_without_prepared_transactions_a_large_table_loads_in_one_session_and_th
     assert "tables zeta load in one session each, not in 2 rowid ranges: the server's max_prepared_transactions " \
            "is 0; ranges need at least 2 (one prepared transaction per range)" in result["profile"]["notes"]
     assert_same_content(src, conninfo, "zeta")
+
+
+def test_a_server_restart_while_the_ranges_are_prepared_is_undone_and_a_rerun_completes(tmp_path, pg_database,
+                                                                                        postgres_server):
+    src = big_source(tmp_path)
+    precreate_crash_tables(pg_database)
+    before = dump(pg_database, postgres_server)
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    restart = as_postgres + [str(postgres_server.bin / "pg_ctl"), "-D", os.path.join(postgres_server.directory, "data"),
+                             "-m", "immediate", "-w", "-l", os.path.join(postgres_server.directory, "server.log"),
+                             "restart"]
+    options = {k: v for k, v in pg_database.items() if k != "password"}
+    script = textwrap.dedent(f"""
+        import json, subprocess, sys
+        sys.path.insert(0, {str(ROOT / "module_utils")!r})
+        from sqlite_pg import MigrationError, load, migrate
+        decide = load.Load._decide_ranges
+
+        def restart_then_decide(*arguments):  # both ranges are prepared: they outlive the restart
+            subprocess.run({restart!r}, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            return decide(*arguments)
+
+        load.Load._decide_ranges = restart_then_decide
+        try:
+            migrate({str(src)!r}, {options!r}, jobs=2)
+            print("completed")
+        except MigrationError as error:
+            print(error)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PGPASSWORD=pg_database["password"]),
+                         timeout=300, check=True, capture_output=True, text=True)
+    message = run.stdout.strip()
+
+    assert "\n" not in message and not EXCEPTION_NAME.search(message), message
+    assert message.startswith(f"the connection to {pg_database['host']}:{pg_database['port']} was lost during the "
+                              "load"), message
+    assert f"{UNDONE} (tables alpha)" in message, message
+    assert execute(pg_database, PREPARED) == [(0,)]
+    assert sorted(dump(pg_database, postgres_server).splitlines()) == sorted(before.splitlines())
+
+    result = migrate(str(src), pg_database, jobs=2)
+
+    assert result["tables"]["zeta"]["ranges"] == 2
+    assert_same_content(src, pg_database, "zeta")

@@ -12,6 +12,7 @@ import secrets
 import time
 from concurrent.futures import FIRST_COMPLETED, wait
 
+import psycopg2
 from psycopg2 import sql
 
 from . import ranges
@@ -91,12 +92,12 @@ class Load:
             ranges.finish(self.pg, gids, commit=False)
             raise MigrationError(mixed)
         rows = sum(o["rows"] for o in outcomes.values())
-        # Journaled before the decision commits: if the commit's outcome is unknown (a lost connection), the
-        # undo resolves the ranges by the state row and then empties the table either way.
-        self.journal.loaded(self.target_names[name], created=False)
         with self.pg.cursor() as cursor:
             record_load(cursor, self.schema, self.source_id, self.target_names[name], name, self.source.path, rows,
                         0, started_at, time.monotonic() - started, prepared_gids=gids)
+        # Journaled before the decision commits: if the commit's outcome is unknown (a lost connection), the
+        # undo resolves the ranges by the state row and then empties the table either way.
+        self.journal.loaded(self.target_names[name], created=False)
         self.pg.commit()
         ranges.finish(self.pg, gids, commit=True)
         return {"rows": rows, "seconds": time.monotonic() - started}
@@ -228,7 +229,10 @@ class Load:
             return None
         del self._ranged_tables[name]
         if state["failed"] or first_error is not None:
-            ranges.finish(self.pg, [o["gid"] for o in state["outcomes"].values()], commit=False)
+            try:
+                ranges.finish(self.pg, [o["gid"] for o in state["outcomes"].values()], commit=False)
+            except psycopg2.Error:
+                pass  # this session is lost too: the undo resolves them (journal.prefix) on a new one
             if table["status"] == "loading":
                 table["status"] = "pending"
             return None

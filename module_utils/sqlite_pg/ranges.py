@@ -76,6 +76,8 @@ def prepared_slots(connection):
 
 def finish(connection, gids, commit):
     """COMMIT (or ROLLBACK) PREPARED each of ``gids``; one resolved meanwhile by another session is skipped."""
+    if not gids:
+        return
     statement = "COMMIT PREPARED {}" if commit else "ROLLBACK PREPARED {}"
     connection.autocommit = True  # neither may run inside a transaction block
     try:
