@@ -68,7 +68,7 @@ options:
   jobs:
     description:
     - How many tables are profiled and loaded at once, each by its own process and connection.
-    - A table of at least 10,000 rowids that exists in the target is loaded in O(jobs) rowid ranges at once,
+    - A table of at least 100,000 rowids that exists in the target is loaded in O(jobs) rowid ranges at once,
       one session each, committed together by two-phase commit; this needs the server's
       C(max_prepared_transactions) to be at least O(jobs), else the table loads in one session and the
       result's notes say why.

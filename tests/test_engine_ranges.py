@@ -202,3 +202,18 @@ def test_a_server_restart_while_the_ranges_are_prepared_is_undone_and_a_rerun_co
 
     assert result["tables"]["zeta"]["ranges"] == 2
     assert_same_content(src, pg_database, "zeta")
+
+
+def test_a_key_two_ranges_both_hold_fails_naming_the_row_instead_of_waiting_forever(tmp_path, pg_database,
+                                                                                    postgres_server, monkeypatch):
+    from sqlite_pg import ranges
+
+    monkeypatch.setattr(ranges, "RANGE_LOCK_WAIT", "1s")  # inherited by the forked workers
+    src = big_source(tmp_path, (SECOND_RANGE_ROW, "label", "row 10\twith a tab"))  # the label of row 10 (range 1)
+    precreate_crash_tables(pg_database)
+    execute(pg_database, "ALTER TABLE zeta ADD UNIQUE (label)")
+    fails_and_puts_back(src, pg_database, postgres_server,
+                        f"table zeta, rowid {SECOND_RANGE_ROW}: was refused by PostgreSQL: it waited 1s for a row "
+                        "another session holds, most likely a row of another range of this table with the same key",
+                        UNDONE, jobs=2)
+    assert execute(pg_database, PREPARED) == [(0,)]

@@ -26,10 +26,11 @@ from psycopg2 import sql
 from .rules import mixed_reason
 from .target import APPLICATION_NAME, STATE_TABLE
 
-# Below this many rowids a table streams in about a second: the extra sessions, the two fsyncs of
-# each prepared transaction and COPY without FREEZE (a ranged table cannot be truncated in its load)
-# would cost about what the second core saves.
-RANGE_MIN_ROWS = 10_000
+# Ranges cost a session each, the fsyncs of the prepared transactions and of the decision, and COPY
+# without FREEZE (no range can truncate the shared table): measured on the 20k-file sample (files
+# 20,000 rows, about a second to stream), ranges made the load slower, so only tables that stream for
+# several seconds are split.
+RANGE_MIN_ROWS = 100_000
 # A range's COPY waits at most this long for a lock. The one wait that can occur in a migration is on
 # a row of another range of the same table with the same key (a duplicate in a unique column): that
 # range is prepared and waits for this one, so without a bound both would wait forever.
@@ -52,7 +53,8 @@ def split(plan, rowid, low, high, count, slots, prefix):
     """``count`` LoadPlans of one table, each the rows with ``low + k*width <= rowid < low + (k+1)*width``.
 
     Each range has its own WHERE, so its COPY line N is row N of its own query: the loader maps a
-    refused line back to its rowid with that same WHERE.
+    refused line back to its rowid with that same WHERE. The table's query ends with its WHERE
+    (copyplan.load_plan), so the bound is appended to both.
     """
     edges = [low + (high - low + 1) * k // count for k in range(count)] + [high + 1]
     plans = []
