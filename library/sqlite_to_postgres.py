@@ -28,8 +28,8 @@ description:
   the target column's type (booleans, timestamps and unix epochs, JSON into
   jsonb, text UUIDs, blobs into bytea, doubles kept exactly).
 - Every loaded table is recorded in the state table
-  C(<schema>.sqlite_to_postgres_state) in the same transaction as its rows (a table
-  loaded in rowid ranges: in the transaction that decides to commit them), keyed
+  C(<schema>.sqlite_to_postgres_state) in the same transaction as its rows (for a table
+  loaded in rowid ranges, in the transaction that decides to commit them), keyed
   by the sha256 of the source snapshot. A rerun after a crash loads only what is
   missing; a rerun after success writes nothing and reports C(changed=false).
 - After the load it builds primary keys, unique and secondary indexes, foreign

@@ -97,11 +97,14 @@ def running_server(**overrides):
                              "--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={password_file}"],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     os.unlink(password_file)
+    # Large tables load in rowid ranges committed by two-phase commit (module_utils/sqlite_pg/ranges.py). In the
+    # configuration file, not on the command line, so that a standby cloned from this server has it too (a hot
+    # standby needs at least the primary's max_prepared_transactions).
+    with open(os.path.join(data, "postgresql.conf"), "a") as conf:
+        conf.write("max_prepared_transactions = 8\n")
     port = _free_port()
     settings = ["-p", str(port), "-k", directory, "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
-                "-c", "full_page_writes=off", "-c", "max_connections=60", "-c", "shared_buffers=64MB",
-                # Large tables load in rowid ranges committed by two-phase commit (module_utils/sqlite_pg/ranges.py).
-                "-c", "max_prepared_transactions=8"]
+                "-c", "full_page_writes=off", "-c", "max_connections=60", "-c", "shared_buffers=64MB"]
     for name, value in overrides.items():
         settings += ["-c", f"{name}={value}"]
     log = os.path.join(directory, "server.log")
