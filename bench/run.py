@@ -65,6 +65,7 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 SERVER_SETTINGS = {
     "listen_addresses": "127.0.0.1",
     "max_connections": "100",
+    "max_prepared_transactions": "8",  # the module loads large tables in rowid ranges (two-phase commit)
     "shared_buffers": "1GB",
     "maintenance_work_mem": "256MB",
     "work_mem": "16MB",

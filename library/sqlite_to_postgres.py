@@ -28,7 +28,8 @@ description:
   the target column's type (booleans, timestamps and unix epochs, JSON into
   jsonb, text UUIDs, blobs into bytea, doubles kept exactly).
 - Every loaded table is recorded in the state table
-  C(<schema>.sqlite_to_postgres_state) in the same transaction as its rows, keyed
+  C(<schema>.sqlite_to_postgres_state) in the same transaction as its rows (for a table
+  loaded in rowid ranges, in the transaction that decides to commit them), keyed
   by the sha256 of the source snapshot. A rerun after a crash loads only what is
   missing; a rerun after success writes nothing and reports C(changed=false).
 - A target table that holds an earlier snapshot of the same source file (its state row names this
@@ -79,6 +80,10 @@ options:
   jobs:
     description:
     - How many tables are profiled and loaded at once, each by its own process and connection.
+    - A table of at least 100,000 rowids that exists in the target is loaded in O(jobs) rowid ranges at once,
+      one session each, committed together by two-phase commit; this needs the server's
+      C(max_prepared_transactions) to be at least O(jobs), else the table loads in one session and the
+      result's notes say why.
     type: int
     default: 2
   on_invalid:

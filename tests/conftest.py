@@ -7,6 +7,7 @@ authentication, and stopped at the end of the session even when tests fail.
 Set PG_BIN to use another PostgreSQL installation's binaries.
 """
 
+import contextlib
 import glob
 import os
 import pwd
@@ -70,6 +71,13 @@ class PostgresServer:
 @pytest.fixture(scope="session")
 def postgres_server():
     """A PostgreSQL server of this session's own (see the module docstring)."""
+    with running_server() as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_server(**overrides):
+    """Start a server as the module docstring says (``overrides``: settings to change), stop it at the end."""
     pg_bin = _pg_bin()
     as_root = os.geteuid() == 0
     directory = tempfile.mkdtemp(prefix="pytest-postgres-")
@@ -89,9 +97,16 @@ def postgres_server():
                              "--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={password_file}"],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     os.unlink(password_file)
+    # Large tables load in rowid ranges committed by two-phase commit (module_utils/sqlite_pg/ranges.py). In the
+    # configuration file, not on the command line, so that a standby cloned from this server has it too (a hot
+    # standby needs at least the primary's max_prepared_transactions).
+    with open(os.path.join(data, "postgresql.conf"), "a") as conf:
+        conf.write("max_prepared_transactions = 8\n")
     port = _free_port()
     settings = ["-p", str(port), "-k", directory, "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
                 "-c", "full_page_writes=off", "-c", "max_connections=60", "-c", "shared_buffers=64MB"]
+    for name, value in overrides.items():
+        settings += ["-c", f"{name}={value}"]
     log = os.path.join(directory, "server.log")
     server = PostgresServer("127.0.0.1", port, "postgres", password, directory, pg_bin)
     try:

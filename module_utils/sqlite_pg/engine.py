@@ -120,8 +120,11 @@ class Run(Plan, Checks, Load, Keys):
                     if self.lease.lost:
                         raise MigrationError(self.lease.lost)
                 self._lock()
+                self._resolve_interrupted()
                 self._read_target()
-                counters = multiprocessing.get_context("fork").Array("q", len(self.order), lock=False)
+                # One slot per table, then one per range of a table loaded in ranges (load.py).
+                counters = multiprocessing.get_context("fork").Array("q", len(self.order) * (1 + self.jobs),
+                                                                     lock=False)
                 loader.progress_counters = counters
                 self.progress.add_tables(self.order)
                 # Objects the workers inherit stay untouched by their garbage collector, so the pages
@@ -174,6 +177,10 @@ class Run(Plan, Checks, Load, Keys):
         if self.journal.empty and self.synced is not None:
             return message  # the sync says itself what it committed (each key range in its own transaction)
         if self.journal.empty:
+            problem = self.journal.resolve_prepared()  # ranges of a table that failed before anything committed
+            if problem:
+                return (f"{message}; the prepared transactions of its ranges could not be rolled back ({problem}): "
+                        "they hold locks until the next run, which resolves them first")
             return message if message.endswith("nothing was written") else message + "; nothing was written"
         what = self.journal.what()
         problem = self.journal.undo()

@@ -2,17 +2,24 @@
 
 Each table loads in its own transaction with its state row (loader.py); what
 commits is recorded in the run's journal, so that a failure of any table puts
-back the tables loaded before it (undo.py).
+back the tables loaded before it (undo.py). A large table is split into
+``jobs`` rowid ranges that the workers stream together, committed together by
+two-phase commit (ranges.py); the other tables go whole.
 """
 
+import datetime
+import secrets
+import time
 from concurrent.futures import FIRST_COMPLETED, wait
 
+import psycopg2
 from psycopg2 import sql
 
+from . import ranges
 from .copyplan import load_plan
 from .errors import MigrationError
 from .loader import load_table
-from .target import STATE_TABLE, create_table_sql, state_table_ddl
+from .target import STATE_TABLE, create_table_sql, record_load, state_table_ddl
 
 
 class Load:
@@ -29,6 +36,71 @@ class Load:
                          source_timezone=self.source_timezone, source_id=self.source_id,
                          streamed=profile.columns[0].conversion == "streamed" if profile.columns else False,
                          notnull=self.notnull[name])
+
+    def _resolve_interrupted(self):
+        """Prepared range transactions an interrupted run left hold locks on their tables: resolve them first."""
+        if self.check_mode:
+            tables = ranges.pending(self.pg, self.schema)
+            if tables:
+                self.notes.append(f"prepared transactions of an interrupted run hold locks on tables "
+                                  f"{', '.join(tables)}; the next run resolves them before it loads")
+            return
+        committed, rolled_back = ranges.resolve(self.pg, self.schema, ranges.schema_prefix(self.schema))
+        if committed:
+            self.notes.append(f"tables {', '.join(committed)}: the ranges an interrupted run had decided to commit "
+                              "were committed")
+        if rolled_back:
+            self.notes.append(f"tables {', '.join(rolled_back)}: the ranges an interrupted run had left prepared "
+                              "were rolled back")
+
+    def _ranged(self, to_load, plans):
+        """{table: its range LoadPlans} for the tables worth splitting (ranges.RANGE_MIN_ROWS), and how many
+        range transactions may be prepared at once."""
+        candidates = [n for n in to_load if self.jobs > 1 and self.actions[n] == "load" and self.tables[n].rowid
+                      and plans[n].expected_rows is None and self.highest[n] >= ranges.RANGE_MIN_ROWS]
+        if not candidates:
+            return {}, 0
+        free, limit = ranges.prepared_slots(self.pg)
+        if free < self.jobs:
+            self._note(f"tables {', '.join(candidates)} load in one session each, not in {self.jobs} rowid ranges: "
+                       f"the server's max_prepared_transactions is {limit}"
+                       + (f" ({limit - free} in use)" if free < limit else "")
+                       + f"; ranges need at least {self.jobs} (one prepared transaction per range)")
+            return {}, 0
+        self.journal.prefix = f"{ranges.schema_prefix(self.schema)}{secrets.token_hex(4)} "
+        lite = self.source.connect()
+        try:
+            split = {}
+            for name in candidates:
+                table = self.tables[name]
+                low = lite.execute(f"SELECT min({table.rowid}) FROM {plans[name].table_sql}").fetchone()[0]  # noqa: S608
+                if low is None or self.highest[name] - low + 1 < ranges.RANGE_MIN_ROWS:
+                    continue
+                index = self.order.index(name)
+                slots = [len(self.order) + index * self.jobs + k for k in range(self.jobs)]
+                split[name] = ranges.split(plans[name], table.rowid, low, self.highest[name], self.jobs, slots,
+                                           self.journal.prefix)
+        finally:
+            lite.close()
+        return split, free
+
+    def _decide_ranges(self, name, outcomes, started, started_at):
+        """Every range of ``name`` is prepared: record the decision (its state row), then commit the ranges."""
+        mixed = ranges.mixed_dates(name, outcomes.values())
+        gids = [outcomes[k]["gid"] for k in sorted(outcomes)]
+        if mixed:
+            ranges.finish(self.pg, gids, commit=False)
+            raise MigrationError(mixed)
+        rows = sum(o["rows"] for o in outcomes.values())
+        with self.pg.cursor() as cursor:
+            record_load(cursor, self.schema, self.source_id, self.target_names[name], name, self.source.name, rows,
+                        0, started_at, time.monotonic() - started, prepared_gids=gids)
+        # Journaled before the decision commits: if the commit's outcome is unknown (a lost connection), the
+        # undo resolves the ranges by the state row and then empties the table either way.
+        self.journal.loaded(self.target_names[name], created=False)
+        self.pg.commit()
+        ranges.finish(self.pg, gids, commit=True)
+        return {"rows": rows, "seconds": time.monotonic() - started}
 
     def _load(self, counters):
         self.progress.phase = "load"
@@ -56,9 +128,12 @@ class Load:
 
     def _stream(self, to_load, counters):
         plans = {name: self._plan(name) for name in to_load}
+        split, prepared_free = self._ranged(to_load, plans)
         waits_for = self._existing_dependencies(to_load)
         parents = self._earlier_parents(to_load)
         futures, done, submitted, first_error = {}, set(), set(), None
+        # Tables loading in ranges, until decided: their pieces, the ranges' outcomes, how many still run.
+        ranged = self._ranged_tables = {}
         # Parents before children (FK order), larger tables first among those free to go.
         queue = sorted(to_load, key=lambda n: -self.sizes[n])
         while queue or futures:
@@ -66,14 +141,23 @@ class Load:
             while moved and first_error is None:
                 moved = False
                 for name in list(queue):
-                    if parents[name] <= submitted and waits_for[name] <= done:
-                        queue.remove(name)
-                        submitted.add(name)
-                        futures[self.pool.submit(_load_task, self.source, self.conninfo, plans[name],
-                                                 self.baseline)] = name
-                        self.progress.start(name)
-                        self.result["tables"][name]["status"] = "loading"
-                        moved = True
+                    if not (parents[name] <= submitted and waits_for[name] <= done):
+                        continue
+                    pieces = split.get(name, [plans[name]])
+                    if name in split and sum(len(r["pieces"]) for r in ranged.values()) + len(pieces) > prepared_free:
+                        continue  # its ranges could not all be prepared now: after the ranged tables in flight
+                    queue.remove(name)
+                    submitted.add(name)
+                    for number, piece in enumerate(pieces):
+                        futures[self.pool.submit(_load_task, self.source, self.conninfo, piece,
+                                                 self.baseline)] = (name, number)
+                    if name in split:
+                        ranged[name] = {"pieces": pieces, "outcomes": {}, "open": len(pieces), "failed": False,
+                                        "started": time.monotonic(),
+                                        "started_at": datetime.datetime.now(datetime.timezone.utc)}
+                    self.progress.start(name)
+                    self.result["tables"][name]["status"] = "loading"
+                    moved = True
             if first_error is not None:
                 queue = []
             if not futures:
@@ -89,32 +173,70 @@ class Load:
                 for future in futures:
                     future.cancel()
             for future in finished:
-                name = futures.pop(future)
+                name, number = futures.pop(future)
                 entry = self.result["tables"][name]
-                if future.cancelled():
-                    entry["status"] = "pending"
+                outcome = None
+                if not future.cancelled():
+                    try:
+                        outcome = future.result()
+                    except MigrationError as error:
+                        first_error = first_error or error
+                        entry["status"] = "failed"
+                        self.progress.finish(name, "failed")
+                if name in ranged:
+                    try:
+                        outcome = self._range_done(name, number, outcome, first_error)
+                    except MigrationError as error:  # the ranges disagree on a date column: rolled back
+                        first_error = first_error or error
+                        entry["status"] = "failed"
+                        self.progress.finish(name, "failed")
+                        continue
+                    if outcome is None:
+                        continue
+                elif outcome is None:
+                    entry["status"] = "pending" if future.cancelled() else entry["status"]
                     continue
-                try:
-                    outcome = future.result()
-                except MigrationError as error:
-                    first_error = first_error or error
-                    entry["status"] = "failed"
-                    self.progress.finish(name, "failed")
-                    continue
+                else:
+                    self.journal.loaded(self.target_names[name], created=self.actions[name] == "create")
                 done.add(name)
-                self.journal.loaded(self.target_names[name], created=self.actions[name] == "create")
                 seconds = outcome["seconds"]
                 streamed = plans[name].expected_rows is None
                 entry.update(migrated=outcome["rows"], total_rows=outcome["rows"] if streamed else entry["total_rows"],
                              rejected=0 if streamed else self.profiles[name].rows - outcome["rows"],
                              status="completed", action="loaded", seconds=round(seconds, 3),
                              rows_per_second=round(outcome["rows"] / seconds, 1) if seconds > 0 else 0.0)
+                if name in split:
+                    entry["ranges"] = len(split[name])
                 self.progress.finish(name, "completed", outcome["rows"])
-            for name in futures.values():
-                self.progress.update(name, counters[self.order.index(name)])
+            for name, _ in set(futures.values()):
+                slots = [p.index for p in split.get(name, [plans[name]])]
+                self.progress.update(name, sum(counters[slot] for slot in slots))
             self.progress.write(force=bool(finished))  # a table's end shows at once
         if first_error is not None:
             raise first_error
+
+    def _range_done(self, name, number, outcome, first_error):
+        """One range of ``name`` ended (outcome None: failed or cancelled). Once all have, the table is decided
+        (returns its outcome) or, when a range or anything else of the run failed, its ranges rolled back."""
+        table = self.result["tables"][name]
+        state = self._ranged_tables[name]
+        state["open"] -= 1
+        if outcome is None:
+            state["failed"] = True
+        else:
+            state["outcomes"][number] = dict(outcome, gid=state["pieces"][number].gid)
+        if state["open"]:
+            return None
+        del self._ranged_tables[name]
+        if state["failed"] or first_error is not None:
+            try:
+                ranges.finish(self.pg, [o["gid"] for o in state["outcomes"].values()], commit=False)
+            except psycopg2.Error:
+                pass  # this session is lost too: the undo resolves them (journal.prefix) on a new one
+            if table["status"] == "loading":
+                table["status"] = "pending"
+            return None
+        return self._decide_ranges(name, state["outcomes"], state["started"], state["started_at"])
 
     def _earlier_parents(self, to_load):
         """{table: its foreign-key parents among to_load that come before it in FK order (cycles broken)}."""

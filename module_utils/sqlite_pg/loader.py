@@ -16,12 +16,16 @@ from dataclasses import dataclass
 import psycopg2
 from psycopg2 import sql
 
+from . import ranges
 from .errors import MigrationError
 from .names import sqlite_ident
 from .profile import describe_key, display
 from .rules import Invalid, rule_for
 from .source import mixed_dates
 from .target import connect, first_line, has_rows, record_load, server_address
+
+# What PostgreSQL reports when a lock wait ran out: in a range (ranges.RANGE_LOCK_WAIT), a key another range holds.
+LOCK_NOT_AVAILABLE = "55P03"
 
 CHUNK_BYTES = 1 << 20  # what each read() hands to COPY: large writes, flat memory
 FETCH_ROWS = 2000  # most rows per fetch; fewer when rows are wide (a quarter chunk per fetch)
@@ -67,6 +71,9 @@ class LoadPlan:
     where_sql: str  # the query's WHERE (also used to name a row from a COPY line number)
     source_timezone: str
     source_id: str
+    # One rowid range of a table loaded in several sessions (ranges.py): its transaction ends PREPAREd under
+    # this name, without a state row; the run commits them all once every range is prepared.
+    gid: str = ""
 
 
 def become_worker():
@@ -273,13 +280,17 @@ def load_table(source, conninfo, plan, fingerprint):
             if plan.create_sql:
                 cursor.execute(plan.create_sql)
             else:
-                # Nobody else may write the table while it loads; readers still can.
-                cursor.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(target))
+                # Nobody else may write the table while it loads; readers still can. The ranges of one
+                # table share it (ROW EXCLUSIVE does not conflict with itself).
+                cursor.execute(sql.SQL("LOCK TABLE {} IN {} MODE").format(
+                    target, sql.SQL("ROW EXCLUSIVE" if plan.gid else "EXCLUSIVE")))
                 if has_rows(cursor, plan.schema, plan.target_table):
                     raise MigrationError(
                         f"table {plan.schema}.{plan.target_table} received rows from elsewhere while this run "
                         "was starting")
-            freeze = bool(plan.create_sql) or _truncated(cursor, target)
+            if plan.gid:
+                cursor.execute("SELECT set_config('lock_timeout', %s, true)", (ranges.RANGE_LOCK_WAIT,))
+            freeze = not plan.gid and (bool(plan.create_sql) or _truncated(cursor, target))
             copy = sql.SQL("COPY {} ({}) FROM STDIN{}").format(
                 target, sql.SQL(", ").join(map(sql.Identifier, plan.copy_columns)),
                 sql.SQL(" WITH (FREEZE)" if freeze else ""))
@@ -311,10 +322,14 @@ def load_table(source, conninfo, plan, fingerprint):
                     f"source {source.path} changed while table {plan.source_table} was being read (another process "
                     "wrote to it): stop the application and run again")
             seconds = time.monotonic() - started
-            record_load(cursor, plan.schema, plan.source_id, plan.target_table, plan.source_table, source.name,
-                        copied, plan.source_rows - copied, started_at, seconds)
-        committing = True
-        pg.commit()
+            committing = True
+            if plan.gid:
+                cursor.execute(sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(plan.gid)))
+            else:
+                record_load(cursor, plan.schema, plan.source_id, plan.target_table, plan.source_table, source.name,
+                            copied, plan.source_rows - copied, started_at, seconds)
+        if not plan.gid:
+            pg.commit()
     except psycopg2.Error as error:
         _rollback(pg)
         raise MigrationError(_failed(plan, error, conninfo, pg.closed, committing)) from None
@@ -324,7 +339,20 @@ def load_table(source, conninfo, plan, fingerprint):
     finally:
         pg.close()
         lite.close()
-    return {"rows": copied, "seconds": time.monotonic() - started}
+    return {"rows": copied, "seconds": time.monotonic() - started, "started_at": started_at,
+            "dates": _date_kinds(lite, stream)}
+
+
+def _date_kinds(lite, stream):
+    """{column label: {is_julian: a value}} the 'auto' date columns' numbers showed in this stream, so that
+    the ranges of one table can be compared (each range's connection watches only its own rows)."""
+    watches = [getattr(lite, "date_watch", None)] + [getattr(getattr(rule, "numbers", None), "watch", None)
+                                                     for _, rule in stream.raw_rules.values()]
+    kinds = {}
+    for watch in filter(None, watches):
+        for label, (is_julian, value) in watch.first.items():
+            kinds.setdefault(label, {}).setdefault(is_julian, value)
+    return kinds
 
 
 def _rollback(pg):
@@ -383,6 +411,9 @@ def _refused(lite, plan, error, conninfo):
     detail = " ".join((getattr(diag, "message_detail", None) or "").split())
     if detail:
         message += f" ({detail})"
+    if plan.gid and getattr(error, "pgcode", None) == LOCK_NOT_AVAILABLE:
+        message = (f"it waited {ranges.RANGE_LOCK_WAIT} for a row another session holds, most likely a row of another "
+                   "range of this table with the same key (a duplicate in a unique column)")
     # "... COPY files, line 17, column created_at: "..."": line N is the query's Nth row. The COPY part
     # comes last (a JSON error puts its own "line 1" before it).
     copy_context = context[context.rfind("COPY "):] if "COPY " in context else ""

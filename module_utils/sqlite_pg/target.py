@@ -166,6 +166,8 @@ def state_table_ddl(schema):
     NULL (the validation computes content checksums afresh). validated_at is set by the runbook once the
     validation of the whole migration passed, and cleared by every load: a
     run that finds loaded but unvalidated tables knows an earlier run stopped.
+    prepared_gids names the prepared transactions of a table loaded in rowid
+    ranges: the row is the decision to commit them (ranges.py).
     """
     return sql.SQL(
         """
@@ -185,7 +187,8 @@ def state_table_ddl(schema):
             validated_at        timestamptz,
             PRIMARY KEY (source_id, table_name)
         );
-        ALTER TABLE {0}.{1} ADD COLUMN IF NOT EXISTS validated_at timestamptz
+        ALTER TABLE {0}.{1} ADD COLUMN IF NOT EXISTS validated_at timestamptz;
+        ALTER TABLE {0}.{1} ADD COLUMN IF NOT EXISTS prepared_gids text[]
         """
     ).format(sql.Identifier(schema), sql.Identifier(STATE_TABLE))
 
@@ -208,17 +211,18 @@ def state_rows(cursor, schema):
     return rows
 
 
-def record_load(cursor, schema, source_id, table_name, source_table, source_path, rows, rejected, started_at, seconds):
+def record_load(cursor, schema, source_id, table_name, source_table, source_path, rows, rejected, started_at, seconds,
+                prepared_gids=None):
     cursor.execute(
         sql.SQL(
             "INSERT INTO {}.{} (source_id, table_name, source_table, source_path, status, rows_loaded, "
-            "rows_rejected, started_at, seconds) VALUES (%s, %s, %s, %s, 'loaded', %s, %s, %s, %s) "
+            "rows_rejected, started_at, seconds, prepared_gids) VALUES (%s, %s, %s, %s, 'loaded', %s, %s, %s, %s, %s) "
             "ON CONFLICT (source_id, table_name) DO UPDATE SET source_table = EXCLUDED.source_table, "
             "source_path = EXCLUDED.source_path, status = EXCLUDED.status, rows_loaded = EXCLUDED.rows_loaded, "
             "rows_rejected = EXCLUDED.rows_rejected, started_at = EXCLUDED.started_at, loaded_at = now(), "
-            "seconds = EXCLUDED.seconds, validated_at = NULL"
+            "seconds = EXCLUDED.seconds, validated_at = NULL, prepared_gids = EXCLUDED.prepared_gids"
         ).format(sql.Identifier(schema), sql.Identifier(STATE_TABLE)),
-        (source_id, table_name, source_table, source_path, rows, rejected, started_at, seconds),
+        (source_id, table_name, source_table, source_path, rows, rejected, started_at, seconds, prepared_gids),
     )
 
 

@@ -8,6 +8,9 @@ filled tables emptied, created tables dropped, state rows put back, the state
 table and schema dropped if the run created them. Tables keep their per-table
 commit with their state row, so a ``kill -9`` (which leaves no chance to undo)
 still leaves each table loaded or as it was, and a rerun completes the run.
+The prepared transactions of tables loaded in rowid ranges are resolved first
+(ranges.py): committed where the state row records them, so that the undo
+then empties those tables like any other, rolled back otherwise.
 """
 
 import json
@@ -16,6 +19,7 @@ import time
 import psycopg2
 from psycopg2 import sql
 
+from . import ranges
 from .target import STATE_TABLE, connect
 
 RECONNECT_SECONDS = 30  # how long the undo waits for a server that is restarting or failing over
@@ -35,6 +39,7 @@ class Journal:
         self.recorded = []  # target tables whose state row this run wrote
         self.objects = []  # (kind, table, name, columns nullable before) of post-data objects on tables that existed
         self.sequences = []  # (sequence, last_value, is_called) before this run moved them
+        self.prefix = ""  # what names this run's prepared transactions, once it loads a table in ranges
 
     @property
     def empty(self):
@@ -53,10 +58,18 @@ class Journal:
                  f"{len(self.sequences)} sequences" if self.sequences else ""]
         return ", ".join(p for p in parts if p) or "the state table"
 
+    def resolve_prepared(self):
+        """Commit or roll back this run's prepared transactions by the state rows; '' or why it could not."""
+        return self._connected(lambda connection: None) if self.prefix else ""
+
     def undo(self):
         """Put everything back; returns '' when done, else why it could not be (one line)."""
         if self.empty:
-            return ""
+            return self.resolve_prepared()
+        return self._connected(self._undo)
+
+    def _connected(self, work):
+        """Resolve the prepared transactions, then ``work(connection)``, retrying while the server is away."""
         deadline = time.monotonic() + RECONNECT_SECONDS
         while True:
             try:
@@ -67,7 +80,9 @@ class Journal:
                 time.sleep(RECONNECT_INTERVAL)
                 continue
             try:
-                self._undo(connection)
+                if self.prefix:
+                    ranges.resolve(connection, self.schema, self.prefix)
+                work(connection)
                 return ""
             except psycopg2.OperationalError as error:
                 if time.monotonic() >= deadline:
