@@ -81,14 +81,19 @@ class Checks:
                 self.profiles[name] = streamed_profile(self.tables[name], self.targets[name], self.highest[name],
                                                        self.datetime_formats.get(name, {}))
             self.progress.set_total(name, self.profiles[name].rows)
-            if name not in created and self._checks_foreign_keys_in_sqlite(name):
+        self.result["source_id"] = self.source_id
+        self.result["profile"] = self._profile_summary()
+        self.progress.write(force=True)
+
+    def _check_foreign_keys_beside_the_load(self):
+        """SQLite's foreign-key check, beside the load, of the streamed tables whose keys PostgreSQL will not
+        check. A table the run syncs needs none: its target has its keys, checked at every commit."""
+        for name in self.order:
+            if self.actions[name] == "load" and self._checks_foreign_keys_in_sqlite(name):
                 storage = {c.name: STORAGE_CLASSES for c in self.tables[name].columns}
                 self.background[self.pool.submit(_table_task, self.source, self.tables[name], self.baseline,
                                                  foreign_key_findings, storage, self.rowid_aliases)] = (
                     "foreign keys", name)
-        self.result["source_id"] = self.source_id
-        self.result["profile"] = self._profile_summary()
-        self.progress.write(force=True)
 
     def _checks_foreign_keys_in_sqlite(self, name):
         """Whether a streamed table's foreign keys need SQLite's check: PostgreSQL checks them only when

@@ -137,6 +137,8 @@ class Run(Plan, Checks, Load, Keys):
                     self._decide()
                     if self.check_mode:
                         return self._finish_check()
+                    if not self.preflight:
+                        self._check_foreign_keys_beside_the_load()
                     self.journal = Journal(self.conninfo, self.schema, self.source_id)
                     self._load(counters)
                     self._await_background()
