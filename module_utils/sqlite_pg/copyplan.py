@@ -41,42 +41,59 @@ def _copy_escape(q):
             f"char(13), '\\r') ELSE {q} END")
 
 
-def streamed_field(rule, q, null_allowed=True):
-    """(SQL of the COPY field, SQL condition for rows Python must format, or None).
+# The storage class a column of each rule's category mostly holds: its CASE arm comes first.
+_USUAL_CLASS = {"integer": "integer", "boolean": "integer", "float": "real", "numeric": "integer"}
+_BYTES_CLASSES = ("text", "blob", "zoned text")  # what arrives as bytes (text_factory=bytes)
 
-    One branch per storage class the rule's SQL formats exactly, each behind the rule's
-    validity test: the field is NULL (then char(1)) for a value the rule refuses, so nothing
-    PostgreSQL would accept silently (a timestamp 'now' or 'infinity', a number out of a
-    column's range) gets past the rules. The other classes are left to Python.
+
+def streamed_field(rule, q, null_allowed=True):
+    """(SQL of the COPY field, SQL of the raw field(s) Python formats from, or "", their storage class).
+
+    One arm per storage class the rule's SQL formats exactly, the usual class first, each
+    behind the rule's stream test (rules.Rule.stream_sql): the field is NULL (then char(1))
+    for a value the rule refuses and PostgreSQL would accept silently (a timestamp 'now' or
+    'infinity', a number out of a column's range); what PostgreSQL refuses itself it refuses
+    during COPY. The other classes are left to Python: beside the line comes the value, NULL
+    for every other row, and its storage class is the value's Python type (int, float; bytes
+    are the one class the third item names, "" when none); only when text and blobs both go
+    to Python does a typeof() field come first, and the third item is then None.
     """
-    valid = rule.valid_sql(q) or "1"
+    usual = _USUAL_CLASS.get(rule.category, "text")
+    order = [usual, "null"] + [c for c in STORAGE_CLASSES if c != usual]
+    null = "'\\N'" if null_allowed else "NULL"
     branches, python_classes = [], []
-    for storage_class in STORAGE_CLASSES:
+    for storage_class in order:
+        if storage_class == "null":
+            branches.append(f"WHEN 'null' THEN {null}")
+            continue
         formatted = rule.format_sql(q, {storage_class}, specials=False)
         if formatted is None:
             python_classes.append(storage_class)
             continue
-        test = valid
+        test = rule.stream_sql(q, storage_class)
         if storage_class == "text" and rule.text_scan:
             # printf() would end the line's text at a NUL silently; PostgreSQL judges the UTF-8 itself.
-            test = f"({valid}) AND instr({q}, char(0)) = 0"
+            test = f"({test}) AND instr({q}, char(0)) = 0" if test else f"instr({q}, char(0)) = 0"
             formatted = _copy_escape(q) if formatted == q else formatted.replace(
                 f"ELSE {q} END", f"ELSE {_copy_escape(q)} END")
+        checked = f"CASE WHEN {test} THEN {formatted} END" if test else formatted
         if storage_class == "text" and isinstance(rule, TimestampRule) and not rule.aware:
             # PostgreSQL would drop a zone silently from timestamp without time zone: Python converts those.
-            branches.append(f"WHEN 'text' THEN CASE WHEN {TimestampRule.has_zone_sql(q)} THEN NULL "
-                            f"WHEN {test} THEN {formatted} END")
+            checked = f"CASE WHEN {TimestampRule.has_zone_sql(q)} THEN NULL ELSE {checked} END"
             python_classes.append("zoned text")
-            continue
-        branches.append(f"WHEN '{storage_class}' THEN CASE WHEN {test} THEN {formatted} END")
-    null = "'\\N'" if null_allowed else "NULL"
-    field = f"CASE typeof({q}) WHEN 'null' THEN {null} {' '.join(branches)} END"
+        branches.append(f"WHEN '{storage_class}' THEN {checked}")
+    field = f"CASE typeof({q}) {' '.join(branches)} END"
     if not python_classes:
-        return field, None
-    conditions = [f"typeof({q}) IN ({', '.join(repr(c) for c in python_classes if c != 'zoned text')})"]
+        return field, "", None
+    plain = [repr(c) for c in python_classes if c != "zoned text"]
+    conditions = [f"typeof({q}) IN ({', '.join(plain)})"] if plain else []
     if "zoned text" in python_classes:
         conditions.append(TimestampRule.has_zone_sql(q))
-    return field, "coalesce(" + " OR ".join(conditions) + ", 0)"
+    condition = " OR ".join(conditions)
+    as_bytes = [c for c in python_classes if c in _BYTES_CLASSES]
+    if len(as_bytes) > 1:
+        return field, f"CASE WHEN {condition} THEN typeof({q}) END, CASE WHEN {condition} THEN {q} END", None
+    return field, f"CASE WHEN {condition} THEN {q} END", as_bytes[0].split()[-1] if as_bytes else ""
 
 
 def load_plan(*, index, name, target_table, schema, source, profile, column_names, create_sql, source_timezone,
@@ -92,10 +109,10 @@ def load_plan(*, index, name, target_table, schema, source, profile, column_name
                         stream_label=(name, column.name) if streamed else None)
         if streamed:
             # A NULL into a NOT NULL column is refused here, by name, before PostgreSQL would refuse it.
-            field, python = streamed_field(rule, q, column.name not in notnull)
-            if python:
-                raw_fields.append(f"CASE WHEN {python} THEN typeof({q}) END, CASE WHEN {python} THEN {q} END")
-                raw_types.append((len(sql_fields), column.target))
+            field, raw, storage = streamed_field(rule, q, column.name not in notnull)
+            if raw:
+                raw_fields.append(raw)
+                raw_types.append((len(sql_fields), column.target, storage))
         else:
             classes = set(column.storage) - {"null"}
             formatted = rule.format_sql(q, classes, zoned_text=bool(column.zoned_text), specials=column.specials)
