@@ -2,6 +2,7 @@
 
     python bench/stream_cpu.py --files 100000              # per column, then 3 runs of each kind
     python bench/stream_cpu.py --files 100000 --no-runs    # per column only
+    python bench/stream_cpu.py --engine /tmp/old/module_utils  # another version of the engine
 
 Per column: the CPU seconds SQLite spends on each field of a table's streamed
 COPY query (``SELECT max(length(<field>)) FROM t`` less the same over the bare
@@ -25,13 +26,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "module_utils"))
 
 import run  # noqa: E402 - the benchmark's sample and server
-from sqlite_pg.copyplan import load_plan, streamed_profile  # noqa: E402
-from sqlite_pg.names import sqlite_ident  # noqa: E402
-from sqlite_pg.source import Source, read_table  # noqa: E402
-from sqlite_pg.target import read_table as read_target  # noqa: E402
 
 TABLES = ("files", "tasks", "replication_logs")
 
@@ -48,6 +44,10 @@ def cpu(connection, query, repeat):
 
 
 def plans(source, pg_connection):
+    from sqlite_pg.copyplan import load_plan, streamed_profile
+    from sqlite_pg.source import read_table
+    from sqlite_pg.target import read_table as read_target
+
     lite = source.connect()
     found = {}
     with pg_connection.cursor() as cursor:
@@ -66,6 +66,8 @@ def plans(source, pg_connection):
 
 
 def per_column(source, table_plans, repeat):
+    from sqlite_pg.names import sqlite_ident
+
     lite = source.connect(text_as_bytes=True)
     report = {}
     for name, plan in table_plans.items():
@@ -89,7 +91,7 @@ def per_column(source, table_plans, repeat):
     return report
 
 
-def one_run(sample, server, database, preflight):
+def one_run(engine, sample, server, database, preflight):
     server.admin(f'DROP DATABASE IF EXISTS "{database}"')
     server.admin(f'CREATE DATABASE "{database}"')
     server.execute(database, run.schema_sections()[0])
@@ -99,7 +101,7 @@ def one_run(sample, server, database, preflight):
             "preflight=sys.argv[4] == 'true')")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
-    subprocess.run([sys.executable, "-c", code, str(HERE.parent / "module_utils"), str(sample.path), repr(conninfo),
+    subprocess.run([sys.executable, "-c", code, str(engine), str(sample.path), repr(conninfo),
                     "true" if preflight else "false"], check=True)
     wall = time.monotonic() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -115,13 +117,17 @@ def main():
     parser.add_argument("--repeat", type=int, default=3, help="per-column queries: best of this many")
     parser.add_argument("--no-runs", action="store_true")
     parser.add_argument("--data-dir", type=Path, default=HERE / "data")
+    parser.add_argument("--engine", type=Path, default=HERE.parent / "module_utils",
+                        help="the module_utils directory whose sqlite_pg is measured")
     args = parser.parse_args()
+    sys.path.insert(0, str(args.engine.resolve()))
+    from sqlite_pg.source import Source
     seed = run.sample_script_default_seed() if args.seed is None else args.seed
     sample = run.build_sample(args.data_dir, args.files, seed)
     directory = Path(tempfile.mkdtemp(prefix="stream-cpu-", dir=args.data_dir))
     directory.rmdir()
     server = run.Server(Path(run.DEFAULT_PG_BIN), directory, args.data_dir / f"{directory.name}.log")
-    result = {"files": args.files, "rows": sample.rows, "loadavg_before": os.getloadavg()}
+    result = {"engine": str(args.engine), "files": args.files, "rows": sample.rows, "loadavg_before": os.getloadavg()}
     try:
         server.start()
         server.execute("postgres", run.schema_sections()[0])
@@ -129,7 +135,7 @@ def main():
             table_plans = plans(Source(str(sample.path)), connection)
         result["per_column"] = per_column(Source(str(sample.path)), table_plans, args.repeat)
         if not args.no_runs:
-            result["runs"] = [one_run(sample, server, "stream_cpu", preflight)
+            result["runs"] = [one_run(args.engine, sample, server, "stream_cpu", preflight)
                               for _ in range(args.rounds) for preflight in (False, True)]
     finally:
         server.stop()
