@@ -167,6 +167,32 @@ def test_what_postgresql_would_accept_silently_is_still_refused_in_the_stream(tm
     assert "PostgreSQL" not in message
 
 
+def mixed_column(tmp_path, changes):
+    """SQLite t(id, v without a type, u TEXT) of 3000 rows of text, with ``changes`` {rowid: v} made afterwards."""
+    src = build_sqlite(tmp_path / "mixed.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, v, u TEXT);",
+                       {"t": [(i, f"x{i}", UUID) for i in range(1, 3001)]})
+    connection = sqlite3.connect(src)
+    connection.executemany("UPDATE t SET v = ? WHERE id = ?", [(v, i) for i, v in changes.items()])
+    connection.commit()
+    connection.close()
+    return src
+
+
+def test_a_class_python_formats_in_a_column_that_seldom_holds_it_is_read_again_by_rowid(tmp_path, pg_database):
+    src = mixed_column(tmp_path, {1000: 1.5, 2000: "héllo".encode(), 2500: 7, 2999: 0.1})
+    execute(pg_database, "CREATE TABLE t (id bigint, v text, u uuid)")
+    migrate(str(src), pg_database)
+    assert execute(pg_database, "SELECT id, v FROM t WHERE id IN (1, 1000, 2000, 2500, 2999) ORDER BY id") == [
+        (1, "x1"), (1000, "1.5"), (2000, "héllo"), (2500, "7"), (2999, "0.1")]
+
+
+def test_a_bad_value_of_a_class_read_again_by_rowid_is_named(tmp_path, pg_database, postgres_server):
+    src = mixed_column(tmp_path, {1000: 1.5, 2100: b"\xff"})
+    execute(pg_database, "CREATE TABLE t (id bigint, v text, u uuid)")
+    fails_and_puts_back(src, pg_database, postgres_server, "table t, column v, rowid 2100: value x'ff' is not valid "
+                        "UTF-8 (byte 0)")
+
+
 def test_a_varchar_too_long_for_the_target(tmp_path, pg_database, postgres_server):
     src = two_tables(tmp_path, bad=(901, "code", "abcdefg"))
     precreate(pg_database)

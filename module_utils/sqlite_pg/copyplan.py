@@ -22,7 +22,7 @@ import json
 from .loader import LoadPlan, copy_line_sql
 from .names import sqlite_ident
 from .profile import ColumnProfile, TableProfile
-from .rules import TimestampRule, rule_for
+from .rules import DateRule, TimestampRule, rule_for
 
 STORAGE_CLASSES = ("integer", "real", "text", "blob")
 
@@ -47,16 +47,13 @@ _BYTES_CLASSES = ("text", "blob", "zoned text")  # what arrives as bytes (text_f
 
 
 def streamed_field(rule, q, null_allowed=True):
-    """(SQL of the COPY field, SQL of the raw field(s) Python formats from, or "", their storage class).
+    """(SQL of the COPY field, the storage classes Python formats, SQL true for a value of those).
 
     One arm per storage class the rule's SQL formats exactly, the usual class first, each
     behind the rule's stream test (rules.Rule.stream_sql): the field is NULL (then char(1))
     for a value the rule refuses and PostgreSQL would accept silently (a timestamp 'now' or
     'infinity', a number out of a column's range); what PostgreSQL refuses itself it refuses
-    during COPY. The other classes are left to Python: beside the line comes the value, NULL
-    for every other row, and its storage class is the value's Python type (int, float; bytes
-    are the one class the third item names, "" when none); only when text and blobs both go
-    to Python does a typeof() field come first, and the third item is then None.
+    during COPY. The other classes are left to Python (see raw_fields and load_plan).
     """
     usual = _USUAL_CLASS.get(rule.category, "text")
     order = [usual, "null"] + [c for c in STORAGE_CLASSES if c != usual]
@@ -84,16 +81,34 @@ def streamed_field(rule, q, null_allowed=True):
         branches.append(f"WHEN '{storage_class}' THEN {checked}")
     field = f"CASE typeof({q}) {' '.join(branches)} END"
     if not python_classes:
-        return field, "", None
+        return field, [], ""
     plain = [repr(c) for c in python_classes if c != "zoned text"]
     conditions = [f"typeof({q}) IN ({', '.join(plain)})"] if plain else []
     if "zoned text" in python_classes:
         conditions.append(TimestampRule.has_zone_sql(q))
-    condition = " OR ".join(conditions)
+    return field, python_classes, " OR ".join(conditions)
+
+
+def raw_fields(q, python_classes, condition):
+    """(SQL of the raw field(s) beside the line, the storage class of a raw value that arrives as bytes).
+
+    The value, NULL for every row whose value SQL formats; its storage class is its Python
+    type (int, float; bytes are of the class the second item names, "" when none). Only
+    when text and blobs both go to Python does a typeof() field come first (second item None).
+    """
     as_bytes = [c for c in python_classes if c in _BYTES_CLASSES]
     if len(as_bytes) > 1:
-        return field, f"CASE WHEN {condition} THEN typeof({q}) END, CASE WHEN {condition} THEN {q} END", None
-    return field, f"CASE WHEN {condition} THEN {q} END", as_bytes[0].split()[-1] if as_bytes else ""
+        return f"CASE WHEN {condition} THEN typeof({q}) END, CASE WHEN {condition} THEN {q} END", None
+    return f"CASE WHEN {condition} THEN {q} END", as_bytes[0].split()[-1] if as_bytes else ""
+
+
+def seldom_in_python(rule, python_classes):
+    """Whether the classes Python formats are ones its kind of column seldom holds (a blob in a text column,
+    a number in a uuid column): then no raw field, the row is read again by rowid when one comes."""
+    usual = {_USUAL_CLASS.get(rule.category, "text")}
+    if isinstance(rule, (TimestampRule, DateRule)):
+        usual |= {"integer", "real", "zoned text"}  # Julian days, Unix times; zones into timestamp
+    return not usual & set(python_classes)
 
 
 def load_plan(*, index, name, target_table, schema, source, profile, column_names, create_sql, source_timezone,
@@ -101,7 +116,8 @@ def load_plan(*, index, name, target_table, schema, source, profile, column_name
     """The LoadPlan of one table (see the module docstring for the two kinds)."""
     table_sql = sqlite_ident(source.name)
     sql_fields, sql_columns, field_sources, field_types = [], [], [], []
-    python_fields, python_columns, python_types, raw_fields, raw_types = [], [], [], [], []
+    python_fields, python_columns, python_types, raws, raw_types = [], [], [], [], []
+    seldom_types = []
     for column in profile.columns:
         q = sqlite_ident(column.name)
         # A streamed 'auto' date column watches for a mix of Julian days and Unix times (rules.NumberDates).
@@ -109,9 +125,12 @@ def load_plan(*, index, name, target_table, schema, source, profile, column_name
                         stream_label=(name, column.name) if streamed else None)
         if streamed:
             # A NULL into a NOT NULL column is refused here, by name, before PostgreSQL would refuse it.
-            field, raw, storage = streamed_field(rule, q, column.name not in notnull)
-            if raw:
-                raw_fields.append(raw)
+            field, python_classes, condition = streamed_field(rule, q, column.name not in notnull)
+            if python_classes and source.rowid and seldom_in_python(rule, python_classes):
+                seldom_types.append((len(sql_fields), column.target, tuple(python_classes)))
+            elif python_classes:
+                raw, storage = raw_fields(q, python_classes, condition)
+                raws.append(raw)
                 raw_types.append((len(sql_fields), column.target, storage))
         else:
             classes = set(column.storage) - {"null"}
@@ -127,6 +146,10 @@ def load_plan(*, index, name, target_table, schema, source, profile, column_name
         sql_columns.append(column_names[column.name])
         field_sources.append(column.name)
         field_types.append(column.target)
+    if seldom_types:
+        # No test per value for them: the line's 0x01 shows such a value, and the row's rowid, the query's
+        # last field (one integer, cheaper than any typeof()), finds it again.
+        raws.append(source.rowid)
     where, parameters = ["1"], []
     if profile.invalid_sql:
         where.append(f"NOT ({profile.invalid_sql})")
@@ -141,7 +164,7 @@ def load_plan(*, index, name, target_table, schema, source, profile, column_name
             parameters.append(json.dumps([[_jsonable(v) for v in k] for k in profile.python_excluded]))
     where_sql = " AND ".join(where)
     row_sql = [copy_line_sql(sql_fields)] if sql_fields else []
-    select_sql = (f"SELECT {', '.join(row_sql + python_fields + raw_fields)} "  # noqa: S608 - quoted identifiers
+    select_sql = (f"SELECT {', '.join(row_sql + python_fields + raws)} "  # noqa: S608 - quoted identifiers
                   f"FROM {table_sql} WHERE {where_sql}")
     key_sql = ", ".join(c if c in ("rowid", "_rowid_", "oid") else sqlite_ident(c) for c in source.key_columns)
     python_sources = [c.name for c in profile.columns if column_names[c.name] in python_columns]
@@ -153,7 +176,7 @@ def load_plan(*, index, name, target_table, schema, source, profile, column_name
         datetime_formats={c.name: c.datetime_format for c in profile.columns}, source_rows=profile.rows,
         expected_rows=None if streamed else profile.rows - profile.rejected_rows, key_sql=key_sql,
         key_columns=source.key_columns, table_sql=table_sql, where_sql=where_sql, source_timezone=source_timezone,
-        source_id=source_id,
+        source_id=source_id, seldom_types=seldom_types, rowid_sql=source.rowid if seldom_types else "",
     )
 
 

@@ -11,7 +11,7 @@ import os
 import signal
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psycopg2
 from psycopg2 import sql
@@ -69,6 +69,10 @@ class LoadPlan:
     where_sql: str  # the query's WHERE (also used to name a row from a COPY line number)
     source_timezone: str
     source_id: str
+    # Streamed plans: (field position, TargetType, storage classes Python formats) of columns that seldom hold
+    # those classes; each row's rowid (rowid_sql) is then the query's last field, to read such a row again.
+    seldom_types: list = field(default_factory=list)
+    rowid_sql: str = ""
 
 
 def become_worker():
@@ -115,6 +119,8 @@ class CopyStream:
         for position, target, storage in plan.raw_types:
             self.raw_rules[position] = (offset, storage, self._rule(target, plan.copy_sources[position], watch=True))
             offset += 1 if storage is not None else 2
+        self.seldom = {position: (set(classes), self._rule(target, plan.copy_sources[position], watch=True))
+                       for position, target, classes in plan.seldom_types}
         self.format = self._format_python if self.rules else self._format_sql
         self.streamed = plan.expected_rows is None
         self.failure = None  # what read() raised
@@ -181,8 +187,9 @@ class CopyStream:
             line = row[0]
             if UNCONVERTED in line:
                 fields = line.split(b"\t")
-                for position, field in enumerate(fields):
-                    if field != UNCONVERTED:
+                again = self._read_again(row[-1]) if self.seldom else {}
+                for position, text in enumerate(fields):
+                    if text != UNCONVERTED:
                         continue
                     offset, bytes_class, rule = self.raw_rules.get(position, (None, None, None))
                     storage = value = None
@@ -191,6 +198,11 @@ class CopyStream:
                     elif rule:
                         value = row[offset]
                         storage = PYTHON_CLASS.get(type(value), bytes_class)
+                    elif position in again:
+                        storage, value = again[position]
+                        classes, rule = self.seldom[position]
+                        if storage not in classes:
+                            value = None
                     if value is None:  # the rule's SQL refused the value (or the source's text is 0x01)
                         problem = self._mixed_dates() or self._refused_value(number, position)
                         if problem:
@@ -203,6 +215,18 @@ class CopyStream:
                 line = b"\t".join(fields)
             lines.append(line)
         return b"\n".join(lines) + b"\n"
+
+    def _read_again(self, rowid):
+        """{field position: (storage class, value)} of the seldom columns of the row ``rowid``."""
+        plan = self.plan
+        positions = list(self.seldom)
+        columns = ", ".join(f"typeof({sqlite_ident(plan.copy_sources[p])}), {sqlite_ident(plan.copy_sources[p])}"
+                            for p in positions)
+        found = self.cursor.connection.execute(
+            f"SELECT {columns} FROM {plan.table_sql} WHERE {plan.rowid_sql} = ?", (rowid,)).fetchone()  # noqa: S608
+        if found is None:  # gone since (the source changed: the load says so at its end)
+            return {}
+        return {p: (STORAGE_CLASS.get(found[2 * i]), found[2 * i + 1]) for i, p in enumerate(positions)}
 
     def _row(self, number, columns):
         """The key and the given SQLite expressions of the query's row ``number`` (0-based)."""
