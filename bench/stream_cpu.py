@@ -2,6 +2,7 @@
 
     python bench/stream_cpu.py --files 100000              # per column, then 3 runs of each kind
     python bench/stream_cpu.py --files 100000 --no-runs    # per column only
+    python bench/stream_cpu.py --files 100000 --no-columns --rounds 1   # one run of each kind
     python bench/stream_cpu.py --engine /tmp/old/module_utils  # another version of the engine
 
 Per column: the CPU seconds SQLite spends on each field of a table's streamed
@@ -116,6 +117,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=3, help="per-column queries: best of this many")
     parser.add_argument("--no-runs", action="store_true")
+    parser.add_argument("--no-columns", action="store_true")
     parser.add_argument("--data-dir", type=Path, default=HERE / "data")
     parser.add_argument("--engine", type=Path, default=HERE.parent / "module_utils",
                         help="the module_utils directory whose sqlite_pg is measured")
@@ -133,7 +135,8 @@ def main():
         server.execute("postgres", run.schema_sections()[0])
         with server.connection() as connection:
             table_plans = plans(Source(str(sample.path)), connection)
-        result["per_column"] = per_column(Source(str(sample.path)), table_plans, args.repeat)
+        if not args.no_columns:
+            result["per_column"] = per_column(Source(str(sample.path)), table_plans, args.repeat)
         if not args.no_runs:
             result["runs"] = [one_run(args.engine, sample, server, "stream_cpu", preflight)
                               for _ in range(args.rounds) for preflight in (False, True)]

@@ -2,16 +2,20 @@
 
 Two kinds of plan:
 
-* **streamed** (the default run): no profile came first, so the query must
-  itself refuse every value the rules refuse. Each field is the rule's
-  formatting expression behind the rule's validity test; a value that fails it
+* **streamed** (the default run): no profile came first, so the query and
+  PostgreSQL together must refuse every value the rules refuse. Each field is
+  the rule's formatting expression behind the rule's stream test
+  (rules.Rule.stream_sql): what PostgreSQL's input would accept although the
+  rule refuses it ('now' as a timestamp, a UUID in braces, a varchar whose
+  excess is spaces, a NUL that printf() would cut at). A value that fails it
   becomes byte 0x01 (UNCONVERTED) and the load names it (loader.CopyStream).
-  Storage classes SQL cannot format exactly (REAL timestamps, text in integer
-  columns, ...) arrive as (typeof, value) pairs beside the line, NULL for every
-  other row, and are converted by the rule's Python form. What PostgreSQL's
-  input functions refuse themselves (calendar dates, UUID and JSON syntax,
-  varchar lengths, invalid UTF-8, NUL) it refuses during COPY, and the load maps
-  the COPY line back to its rowid.
+  What PostgreSQL's input refuses exactly as the rule does (calendar dates,
+  the year 0, UUID digits, jsonb syntax, invalid UTF-8) it refuses during COPY,
+  and the load maps the COPY line back to its rowid and the rule's reason.
+  Storage classes SQL cannot format exactly (REAL into double precision, text
+  in integer columns, ...) arrive beside the line, NULL for every other row,
+  and are converted by the rule's Python form; a class a column seldom holds
+  (a blob in a text column) is found by its 0x01 and read again by rowid.
 * **profiled** (check mode, ``on_invalid: reject``, ``preflight``, tables the
   run creates): the profile found each column's storage classes and bad rows,
   so the query formats exactly those classes and leaves out rejected rows.
