@@ -138,6 +138,9 @@ STAMP = "2024-02-28 03:04:05.000000"
 
 @pytest.mark.parametrize(("pg_type", "good", "bad", "reason", "refusal"), [
     ("uuid", UUID, "g" + UUID[1:], "is not a UUID", "invalid input syntax for type uuid"),
+    # COPY's own characters in a UUID's layout: it reads another field, or an escape, and refuses the row.
+    ("uuid", UUID, UUID[:20] + "\t" + UUID[21:], "is not a UUID", "extra data after last expected column"),
+    ("uuid", UUID, UUID[:34] + "\\1", "is not a UUID", "invalid input syntax for type uuid"),
     ("timestamptz", STAMP, "2024-02-30 03:04:05.000000", "is not a valid timestamp (day is out of range for month)",
      "date/time field value out of range"),
     ("timestamptz", STAMP, "0000-06-01 03:04:05", "is not a valid timestamp (year 0 is out of range)",
@@ -145,7 +148,7 @@ STAMP = "2024-02-28 03:04:05.000000"
     ("date", "2024-01-02", "2023-02-29", "is not a date", "date/time field value out of range"),
     ("jsonb", '{"a": 1}', '{"a": }', "is not valid JSON", "invalid input syntax for type json"),
     ("jsonb", '{"a": 1}', '{"a": "\\u0000"}', "holds the JSON escape \\u0000", "unsupported Unicode escape sequence"),
-], ids=["uuid digits", "calendar day", "year 0", "date", "json syntax", "jsonb NUL escape"])
+], ids=["uuid digits", "uuid tab", "uuid backslash", "calendar day", "year 0", "date", "json syntax", "jsonb NUL escape"])
 def test_a_check_left_to_postgresql_names_the_value_with_the_rules_reason(tmp_path, pg_database, postgres_server,
                                                                          pg_type, good, bad, reason, refusal):
     src = one_column(tmp_path, pg_database, pg_type, good, bad)
