@@ -67,6 +67,7 @@ def plans(source, pg_connection):
 
 
 def per_column(source, table_plans, repeat):
+    from sqlite_pg.loader import copy_line_sql
     from sqlite_pg.names import sqlite_ident
 
     lite = source.connect(text_as_bytes=True)
@@ -78,8 +79,7 @@ def per_column(source, table_plans, repeat):
             bare = cpu(lite, f"SELECT max(length({sqlite_ident(column)})) FROM {table}", repeat)  # noqa: S608
             full = cpu(lite, f"SELECT max(length({field})) FROM {table}", repeat)  # noqa: S608
             columns[column] = round(full - bare, 3)
-        raw = plan.select_sql.split(" FROM ")[0][len("SELECT "):]
-        line = raw.split(", CASE WHEN ")[0] if plan.raw_types else raw
+        line = copy_line_sql(plan.sql_fields)  # the line alone, without the fields beside it
         started = time.process_time()
         rows = lite.execute(plan.select_sql)
         while rows.fetchmany(2000):
@@ -87,7 +87,7 @@ def per_column(source, table_plans, repeat):
         whole = time.process_time() - started
         report[name] = {"columns": columns,
                         "line": round(cpu(lite, f"SELECT max(length({line})) FROM {table}", repeat), 3),  # noqa: S608
-                        "query_fetched": round(whole, 3), "python_pairs": len(plan.raw_types)}
+                        "query_fetched": round(whole, 3), "fields_beside": len(plan.raw_types)}
     lite.close()
     return report
 

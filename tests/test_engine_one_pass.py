@@ -148,7 +148,8 @@ STAMP = "2024-02-28 03:04:05.000000"
     ("date", "2024-01-02", "2023-02-29", "is not a date", "date/time field value out of range"),
     ("jsonb", '{"a": 1}', '{"a": }', "is not valid JSON", "invalid input syntax for type json"),
     ("jsonb", '{"a": 1}', '{"a": "\\u0000"}', "holds the JSON escape \\u0000", "unsupported Unicode escape sequence"),
-], ids=["uuid digits", "uuid tab", "uuid backslash", "calendar day", "year 0", "date", "json syntax", "jsonb NUL escape"])
+], ids=["uuid digits", "uuid tab", "uuid backslash", "calendar day", "year 0", "date", "json syntax",
+        "jsonb NUL escape"])
 def test_a_check_left_to_postgresql_names_the_value_with_the_rules_reason(tmp_path, pg_database, postgres_server,
                                                                          pg_type, good, bad, reason, refusal):
     src = one_column(tmp_path, pg_database, pg_type, good, bad)
