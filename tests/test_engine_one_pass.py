@@ -172,29 +172,34 @@ def test_what_postgresql_would_accept_silently_is_still_refused_in_the_stream(tm
 
 
 def mixed_column(tmp_path, changes):
-    """SQLite t(id, v without a type, u TEXT) of 3000 rows of text, with ``changes`` {rowid: v} made afterwards."""
-    src = build_sqlite(tmp_path / "mixed.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, v, u TEXT);",
-                       {"t": [(i, f"x{i}", UUID) for i in range(1, 3001)]})
+    """SQLite t(id, v TEXT, w without a type) of 3000 rows of text, with ``changes`` [(rowid, column, value)]."""
+    src = build_sqlite(tmp_path / "mixed.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT, w);",
+                       {"t": [(i, f"v{i}", f"w{i}") for i in range(1, 3001)]})
     connection = sqlite3.connect(src)
-    connection.executemany("UPDATE t SET v = ? WHERE id = ?", [(v, i) for i, v in changes.items()])
+    for rowid, column, value in changes:
+        connection.execute(f"UPDATE t SET {column} = ? WHERE id = ?", (value, rowid))  # noqa: S608
     connection.commit()
     connection.close()
     return src
 
 
-def test_a_class_python_formats_in_a_column_that_seldom_holds_it_is_read_again_by_rowid(tmp_path, pg_database):
-    src = mixed_column(tmp_path, {1000: 1.5, 2000: "héllo".encode(), 2500: 7, 2999: 0.1})
-    execute(pg_database, "CREATE TABLE t (id bigint, v text, u uuid)")
+def test_classes_python_formats_come_beside_the_line_or_by_rowid_when_seldom(tmp_path, pg_database):
+    # v is TEXT: a blob there is seldom, its row is read again by rowid; w has no type: its own raw field.
+    src = mixed_column(tmp_path, [(2000, "v", "héllo".encode()), (2001, "v", b"x"), (1000, "w", 1.5),
+                                  (2000, "w", "wé".encode()), (2500, "w", 7), (2999, "w", 0.1)])
+    execute(pg_database, "CREATE TABLE t (id bigint, v text, w text)")
     migrate(str(src), pg_database)
-    assert execute(pg_database, "SELECT id, v FROM t WHERE id IN (1, 1000, 2000, 2500, 2999) ORDER BY id") == [
-        (1, "x1"), (1000, "1.5"), (2000, "héllo"), (2500, "7"), (2999, "0.1")]
+    assert execute(pg_database, "SELECT id, v, w FROM t WHERE id IN (1, 1000, 2000, 2001, 2500, 2999) ORDER BY id") \
+        == [(1, "v1", "w1"), (1000, "v1000", "1.5"), (2000, "héllo", "wé"), (2001, "x", "w2001"),
+            (2500, "v2500", "7"), (2999, "v2999", "0.1")]
 
 
-def test_a_bad_value_of_a_class_read_again_by_rowid_is_named(tmp_path, pg_database, postgres_server):
-    src = mixed_column(tmp_path, {1000: 1.5, 2100: b"\xff"})
-    execute(pg_database, "CREATE TABLE t (id bigint, v text, u uuid)")
-    fails_and_puts_back(src, pg_database, postgres_server, "table t, column v, rowid 2100: value x'ff' is not valid "
-                        "UTF-8 (byte 0)")
+@pytest.mark.parametrize("column", ["v", "w"])
+def test_a_bad_value_of_a_class_python_formats_is_named(tmp_path, pg_database, postgres_server, column):
+    src = mixed_column(tmp_path, [(1000, "w", 1.5), (1500, "v", b"ok"), (2100, column, b"\xff")])
+    execute(pg_database, "CREATE TABLE t (id bigint, v text, w text)")
+    fails_and_puts_back(src, pg_database, postgres_server,
+                        f"table t, column {column}, rowid 2100: value x'ff' is not valid UTF-8 (byte 0)")
 
 
 def test_a_varchar_too_long_for_the_target(tmp_path, pg_database, postgres_server):

@@ -106,13 +106,29 @@ def raw_fields(q, python_classes, condition):
     return f"CASE WHEN {condition} THEN {q} END", as_bytes[0].split()[-1] if as_bytes else ""
 
 
-def seldom_in_python(rule, python_classes):
-    """Whether the classes Python formats are ones its kind of column seldom holds (a blob in a text column,
-    a number in a uuid column): then no raw field, the row is read again by rowid when one comes."""
-    usual = {_USUAL_CLASS.get(rule.category, "text")}
+def seldom_in_python(rule, python_classes, declared):
+    """Whether the classes Python formats are ones the column seldom holds, by its target type and its
+    declared type (a blob in a TEXT column, a number in a uuid column): then no raw field, the row is
+    read again by rowid when one comes."""
+    usual = {_USUAL_CLASS.get(rule.category, "text")} | _affinity_classes(declared)
     if isinstance(rule, (TimestampRule, DateRule)):
         usual |= {"integer", "real", "zoned text"}  # Julian days, Unix times; zones into timestamp
     return not usual & set(python_classes)
+
+
+def _affinity_classes(declared):
+    """The storage classes SQLite's type affinity (https://sqlite.org/datatype3.html) leaves most values of a
+    column of this declared type in."""
+    declared = (declared or "").upper()
+    if "INT" in declared:
+        return {"integer"}
+    if "CHAR" in declared or "CLOB" in declared or "TEXT" in declared:
+        return {"text"}
+    if "BLOB" in declared or not declared:
+        return set(STORAGE_CLASSES)  # no affinity: anything
+    if "REAL" in declared or "FLOA" in declared or "DOUB" in declared:
+        return {"real"}
+    return {"integer", "real", "text"}  # NUMERIC: numbers, and text that reads as none (such as dates)
 
 
 def load_plan(*, index, name, target_table, schema, source, profile, column_names, create_sql, source_timezone,
@@ -130,7 +146,7 @@ def load_plan(*, index, name, target_table, schema, source, profile, column_name
         if streamed:
             # A NULL into a NOT NULL column is refused here, by name, before PostgreSQL would refuse it.
             field, python_classes, condition = streamed_field(rule, q, column.name not in notnull)
-            if python_classes and source.rowid and seldom_in_python(rule, python_classes):
+            if python_classes and source.rowid and seldom_in_python(rule, python_classes, column.declared):
                 seldom_types.append((len(sql_fields), column.target, tuple(python_classes)))
             elif python_classes:
                 raw, storage = raw_fields(q, python_classes, condition)
