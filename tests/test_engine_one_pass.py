@@ -124,6 +124,84 @@ def test_a_refusal_only_postgresql_makes_is_mapped_back_to_its_row(tmp_path, pg_
                         "PostgreSQL", UNDONE)
 
 
+def one_column(tmp_path, pg_database, pg_type, good, bad, rows=50, rowid=30):
+    """SQLite t(id, v TEXT) holding ``good`` in every row but ``bad`` at ``rowid``; t(id bigint, v pg_type) made."""
+    src = build_sqlite(tmp_path / "one.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);",
+                       {"t": [(i, bad if i == rowid else good) for i in range(1, rows + 1)]})
+    execute(pg_database, f"CREATE TABLE t (id bigint, v {pg_type})")
+    return src
+
+
+UUID = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
+STAMP = "2024-02-28 03:04:05.000000"
+
+
+@pytest.mark.parametrize(("pg_type", "good", "bad", "reason", "refusal"), [
+    ("uuid", UUID, "g" + UUID[1:], "is not a UUID", "invalid input syntax for type uuid"),
+    # COPY's own characters in a UUID's layout: it reads another field, or an escape, and refuses the row.
+    ("uuid", UUID, UUID[:20] + "\t" + UUID[21:], "is not a UUID", "extra data after last expected column"),
+    ("uuid", UUID, UUID[:34] + "\\1", "is not a UUID", "invalid input syntax for type uuid"),
+    ("timestamptz", STAMP, "2024-02-30 03:04:05.000000", "is not a valid timestamp (day is out of range for month)",
+     "date/time field value out of range"),
+    ("timestamptz", STAMP, "0000-06-01 03:04:05", "is not a valid timestamp (year 0 is out of range)",
+     "date/time field value out of range"),
+    ("date", "2024-01-02", "2023-02-29", "is not a date", "date/time field value out of range"),
+    ("jsonb", '{"a": 1}', '{"a": }', "is not valid JSON", "invalid input syntax for type json"),
+    ("jsonb", '{"a": 1}', '{"a": "\\u0000"}', "holds the JSON escape \\u0000", "unsupported Unicode escape sequence"),
+], ids=["uuid digits", "uuid tab", "uuid backslash", "calendar day", "year 0", "date", "json syntax",
+        "jsonb NUL escape"])
+def test_a_check_left_to_postgresql_names_the_value_with_the_rules_reason(tmp_path, pg_database, postgres_server,
+                                                                         pg_type, good, bad, reason, refusal):
+    src = one_column(tmp_path, pg_database, pg_type, good, bad)
+    fails_and_puts_back(src, pg_database, postgres_server, "table t, column v, rowid 30: value ", reason,
+                        f"; PostgreSQL refused it: {refusal}")
+
+
+@pytest.mark.parametrize(("pg_type", "good", "bad", "reason"), [
+    ("uuid", UUID, "{" + UUID + "}", "is not a UUID"),  # PostgreSQL's input takes braces
+    ("timestamptz", STAMP, "2024-02-28 23:59:60", "is not a valid timestamp"),  # the next minute for PostgreSQL
+    ("timestamptz", STAMP, "2024-02-28 03:04:05 PST", "is not a timestamp"),
+    ("json", '{"a": 1}', '{"a": "\\u0000"}', "holds the JSON escape \\u0000"),  # json keeps the escape
+], ids=["uuid braces", "second 60", "zone abbreviation", "json NUL escape"])
+def test_what_postgresql_would_accept_silently_is_still_refused_in_the_stream(tmp_path, pg_database,
+                                                                               postgres_server, pg_type, good, bad,
+                                                                               reason):
+    src = one_column(tmp_path, pg_database, pg_type, good, bad)
+    message = fails_and_puts_back(src, pg_database, postgres_server, "table t, column v, rowid 30: value ", reason)
+    assert "PostgreSQL" not in message
+
+
+def mixed_column(tmp_path, changes):
+    """SQLite t(id, v TEXT, w without a type) of 3000 rows of text, with ``changes`` [(rowid, column, value)]."""
+    src = build_sqlite(tmp_path / "mixed.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT, w);",
+                       {"t": [(i, f"v{i}", f"w{i}") for i in range(1, 3001)]})
+    connection = sqlite3.connect(src)
+    for rowid, column, value in changes:
+        connection.execute(f"UPDATE t SET {column} = ? WHERE id = ?", (value, rowid))  # noqa: S608
+    connection.commit()
+    connection.close()
+    return src
+
+
+def test_classes_python_formats_come_beside_the_line_or_by_rowid_when_seldom(tmp_path, pg_database):
+    # v is TEXT: a blob there is seldom, its row is read again by rowid; w has no type: its own raw field.
+    src = mixed_column(tmp_path, [(2000, "v", "héllo".encode()), (2001, "v", b"x"), (1000, "w", 1.5),
+                                  (2000, "w", "wé".encode()), (2500, "w", 7), (2999, "w", 0.1)])
+    execute(pg_database, "CREATE TABLE t (id bigint, v text, w text)")
+    migrate(str(src), pg_database)
+    assert execute(pg_database, "SELECT id, v, w FROM t WHERE id IN (1, 1000, 2000, 2001, 2500, 2999) ORDER BY id") \
+        == [(1, "v1", "w1"), (1000, "v1000", "1.5"), (2000, "héllo", "wé"), (2001, "x", "w2001"),
+            (2500, "v2500", "7"), (2999, "v2999", "0.1")]
+
+
+@pytest.mark.parametrize("column", ["v", "w"])
+def test_a_bad_value_of_a_class_python_formats_is_named(tmp_path, pg_database, postgres_server, column):
+    src = mixed_column(tmp_path, [(1000, "w", 1.5), (1500, "v", b"ok"), (2100, column, b"\xff")])
+    execute(pg_database, "CREATE TABLE t (id bigint, v text, w text)")
+    fails_and_puts_back(src, pg_database, postgres_server,
+                        f"table t, column {column}, rowid 2100: value x'ff' is not valid UTF-8 (byte 0)")
+
+
 def test_a_varchar_too_long_for_the_target(tmp_path, pg_database, postgres_server):
     src = two_tables(tmp_path, bad=(901, "code", "abcdefg"))
     precreate(pg_database)

@@ -2,16 +2,20 @@
 
 Two kinds of plan:
 
-* **streamed** (the default run): no profile came first, so the query must
-  itself refuse every value the rules refuse. Each field is the rule's
-  formatting expression behind the rule's validity test; a value that fails it
+* **streamed** (the default run): no profile came first, so the query and
+  PostgreSQL together must refuse every value the rules refuse. Each field is
+  the rule's formatting expression behind the rule's stream test
+  (rules.Rule.stream_sql): what PostgreSQL's input would accept although the
+  rule refuses it ('now' as a timestamp, a UUID in braces, a varchar whose
+  excess is spaces, a NUL that printf() would cut at). A value that fails it
   becomes byte 0x01 (UNCONVERTED) and the load names it (loader.CopyStream).
-  Storage classes SQL cannot format exactly (REAL timestamps, text in integer
-  columns, ...) arrive as (typeof, value) pairs beside the line, NULL for every
-  other row, and are converted by the rule's Python form. What PostgreSQL's
-  input functions refuse themselves (calendar dates, UUID and JSON syntax,
-  varchar lengths, invalid UTF-8, NUL) it refuses during COPY, and the load maps
-  the COPY line back to its rowid.
+  What PostgreSQL's input refuses exactly as the rule does (calendar dates,
+  the year 0, UUID digits, jsonb syntax, invalid UTF-8) it refuses during COPY,
+  and the load maps the COPY line back to its rowid and the rule's reason.
+  Storage classes SQL cannot format exactly (REAL into double precision, text
+  in integer columns, ...) arrive beside the line, NULL for every other row,
+  and are converted by the rule's Python form; a class a column seldom holds
+  (a blob in a text column) is found by its 0x01 and read again by rowid.
 * **profiled** (check mode, ``on_invalid: reject``, ``preflight``, tables the
   run creates): the profile found each column's storage classes and bad rows,
   so the query formats exactly those classes and leaves out rejected rows.
@@ -22,7 +26,7 @@ import json
 from .loader import LoadPlan, copy_line_sql
 from .names import sqlite_ident
 from .profile import ColumnProfile, TableProfile
-from .rules import TimestampRule, rule_for
+from .rules import DateRule, TimestampRule, rule_for
 
 STORAGE_CLASSES = ("integer", "real", "text", "blob")
 
@@ -41,42 +45,90 @@ def _copy_escape(q):
             f"char(13), '\\r') ELSE {q} END")
 
 
-def streamed_field(rule, q, null_allowed=True):
-    """(SQL of the COPY field, SQL condition for rows Python must format, or None).
+# The storage class a column of each rule's category mostly holds: its CASE arm comes first.
+_USUAL_CLASS = {"integer": "integer", "boolean": "integer", "float": "real", "numeric": "integer"}
+_BYTES_CLASSES = ("text", "blob", "zoned text")  # what arrives as bytes (text_factory=bytes)
 
-    One branch per storage class the rule's SQL formats exactly, each behind the rule's
-    validity test: the field is NULL (then char(1)) for a value the rule refuses, so nothing
-    PostgreSQL would accept silently (a timestamp 'now' or 'infinity', a number out of a
-    column's range) gets past the rules. The other classes are left to Python.
+
+def streamed_field(rule, q, null_allowed=True):
+    """(SQL of the COPY field, the storage classes Python formats, SQL true for a value of those).
+
+    One arm per storage class the rule's SQL formats exactly, the usual class first, each
+    behind the rule's stream test (rules.Rule.stream_sql): the field is NULL (then char(1))
+    for a value the rule refuses and PostgreSQL would accept silently (a timestamp 'now' or
+    'infinity', a number out of a column's range); what PostgreSQL refuses itself it refuses
+    during COPY. The other classes are left to Python (see raw_fields and load_plan).
     """
-    valid = rule.valid_sql(q) or "1"
+    usual = _USUAL_CLASS.get(rule.category, "text")
+    order = [usual, "null"] + [c for c in STORAGE_CLASSES if c != usual]
+    null = "'\\N'" if null_allowed else "NULL"
     branches, python_classes = [], []
-    for storage_class in STORAGE_CLASSES:
+    for storage_class in order:
+        if storage_class == "null":
+            branches.append(f"WHEN 'null' THEN {null}")
+            continue
         formatted = rule.format_sql(q, {storage_class}, specials=False)
         if formatted is None:
             python_classes.append(storage_class)
             continue
-        test = valid
+        test = rule.stream_sql(q, storage_class)
         if storage_class == "text" and rule.text_scan:
             # printf() would end the line's text at a NUL silently; PostgreSQL judges the UTF-8 itself.
-            test = f"({valid}) AND instr({q}, char(0)) = 0"
+            test = f"({test}) AND instr({q}, char(0)) = 0" if test else f"instr({q}, char(0)) = 0"
             formatted = _copy_escape(q) if formatted == q else formatted.replace(
                 f"ELSE {q} END", f"ELSE {_copy_escape(q)} END")
+        checked = f"CASE WHEN {test} THEN {formatted} END" if test else formatted
         if storage_class == "text" and isinstance(rule, TimestampRule) and not rule.aware:
             # PostgreSQL would drop a zone silently from timestamp without time zone: Python converts those.
-            branches.append(f"WHEN 'text' THEN CASE WHEN {TimestampRule.has_zone_sql(q)} THEN NULL "
-                            f"WHEN {test} THEN {formatted} END")
+            checked = f"CASE WHEN {TimestampRule.has_zone_sql(q)} THEN NULL ELSE {checked} END"
             python_classes.append("zoned text")
-            continue
-        branches.append(f"WHEN '{storage_class}' THEN CASE WHEN {test} THEN {formatted} END")
-    null = "'\\N'" if null_allowed else "NULL"
-    field = f"CASE typeof({q}) WHEN 'null' THEN {null} {' '.join(branches)} END"
+        branches.append(f"WHEN '{storage_class}' THEN {checked}")
+    field = f"CASE typeof({q}) {' '.join(branches)} END"
     if not python_classes:
-        return field, None
-    conditions = [f"typeof({q}) IN ({', '.join(repr(c) for c in python_classes if c != 'zoned text')})"]
+        return field, [], ""
+    plain = [repr(c) for c in python_classes if c != "zoned text"]
+    conditions = [f"typeof({q}) IN ({', '.join(plain)})"] if plain else []
     if "zoned text" in python_classes:
         conditions.append(TimestampRule.has_zone_sql(q))
-    return field, "coalesce(" + " OR ".join(conditions) + ", 0)"
+    return field, python_classes, " OR ".join(conditions)
+
+
+def raw_fields(q, python_classes, condition):
+    """(SQL of the raw field(s) beside the line, the storage class of a raw value that arrives as bytes).
+
+    The value, NULL for every row whose value SQL formats; its storage class is its Python
+    type (int, float; bytes are of the class the second item names, "" when none). Only
+    when text and blobs both go to Python does a typeof() field come first (second item None).
+    """
+    as_bytes = [c for c in python_classes if c in _BYTES_CLASSES]
+    if len(as_bytes) > 1:
+        return f"CASE WHEN {condition} THEN typeof({q}) END, CASE WHEN {condition} THEN {q} END", None
+    return f"CASE WHEN {condition} THEN {q} END", as_bytes[0].split()[-1] if as_bytes else ""
+
+
+def seldom_in_python(rule, python_classes, declared):
+    """Whether the classes Python formats are ones the column seldom holds, by its target type and its
+    declared type (a blob in a TEXT column, a number in a uuid column): then no raw field, the row is
+    read again by rowid when one comes."""
+    usual = {_USUAL_CLASS.get(rule.category, "text")} | _affinity_classes(declared)
+    if isinstance(rule, (TimestampRule, DateRule)):
+        usual |= {"integer", "real", "zoned text"}  # Julian days, Unix times; zones into timestamp
+    return not usual & set(python_classes)
+
+
+def _affinity_classes(declared):
+    """The storage classes SQLite's type affinity (https://sqlite.org/datatype3.html) leaves most values of a
+    column of this declared type in."""
+    declared = (declared or "").upper()
+    if "INT" in declared:
+        return {"integer"}
+    if "CHAR" in declared or "CLOB" in declared or "TEXT" in declared:
+        return {"text"}
+    if "BLOB" in declared or not declared:
+        return set(STORAGE_CLASSES)  # no affinity: anything
+    if "REAL" in declared or "FLOA" in declared or "DOUB" in declared:
+        return {"real"}
+    return {"integer", "real", "text"}  # NUMERIC: numbers, and text that reads as none (such as dates)
 
 
 def load_plan(*, index, name, target_table, schema, source, profile, column_names, create_sql, source_timezone,
@@ -84,7 +136,8 @@ def load_plan(*, index, name, target_table, schema, source, profile, column_name
     """The LoadPlan of one table (see the module docstring for the two kinds)."""
     table_sql = sqlite_ident(source.name)
     sql_fields, sql_columns, field_sources, field_types = [], [], [], []
-    python_fields, python_columns, python_types, raw_fields, raw_types = [], [], [], [], []
+    python_fields, python_columns, python_types, raws, raw_types = [], [], [], [], []
+    seldom_types = []
     for column in profile.columns:
         q = sqlite_ident(column.name)
         # A streamed 'auto' date column watches for a mix of Julian days and Unix times (rules.NumberDates).
@@ -92,10 +145,13 @@ def load_plan(*, index, name, target_table, schema, source, profile, column_name
                         stream_label=(name, column.name) if streamed else None)
         if streamed:
             # A NULL into a NOT NULL column is refused here, by name, before PostgreSQL would refuse it.
-            field, python = streamed_field(rule, q, column.name not in notnull)
-            if python:
-                raw_fields.append(f"CASE WHEN {python} THEN typeof({q}) END, CASE WHEN {python} THEN {q} END")
-                raw_types.append((len(sql_fields), column.target))
+            field, python_classes, condition = streamed_field(rule, q, column.name not in notnull)
+            if python_classes and source.rowid and seldom_in_python(rule, python_classes, column.declared):
+                seldom_types.append((len(sql_fields), column.target, tuple(python_classes)))
+            elif python_classes:
+                raw, storage = raw_fields(q, python_classes, condition)
+                raws.append(raw)
+                raw_types.append((len(sql_fields), column.target, storage))
         else:
             classes = set(column.storage) - {"null"}
             formatted = rule.format_sql(q, classes, zoned_text=bool(column.zoned_text), specials=column.specials)
@@ -110,6 +166,10 @@ def load_plan(*, index, name, target_table, schema, source, profile, column_name
         sql_columns.append(column_names[column.name])
         field_sources.append(column.name)
         field_types.append(column.target)
+    if seldom_types:
+        # No test per value for them: the line's 0x01 shows such a value, and the row's rowid, the query's
+        # last field (one integer, cheaper than any typeof()), finds it again.
+        raws.append(source.rowid)
     where, parameters = ["1"], []
     if profile.invalid_sql:
         where.append(f"NOT ({profile.invalid_sql})")
@@ -124,7 +184,7 @@ def load_plan(*, index, name, target_table, schema, source, profile, column_name
             parameters.append(json.dumps([[_jsonable(v) for v in k] for k in profile.python_excluded]))
     where_sql = " AND ".join(where)
     row_sql = [copy_line_sql(sql_fields)] if sql_fields else []
-    select_sql = (f"SELECT {', '.join(row_sql + python_fields + raw_fields)} "  # noqa: S608 - quoted identifiers
+    select_sql = (f"SELECT {', '.join(row_sql + python_fields + raws)} "  # noqa: S608 - quoted identifiers
                   f"FROM {table_sql} WHERE {where_sql}")
     key_sql = ", ".join(c if c in ("rowid", "_rowid_", "oid") else sqlite_ident(c) for c in source.key_columns)
     python_sources = [c.name for c in profile.columns if column_names[c.name] in python_columns]
@@ -136,7 +196,7 @@ def load_plan(*, index, name, target_table, schema, source, profile, column_name
         datetime_formats={c.name: c.datetime_format for c in profile.columns}, source_rows=profile.rows,
         expected_rows=None if streamed else profile.rows - profile.rejected_rows, key_sql=key_sql,
         key_columns=source.key_columns, table_sql=table_sql, where_sql=where_sql, source_timezone=source_timezone,
-        source_id=source_id,
+        source_id=source_id, seldom_types=seldom_types, rowid_sql=source.rowid if seldom_types else "",
     )
 
 

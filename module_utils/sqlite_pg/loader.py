@@ -11,7 +11,7 @@ import os
 import signal
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psycopg2
 from psycopg2 import sql
@@ -31,6 +31,7 @@ CHUNK_BYTES = 1 << 20  # what each read() hands to COPY: large writes, flat memo
 FETCH_ROWS = 2000  # most rows per fetch; fewer when rows are wide (a quarter chunk per fetch)
 FIRST_FETCH_ROWS = 8
 STORAGE_CLASS = {b"integer": "integer", b"real": "real", b"text": "text", b"blob": "blob", b"null": "null"}
+PYTHON_CLASS = {int: "integer", float: "real"}  # a raw value's storage class by its type (bytes: by the plan)
 PR_SET_PDEATHSIG = 1
 # What a SQL-formatted field becomes when its conversion gives NULL (a value that escaped the
 # profile): no conversion produces this byte, so a chunk holding it is checked row by row.
@@ -58,7 +59,8 @@ class LoadPlan:
     copy_sources: list  # the source column of each
     sql_fields: list  # SQLite expression of each SQL-formatted column (the first len() of copy_columns)
     field_types: list  # TargetType of each SQL-formatted column
-    raw_types: list  # streamed plans: (field position, TargetType) of fields Python formats for some rows
+    raw_types: list  # streamed plans: (field position, TargetType, storage) of fields Python formats for some
+    # rows; storage: the class of a raw value that arrives as bytes, None when a typeof() field precedes it
     select_sql: str  # SQLite query: the SQL-formatted fields joined by tabs, then (typeof, value) pairs for Python
     parameters: tuple
     python_types: list  # TargetType of each Python-formatted column, in order
@@ -74,6 +76,10 @@ class LoadPlan:
     # One rowid range of a table loaded in several sessions (ranges.py): its transaction ends PREPAREd under
     # this name, without a state row; the run commits them all once every range is prepared.
     gid: str = ""
+    # Streamed plans: (field position, TargetType, storage classes Python formats) of columns that seldom hold
+    # those classes; each row's rowid (rowid_sql) is then the query's last field, to read such a row again.
+    seldom_types: list = field(default_factory=list)
+    rowid_sql: str = ""
 
 
 def become_worker():
@@ -115,8 +121,13 @@ class CopyStream:
         self.all_converted = False
         python_sources = plan.copy_sources[len(plan.sql_fields):]
         self.rules = [self._rule(t, c) for t, c in zip(plan.python_types, python_sources)]
-        self.raw_rules = {position: (index, self._rule(t, plan.copy_sources[position], watch=True))
-                          for index, (position, t) in enumerate(plan.raw_types)}
+        self.raw_rules = {}  # field position: (offset of its raw field(s) in a row, storage, rule)
+        offset = self.width
+        for position, target, storage in plan.raw_types:
+            self.raw_rules[position] = (offset, storage, self._rule(target, plan.copy_sources[position], watch=True))
+            offset += 1 if storage is not None else 2
+        self.seldom = {position: (set(classes), self._rule(target, plan.copy_sources[position], watch=True))
+                       for position, target, classes in plan.seldom_types}
         self.format = self._format_python if self.rules else self._format_sql
         self.streamed = plan.expected_rows is None
         self.failure = None  # what read() raised
@@ -183,24 +194,46 @@ class CopyStream:
             line = row[0]
             if UNCONVERTED in line:
                 fields = line.split(b"\t")
-                for position, field in enumerate(fields):
-                    if field != UNCONVERTED:
+                again = self._read_again(row[-1]) if self.seldom else {}
+                for position, text in enumerate(fields):
+                    if text != UNCONVERTED:
                         continue
-                    index, rule = self.raw_rules.get(position, (None, None))
-                    storage = row[1 + 2 * index] if rule else None
-                    if storage is None:  # the rule's SQL refused the value (or the source's text is 0x01)
+                    offset, bytes_class, rule = self.raw_rules.get(position, (None, None, None))
+                    storage = value = None
+                    if rule and bytes_class is None:
+                        storage, value = STORAGE_CLASS.get(row[offset]), row[offset + 1]
+                    elif rule:
+                        value = row[offset]
+                        storage = PYTHON_CLASS.get(type(value), bytes_class)
+                    elif position in again:
+                        storage, value = again[position]
+                        classes, rule = self.seldom[position]
+                        if storage not in classes:
+                            value = None
+                    if value is None:  # the rule's SQL refused the value (or the source's text is 0x01)
                         problem = self._mixed_dates() or self._refused_value(number, position)
                         if problem:
                             raise MigrationError(problem)
                         continue
                     try:
-                        fields[position] = rule.convert(STORAGE_CLASS[storage], row[2 + 2 * index])
+                        fields[position] = rule.convert(storage, value)
                     except Invalid as error:
-                        raise MigrationError(
-                            self._bad_value(number, position, row[2 + 2 * index], str(error))) from None
+                        raise MigrationError(self._bad_value(number, position, value, str(error))) from None
                 line = b"\t".join(fields)
             lines.append(line)
         return b"\n".join(lines) + b"\n"
+
+    def _read_again(self, rowid):
+        """{field position: (storage class, value)} of the seldom columns of the row ``rowid``."""
+        plan = self.plan
+        positions = list(self.seldom)
+        columns = ", ".join(f"typeof({sqlite_ident(plan.copy_sources[p])}), {sqlite_ident(plan.copy_sources[p])}"
+                            for p in positions)
+        found = self.cursor.connection.execute(
+            f"SELECT {columns} FROM {plan.table_sql} WHERE {plan.rowid_sql} = ?", (rowid,)).fetchone()  # noqa: S608
+        if found is None:  # gone since (the source changed: the load says so at its end)
+            return {}
+        return {p: (STORAGE_CLASS.get(found[2 * i]), found[2 * i + 1]) for i, p in enumerate(positions)}
 
     def _row(self, number, columns):
         """The key and the given SQLite expressions of the query's row ``number`` (0-based)."""
@@ -404,7 +437,11 @@ def _truncated(cursor, target):
 
 
 def _refused(lite, plan, error, conninfo):
-    """PostgreSQL's refusal as one line naming the table, column, row and value (the COPY line mapped back)."""
+    """PostgreSQL's refusal as one line naming the table, column, row and value (the COPY line mapped back).
+
+    The value is checked once more by its rule: when the rule refuses it too (a check the stream
+    leaves to PostgreSQL), the line gives the rule's reason, then PostgreSQL's.
+    """
     diag = getattr(error, "diag", None)
     context = " ".join((getattr(diag, "context", None) or "").split())
     message = getattr(diag, "message_primary", None) or first_line(error, conninfo)
@@ -419,39 +456,50 @@ def _refused(lite, plan, error, conninfo):
     copy_context = context[context.rfind("COPY "):] if "COPY " in context else ""
     line = copy_context.split(", line ")[1].split(",")[0].split(":")[0] if ", line " in copy_context else ""
     column = copy_context.split(", column ")[1].split(":")[0] if ", column " in copy_context else ""
-    where, shown = "", ""
+    too_large = any(marker in message for marker in TOO_LARGE)
+    where, shown, reason = "", "", None
     if line.isdigit():
+        fields = [f"typeof({sqlite_ident(c)}), {sqlite_ident(c)}" for c in plan.copy_sources]
         try:
             found = lite.execute(
-                f"SELECT {', '.join([plan.key_sql] + [sqlite_ident(c) for c in plan.copy_sources])} "  # noqa: S608
+                f"SELECT {', '.join([plan.key_sql] + fields)} "  # noqa: S608
                 f"FROM {plan.table_sql} WHERE {plan.where_sql} LIMIT 1 OFFSET ?",
                 plan.parameters + (int(line) - 1,)).fetchone()
         except sqlite3.DatabaseError:
             found = None
         if found:
             width = len(plan.key_columns)
-            values = dict(zip(plan.copy_sources, found[width:]))
+            values = {source: (found[width + 2 * i], found[width + 2 * i + 1])
+                      for i, source in enumerate(plan.copy_sources)}
             where = f", {describe_key(plan.key_columns, list(found[:width]))}"
+            reasons = {} if too_large else _rule_reasons(plan, values, column)
             source_column = plan.copy_sources[plan.copy_columns.index(column)] if column in plan.copy_columns \
-                else _undecodable(values)
+                else next(iter(reasons), "")
             if source_column:
                 where = f", column {source_column}{where}"
-                shown = f"value {display(values[source_column])} "
+                shown = f"value {display(values[source_column][1])} "
+                reason = reasons.get(source_column)
     table = f"table {plan.source_table}{where}"
-    if any(marker in message for marker in TOO_LARGE):
+    if too_large:
         return (f"{table}: a value is larger than PostgreSQL accepts (at most 1 GB per value, less for a whole row "
                 "in one COPY line)")
+    if reason:
+        return f"{table}: {shown}{reason}; PostgreSQL refused it: {message}"
     return f"{table}: {shown}was refused by PostgreSQL: {message}"
 
 
-def _undecodable(values):
-    """The first column holding text PostgreSQL cannot take (invalid UTF-8, NUL), for a refusal naming none."""
-    for name, value in values.items():
-        if isinstance(value, bytes):
-            try:
-                if "\x00" not in value.decode("utf-8"):
-                    continue
-            except UnicodeDecodeError:
-                pass
-            return name
-    return ""
+def _rule_reasons(plan, values, column):
+    """{source column: why its rule refuses the row's value}: PostgreSQL's ``column`` only, or, when it named
+    none (an encoding error, a line break in a value), every column in order, the first refused first."""
+    types = dict(zip(plan.copy_sources, plan.field_types + plan.python_types))
+    named = plan.copy_sources[plan.copy_columns.index(column)] if column in plan.copy_columns else None
+    reasons = {}
+    for source, (storage, value) in values.items():
+        if value is None or (named and source != named):
+            continue
+        rule = rule_for(types[source], plan.source_timezone, plan.datetime_formats.get(source, "auto"))
+        try:
+            rule.convert(STORAGE_CLASS[storage], value)
+        except Invalid as error:
+            reasons[source] = str(error)
+    return reasons

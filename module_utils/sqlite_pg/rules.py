@@ -66,6 +66,14 @@ _HEX_DIGIT = "[0-9a-fA-F]"
 _UUID_GROUPS = (8, 4, 4, 4, 12)  # hex digits between the dashes
 _UUID_GLOB = "-".join(_HEX_DIGIT * n for n in _UUID_GROUPS)
 _DATE_PREFIX = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-"  # year and month of YYYY-MM-DD, for GLOB
+# The stream's first test of a text timestamp, for the shapes applications write (SQLAlchemy:
+# 'YYYY-MM-DD HH:MM:SS.ffffff'): one cheap GLOB, then julianday() requires digits in every '?'
+# of the date and time and a fraction of digits only (the last one a digit, so no zone or space
+# follows). What these let through and valid_sql refuses (year 0000, a day past its month's end)
+# PostgreSQL refuses itself; any other text gets valid_sql's whole test.
+_TIMESTAMP_SHAPES = ("????-??-??[ T]??:??:??.?????[0-9]", "????-??-??[ T]??:??:??")
+_UUID_SHAPES = ("????????-????-????-????-????????????", "?" * 32)  # PostgreSQL's uuid input checks the digits
+_ISO_DATE = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]"
 
 # Text values a rule's valid_sql surely accepts, as one regular expression over bytes: the profile
 # tries it first on whole slices of a column (one match per slice in C, not one SQL test per value)
@@ -137,6 +145,16 @@ class Rule:
         """SQL true for every value of any storage class that converts (NULL included), or None: all do."""
         return None
 
+    def stream_sql(self, q, storage_class):
+        """SQL true for a value of ``storage_class`` the streamed load may hand PostgreSQL, or None: any.
+
+        The stream's half of valid_sql: it keeps only what PostgreSQL's input would
+        accept although this rule refuses it; what PostgreSQL refuses itself it refuses
+        during COPY, and the load names the value (loader._refused). The profile keeps
+        valid_sql whole.
+        """
+        return self.valid_sql(q)
+
     def format_sql(self, q, classes, zoned_text=False, specials=True):
         """SQL giving the COPY field for the given storage classes, or None when Python must format some.
 
@@ -195,6 +213,9 @@ class OtherRule(TextRule):
     def valid_sql(self, q):
         return f"typeof({q}) <> 'blob'"
 
+    def stream_sql(self, q, storage_class):
+        return "0" if storage_class == "blob" else None
+
     def convert(self, storage_class, value):
         if storage_class == "blob":
             raise Invalid(f"is a BLOB, which cannot become {self.target.sql}")
@@ -206,13 +227,18 @@ class IntegerRule(Rule):
     python_classes = frozenset({"text"})
 
     def valid_sql(self, q):
-        low, high = self.target.low, self.target.high
-        in_range = "1" if high >= 2**63 - 1 else f"{q} BETWEEN {low} AND {high}"
         return (
-            f"CASE typeof({q}) WHEN 'integer' THEN {in_range} "
-            f"WHEN 'real' THEN ({q} = CAST({q} AS INTEGER) AND {q} >= {float(low)!r} AND {q} <= {float(high)!r}) "
-            f"WHEN 'blob' THEN 0 ELSE 1 END"
+            f"CASE typeof({q}) WHEN 'integer' THEN {self.stream_sql(q, 'integer') or '1'} "
+            f"WHEN 'real' THEN ({self.stream_sql(q, 'real')}) WHEN 'blob' THEN 0 ELSE 1 END"
         )
+
+    def stream_sql(self, q, storage_class):
+        low, high = self.target.low, self.target.high
+        if storage_class == "integer":
+            return None if high >= 2**63 - 1 else f"{q} BETWEEN {low} AND {high}"
+        if storage_class == "real":
+            return f"{q} = CAST({q} AS INTEGER) AND {q} >= {float(low)!r} AND {q} <= {float(high)!r}"
+        return "0" if storage_class == "blob" else None
 
     def format_sql(self, q, classes, zoned_text=False, specials=True):
         if classes <= {"integer"}:
@@ -330,9 +356,14 @@ class BooleanRule(Rule):
 
     def valid_sql(self, q):
         return (
-            f"CASE typeof({q}) WHEN 'integer' THEN {q} IN (0, 1) WHEN 'real' THEN {q} IN (0.0, 1.0) "
-            f"WHEN 'text' THEN lower(trim({q})) IN ({self._WORDS}) WHEN 'blob' THEN 0 ELSE 1 END"
+            f"CASE typeof({q}) WHEN 'integer' THEN {self.stream_sql(q, 'integer')} "
+            f"WHEN 'real' THEN {self.stream_sql(q, 'real')} "
+            f"WHEN 'text' THEN {self.stream_sql(q, 'text')} WHEN 'blob' THEN 0 ELSE 1 END"
         )
+
+    def stream_sql(self, q, storage_class):
+        return {"integer": f"{q} IN (0, 1)", "real": f"{q} IN (0.0, 1.0)",
+                "text": f"lower(trim({q})) IN ({self._WORDS})"}.get(storage_class, "0")
 
     def format_sql(self, q, classes, zoned_text=False, specials=True):
         numeric = f"CASE {q} WHEN 1 THEN 't' WHEN 0 THEN 'f' END"
@@ -551,13 +582,24 @@ class TimestampRule(Rule):
         # once per value of the source. A number is valid when its formatting gives a timestamp.
         number = self.numbers.text_sql(q, {"integer", "real"})
         return (
-            f"CASE typeof({q}) WHEN 'text' THEN ({q} GLOB '{_DATE_PREFIX}[0-9][0-9]*' AND {q} NOT GLOB '0000*' "
-            f"AND julianday({q}) IS NOT NULL "
-            f"AND (substr({q}, 9, 2) < '29' OR date(substr({q}, 1, 10), '+0 days') = substr({q}, 1, 10)) "
-            f"AND {_NO_BREAKS.format(q=q)}) "
+            f"CASE typeof({q}) WHEN 'text' THEN ({self._valid_text_sql(q)}) "
             f"WHEN 'integer' THEN ({number}) IS NOT NULL WHEN 'real' THEN ({number}) IS NOT NULL "
             f"WHEN 'blob' THEN 0 ELSE 1 END"
         )
+
+    @staticmethod
+    def _valid_text_sql(q):
+        return (f"{q} GLOB '{_DATE_PREFIX}[0-9][0-9]*' AND {q} NOT GLOB '0000*' AND julianday({q}) IS NOT NULL "
+                f"AND (substr({q}, 9, 2) < '29' OR date(substr({q}, 1, 10), '+0 days') = substr({q}, 1, 10)) "
+                f"AND {_NO_BREAKS.format(q=q)}")
+
+    def stream_sql(self, q, storage_class):
+        if storage_class in ("integer", "real"):
+            return None  # the number's formatting is NULL for a number out of the column's representation
+        if storage_class != "text":
+            return self.valid_sql(q)
+        shapes = " OR ".join(f"{q} GLOB '{shape}'" for shape in _TIMESTAMP_SHAPES)
+        return (f"(({shapes}) AND julianday({q}) IS NOT NULL) OR ({self._valid_text_sql(q)})")
 
     @staticmethod
     def has_zone_sql(q):
@@ -637,6 +679,13 @@ class DateRule(Rule):
             f"WHEN 'blob' THEN 0 ELSE 1 END"
         )
 
+    def stream_sql(self, q, storage_class):
+        if storage_class in ("integer", "real"):
+            return None  # the number's formatting is NULL for a number out of the column's representation
+        if storage_class == "text":
+            return f"{q} GLOB '{_ISO_DATE}'"  # PostgreSQL refuses the year 0000 and days past a month's end
+        return self.valid_sql(q)
+
     def format_sql(self, q, classes, zoned_text=False, specials=True):
         numbers = classes & {"integer", "real"}
         if "blob" in classes:
@@ -692,6 +741,18 @@ class JsonRule(Rule):
         return (f"CASE typeof({q}) WHEN 'text' THEN (json_valid({q}) AND instr({q}, '\\u0000') = 0) "
                 f"WHEN 'real' THEN abs({q}) < 9e999 ELSE 1 END")
 
+    def stream_sql(self, q, storage_class):
+        if storage_class == "text":
+            # jsonb's input refuses exactly what json_valid() and the \u0000 test refuse (a test compares
+            # them), except documents nested deeper than SQLite's limit of 2000, which jsonb takes as they are.
+            # json keeps the escape \u0000, which the rule refuses (no PostgreSQL text can hold it).
+            return None if self.target.sql == "jsonb" else f"instr({q}, '\\u0000') = 0"
+        if storage_class == "integer":
+            return None
+        if storage_class == "real":
+            return f"abs({q}) < 9e999"
+        return self.valid_sql(q)
+
     # JSON text and integers go into COPY exactly as text does.
     format_sql = TextRule.format_sql
 
@@ -725,6 +786,13 @@ class UuidRule(Rule):
             f"CASE typeof({q}) WHEN 'text' THEN ({q} GLOB '{_UUID_GLOB}' OR {q} GLOB '{_HEX_DIGIT * 32}') "
             f"WHEN 'blob' THEN length({q}) = 16 WHEN 'null' THEN 1 ELSE 0 END"
         )
+
+    def stream_sql(self, q, storage_class):
+        if storage_class == "text":
+            # The layouts the rule takes; PostgreSQL refuses what is not hexadecimal in them. Its other
+            # layouts (braces, dashes elsewhere) have other lengths or dashes in other places.
+            return " OR ".join(f"{q} GLOB '{shape}'" for shape in _UUID_SHAPES)
+        return self.valid_sql(q)
 
     def format_sql(self, q, classes, zoned_text=False, specials=True):
         if classes <= {"text"}:
