@@ -379,8 +379,9 @@ def load_table(source, conninfo, plan, fingerprint):
 def _date_kinds(lite, stream):
     """{column label: {is_julian: a value}} the 'auto' date columns' numbers showed in this stream, so that
     the ranges of one table can be compared (each range's connection watches only its own rows)."""
+    rules = [rule for _, _, rule in stream.raw_rules.values()] + [rule for _, rule in stream.seldom.values()]
     watches = [getattr(lite, "date_watch", None)] + [getattr(getattr(rule, "numbers", None), "watch", None)
-                                                     for _, rule in stream.raw_rules.values()]
+                                                     for rule in rules]
     kinds = {}
     for watch in filter(None, watches):
         for label, (is_julian, value) in watch.first.items():
