@@ -28,6 +28,7 @@ from .loader import LOST_CAUSES, become_worker
 from .plan import Plan
 from .progress import Progress
 from .source import Source
+from .sync import sync
 from .target import (
     APPLICATION_NAME,
     connect,
@@ -92,6 +93,7 @@ class Run(Plan, Checks, Load, Keys):
         # rows out. Otherwise each table is read once, by its load, which checks every value it streams.
         self.preflight = check_mode or on_invalid == "reject" or bool(preflight)
         self.journal = None  # what this run wrote (undo.py), from the first write on
+        self.synced = None  # sync()'s result once it ran, or its failure's
         self.background = {}  # checks that run beside the load: {future: (kind, table)}
         self.progress = Progress(None if check_mode else progress_file, {})
         self.result = {"changed": False, "status": "failed", "msg": "", "total_tables": 0, "total_rows": 0,
@@ -131,6 +133,7 @@ class Run(Plan, Checks, Load, Keys):
                     self._load(counters)
                     self._await_background()
                 self._post_data()
+                self._sync()
             finally:
                 gc.unfreeze()  # a caller that runs several migrations collects their garbage again
                 if self.lease:
@@ -163,6 +166,8 @@ class Run(Plan, Checks, Load, Keys):
         """Undo everything this run wrote; the message then says what was undone, or what is left and why."""
         if self.journal is None:
             return message  # failed before the first write
+        if self.journal.empty and self.synced is not None:
+            return message  # the sync says itself what it committed (each key range in its own transaction)
         if self.journal.empty:
             return message if message.endswith("nothing was written") else message + "; nothing was written"
         what = self.journal.what()
@@ -189,6 +194,28 @@ class Run(Plan, Checks, Load, Keys):
         raise MigrationError(message, self.result) from None
 
 
+    def _sync(self):
+        """Tables holding an earlier snapshot of this file are brought up to date (sync.py); the tables this
+        run loaded get their page checksums, from which the next sync finds what changed without reading rows."""
+        to_sync = [n for n in self.order if self.actions[n] == "sync"]
+        loaded = [n for n in self.order if self.result["tables"][n]["action"] == "loaded"]
+        if not to_sync and not loaded:
+            return
+        self.progress.phase = "sync"
+        try:
+            self.synced = sync(self.src, self.conninfo, self.schema, to_sync + loaded, self.jobs,
+                               self.source_timezone, hold_lock=False, source_id=self.source_id)
+        except MigrationError as error:
+            self.synced = error.result
+            raise
+        for name in to_sync:
+            counts = self.synced["tables"][name]
+            self.result["tables"][name].update(
+                {key: counts[key] for key in ("inserted", "updated", "deleted")}, status="completed",
+                action="synced", migrated=counts["inserted"] + counts["updated"])
+            self.progress.finish(name, "synced", counts["inserted"] + counts["updated"])
+        self.result["sequences_moved"] = self.synced["sequences"]
+
     # Results --------------------------------------------------------------------------
 
     def _summarize(self):
@@ -201,13 +228,16 @@ class Run(Plan, Checks, Load, Keys):
         steps, notes = self._post_data_steps() if self.post_data else ([], [])
         self.result["profile"]["notes"] += notes
         pending = [n for n in self.order if self.actions[n] in ("load", "create")]
+        to_sync = [n for n in self.order if self.actions[n] == "sync"]
         self._summarize()
-        self.result["changed"] = bool(pending or steps)
+        self.result["changed"] = bool(pending or steps or to_sync)
         self.result["post_data"] = [{"table": s.table, "kind": s.kind, "name": s.name} for s in steps]
         self.result["status"] = "completed"
         rows = sum(self.profiles[n].rows for n in pending)
         self.result["msg"] = (f"check mode: would load {len(pending)} of {len(self.order)} tables ({rows} rows)"
                               + (f" and build {len(steps)} keys, indexes and sequences" if steps else "")
+                              + (f", and sync {', '.join(to_sync)} (they hold an earlier snapshot of this source)"
+                                 if to_sync else "")
                               + "; nothing was written")
         return self.result
 
@@ -217,11 +247,24 @@ class Run(Plan, Checks, Load, Keys):
         loaded = [n for n in self.order if self.result["tables"][n]["action"] == "loaded"]
         rows = sum(self.result["tables"][n]["migrated"] for n in loaded)
         rejected = sum(self.result["tables"][n]["rejected"] for n in self.order)
+        synced = [n for n in self.order if self.result["tables"][n]["action"] == "synced"]
+        parts = []
         if loaded or self.result["post_data"]:
-            self.result["msg"] = (f"loaded {len(loaded)} of {len(self.order)} tables ({rows} rows)"
-                                  + (f", {rejected} rows rejected to {self.reject_file}" if rejected else "")
-                                  + (f"; built {len(self.result['post_data'])} keys, indexes and sequences"
-                                     if self.result["post_data"] else ""))
+            parts.append(f"loaded {len(loaded)} of {len(self.order)} tables ({rows} rows)"
+                         + (f", {rejected} rows rejected to {self.reject_file}" if rejected else "")
+                         + (f"; built {len(self.result['post_data'])} keys, indexes and sequences"
+                            if self.result["post_data"] else ""))
+        if synced:
+            counts = {key: sum(self.result["tables"][n][key] for n in synced)
+                      for key in ("inserted", "updated", "deleted")}
+            if any(counts.values()):
+                parts.append(f"synced {len(synced)} tables with this source: {counts['inserted']} rows inserted, "
+                             f"{counts['updated']} updated, {counts['deleted']} deleted")
+            else:
+                parts.append(f"{len(synced)} tables held an earlier snapshot of this source, and no row differed")
+            self.result["changed"] = self.result["changed"] or self.synced["changed"]
+        if parts:
+            self.result["msg"] = "; ".join(parts)
         elif not self.order:
             self.result["msg"] = f"source {self.source.path} has no tables to migrate; nothing to do"
         else:

@@ -257,6 +257,11 @@ class Plan:
                         "source: it was changed after the migration; empty it to load it again")
         elif has_rows(cursor, self.schema, target):
             other = recorded[-1] if recorded else None
+            if other and other[1] == self.source.path:
+                # An earlier snapshot of this very file: bring it up to date (sync.py) instead of refusing.
+                entry["action"] = "sync"
+                self.actions[name] = "sync"
+                return ""
             origin = (f"loaded from another source ({other[1]}, snapshot {other[0][:12]}, {other[4]:%Y-%m-%d %H:%M})"
                       if other else "not loaded by this module")
             return (f"target table {self.schema}.{target} already holds rows {origin}; "

@@ -67,7 +67,8 @@ class TargetTable:
     primary_key: list = field(default_factory=list)
 
     def column(self, name):
-        """The column matched by name: exactly, else case-insensitively if that is unambiguous."""
+        """The column matched by name (as PostgreSQL cuts it): exactly, else case-insensitively if unambiguous."""
+        name = pg_name(name)
         for column in self.columns:
             if column.name == name:
                 return column

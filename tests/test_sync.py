@@ -1,0 +1,244 @@
+"""sync() against a real PostgreSQL: a migrated target brought up to date with a changed source.
+
+The sample is migrated into the runbook's typed schema (foreign keys built by
+the migration, so every commit of the sync is checked against them); the
+SQLite file is then changed by scripts/measure_sync.py's change_rows (inserts,
+updates and deletes in all four tables, a parent deleted with its children,
+children re-pointed to new parents) and synced; the validation then has to
+find both sides equal, as after a full migration.
+"""
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import assert_same_content, build_sqlite, execute, wait_until
+from sqlite_pg.engine import migrate
+from sqlite_pg.errors import MigrationError
+from sqlite_pg.sync import dirty_intervals, sync
+from sqlite_pg.validate import validate
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from measure_sync import change_rows, touch_without_change  # noqa: E402
+
+SCHEMA_SQL = ROOT / "roles" / "schema_init" / "files" / "postgres_init_schema.sql"
+TABLES = ("storage_nodes", "files", "tasks", "replication_logs")
+SPAN = 8  # rowids per key range here, so that the 125-row sample has several
+
+
+def migrate_into_typed_schema(src, conninfo):
+    pre_data = SCHEMA_SQL.read_text().split("-- section: post-data")[0].split("-- section: pre-data")[1]
+    execute(conninfo, pre_data)
+    migrate(str(src), conninfo, create_tables=False, jobs=2)
+
+
+@pytest.fixture
+def migrated(sample_db, pg_database):
+    migrate_into_typed_schema(sample_db, pg_database)
+    forget_page_checksums(pg_database)
+    return sample_db, pg_database
+
+
+def forget_page_checksums(conninfo):
+    """The migration records page checksums in spans of 65536 rowids: one span for these samples. Without them
+    the first sync records spans of the width it is given (SPAN), so that the changes fall into several."""
+    execute(conninfo, "UPDATE sqlite_to_postgres_state SET key_range_checksums = NULL")
+
+
+def assert_equal_content(src, conninfo):
+    result = validate(str(src), conninfo)
+    mismatched = {t: v["differences"][:3] for t, v in result["tables"].items() if not v["match"]}
+    assert result["status"] == "completed" and not mismatched, (result["msg"], mismatched)
+    assert all(fk["validated"] and fk["ok"] for fk in result["foreign_keys"])
+    assert all(s["next_value"] > s["max_value"] for s in result["sequences"])
+    return result
+
+
+def row_versions(conninfo):
+    """xmin and ctid of every row of the tables and of the state table: any write changes them."""
+    versions = {}
+    for table in TABLES + ("sqlite_to_postgres_state",):
+        versions[table] = execute(conninfo, f"SELECT xmin::text, ctid::text FROM {table} ORDER BY ctid")  # noqa: S608
+    return versions
+
+
+def sqlite_count(path, table):
+    with sqlite3.connect(path) as connection:
+        return connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608
+
+
+def test_inserts_updates_and_deletes_reach_the_target(migrated):
+    src, conninfo = migrated
+    first = sync(str(src), conninfo, range_keys=SPAN)
+    assert first["status"] == "completed" and "recorded" in first["msg"]
+    assert all(t["inserted"] == t["updated"] == t["deleted"] == 0 for t in first["tables"].values())
+    before = {table: sqlite_count(src, table) for table in TABLES}
+    change_rows(str(src), fraction=0.1)
+    result = sync(str(src), conninfo, range_keys=SPAN)
+    assert result["status"] == "completed" and result["changed"]
+    for table in TABLES:
+        counts = result["tables"][table]
+        assert counts["inserted"] and counts["updated"] and counts["deleted"], (table, counts)
+        assert before[table] + counts["inserted"] - counts["deleted"] == sqlite_count(src, table)
+        assert counts["ranges_changed"] <= counts["ranges_checked"] + 1
+    assert "inserted" in result["msg"] and "\n" not in result["msg"]
+    assert_equal_content(src, conninfo)
+    # The state rows now name this snapshot, so a rerun of the migration skips every table.
+    rerun = migrate(str(src), conninfo, create_tables=False)
+    assert all(t["action"] == "skipped" for t in rerun["tables"].values())
+    assert {r[0] for r in execute(conninfo, "SELECT source_id FROM sqlite_to_postgres_state")} == {result["source_id"]}
+
+
+def test_a_sync_after_a_sync_writes_nothing(migrated):
+    src, conninfo = migrated
+    sync(str(src), conninfo, range_keys=SPAN)
+    change_rows(str(src), fraction=0.1)
+    sync(str(src), conninfo, range_keys=SPAN)
+    versions = row_versions(conninfo)
+    again = sync(str(src), conninfo, range_keys=SPAN)
+    assert not again["changed"] and again["msg"].startswith("the target is up to date")
+    assert row_versions(conninfo) == versions
+    # A commit that changes no row changes the file: every page is checked, and still nothing is written
+    # but the state rows, which now name the new snapshot.
+    touch_without_change(str(src))
+    touched = sync(str(src), conninfo, range_keys=SPAN)
+    assert touched["changed"] and all(t["inserted"] == t["updated"] == t["deleted"] == 0
+                                      for t in touched["tables"].values())
+    after = row_versions(conninfo)
+    assert {t: after[t] for t in TABLES} == {t: versions[t] for t in TABLES}
+    assert not sync(str(src), conninfo, range_keys=SPAN)["changed"]
+
+
+def test_a_first_sync_without_checksums_compares_every_row(migrated):
+    src, conninfo = migrated
+    change_rows(str(src), fraction=0.1)  # changed before any sync recorded checksums
+    result = sync(str(src), conninfo, range_keys=SPAN)
+    assert all(t["ranges_changed"] >= t["ranges_checked"] for t in result["tables"].values())
+    assert_equal_content(src, conninfo)
+    change_rows(str(src), fraction=0.05, seed=7)  # now from the checksums that sync stored
+    sync(str(src), conninfo, range_keys=SPAN)
+    assert_equal_content(src, conninfo)
+
+
+def test_a_killed_sync_is_finished_by_the_next(tmp_path, pg_database):
+    src = tmp_path / "big.db"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_sample_db.py"), "--files", "3000", "--out", str(src),
+                    "--quiet"], check=True)
+    migrate_into_typed_schema(src, pg_database)
+    forget_page_checksums(pg_database)
+    sync(str(src), pg_database, range_keys=SPAN)
+    change_rows(str(src), fraction=0.2, seed=3)
+    with sqlite3.connect(src) as connection:
+        expected = connection.execute("SELECT count(*) FROM tasks WHERE status = 'completed' AND "
+                                      "completed_at = '2024-06-02 12:30:00'").fetchone()[0]
+    script = ("import json, sys; sys.path.insert(0, sys.argv[1]); from sqlite_pg.sync import sync; "
+              "sync(sys.argv[2], json.loads(sys.argv[3]), range_keys=8, jobs=1)")
+    runner = subprocess.Popen([sys.executable, "-c", script, str(ROOT / "module_utils"), str(src),
+                               json.dumps(pg_database)])
+
+    def synced_tasks():
+        return execute(pg_database, "SELECT count(*) FROM tasks WHERE completed_at = '2024-06-02 12:30:00+00'")[0][0]
+
+    try:
+        assert wait_until(lambda: synced_tasks() > 0, timeout=60, interval=0.005), "the sync never reached tasks"
+        runner.send_signal(signal.SIGKILL)
+    finally:
+        runner.wait()
+    assert 0 < synced_tasks() < expected, "the sync was not killed mid-way"
+    result = sync(str(src), pg_database, range_keys=SPAN)
+    assert result["status"] == "completed" and result["tables"]["tasks"]["updated"]
+    assert_equal_content(src, pg_database)
+    assert not sync(str(src), pg_database, range_keys=SPAN)["changed"]
+
+
+def test_a_wal_source_with_uncheckpointed_changes(migrated):
+    src, conninfo = migrated
+    with sqlite3.connect(src) as connection:
+        connection.execute("PRAGMA journal_mode = WAL")
+    sync(str(src), conninfo, range_keys=SPAN)
+    writer = sqlite3.connect(src)  # kept open: the -wal file keeps the changes, nothing is checkpointed
+    try:
+        writer.execute("PRAGMA wal_autocheckpoint = 0")
+        writer.execute("SELECT count(*) FROM files").fetchone()  # a read opens the -wal file
+        change_rows(str(src), fraction=0.1, seed=5)
+        assert Path(f"{src}-wal").stat().st_size > 0
+        result = sync(str(src), conninfo, range_keys=SPAN)
+        assert sum(t["updated"] for t in result["tables"].values())
+        assert_equal_content(src, conninfo)
+    finally:
+        writer.close()
+
+
+def test_migrate_syncs_a_target_that_holds_an_earlier_snapshot_of_the_same_file(sample_db, pg_database):
+    src, conninfo = sample_db, pg_database
+    migrate_into_typed_schema(src, conninfo)
+    # The migration recorded its page checksums: a sync of an unchanged source writes nothing.
+    assert all(execute(conninfo, "SELECT key_range_checksums ? 'ranges' FROM sqlite_to_postgres_state")[0])
+    before = row_versions(conninfo)
+    assert sync(str(src), conninfo)["changed"] is False
+    assert row_versions(conninfo) == before
+    change_rows(str(src), fraction=0.1)
+    result = migrate(str(src), conninfo, create_tables=False)
+    assert {t["action"] for t in result["tables"].values()} == {"synced"}
+    assert result["changed"] and result["msg"].startswith("synced 4 tables with this source: ")
+    assert sum(t["deleted"] for t in result["tables"].values())
+    assert_equal_content(src, conninfo)
+    again = migrate(str(src), conninfo, create_tables=False)
+    assert again["changed"] is False and again["msg"].startswith("all 4 tables were already loaded")
+
+
+def test_a_table_loaded_from_another_file_is_still_refused(migrated, tmp_path):
+    src, conninfo = migrated
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(Path(src).read_bytes())
+    change_rows(str(copy), fraction=0.1)
+    with pytest.raises(MigrationError, match="already holds rows loaded from another source"):
+        migrate(str(copy), conninfo, create_tables=False)
+
+
+def test_an_invalid_changed_value_stops_its_range_and_names_it(migrated):
+    src, conninfo = migrated
+    sync(str(src), conninfo, range_keys=SPAN)
+    with sqlite3.connect(src) as connection:
+        connection.execute("UPDATE files SET created_at = 'not a date' WHERE id = 20")
+        connection.execute("UPDATE files SET download_count = 77 WHERE id = 3")
+    with pytest.raises(MigrationError) as failure:
+        sync(str(src), conninfo, range_keys=SPAN)
+    message = str(failure.value)
+    assert "table files, column created_at, id 20" in message and "\n" not in message
+    assert "Error" not in message
+    assert execute(conninfo, "SELECT download_count FROM files WHERE id = 3") == [(77,)]  # its own range committed
+    assert execute(conninfo, "SELECT created_at::text FROM files WHERE id = 20")[0][0].startswith("20")
+
+
+def test_dirty_intervals():
+    a, b, c = (1, 10, 10, 1), (11, 20, 10, 2), (21, 30, 10, 3)
+    assert dirty_intervals(0, 99, [a, b, c], [a, b, c]) == []
+    assert dirty_intervals(0, 99, [a, (11, 20, 10, 9), c], [a, b, c]) == [[11, 20]]
+    # The middle page went entirely: its keys lie between two unchanged pages that were not neighbours.
+    assert dirty_intervals(0, 99, [a, c], [a, b, c]) == [[11, 20]]
+    # Rows appended after the last page; keys before the first page that was not the first before.
+    assert dirty_intervals(0, 99, [a, b, c, (31, 40, 10, 4)], [a, b, c]) == [[31, 99]]
+    assert dirty_intervals(0, 99, [b, c], [a, b, c]) == [[0, 10]]
+    assert dirty_intervals(0, 99, [], [a]) == [[0, 99]]
+
+
+def test_a_table_without_integer_key_is_replaced_as_a_whole(tmp_path, pg_database):
+    src = build_sqlite(tmp_path / "tags.db", "CREATE TABLE tags (name TEXT NOT NULL, weight REAL);",
+                       {"tags": [("red", 1.5), ("blue", None), ("green", 0.1)]})
+    migrate(src, pg_database)  # records the table's digest
+    assert not sync(src, pg_database)["changed"]
+    with sqlite3.connect(src) as connection:
+        connection.execute("UPDATE tags SET weight = 0.30000000000000004 WHERE name = 'green'")
+        connection.execute("DELETE FROM tags WHERE name = 'red'")
+        connection.execute("INSERT INTO tags VALUES ('tab\tbed', -0.0)")
+    result = sync(src, pg_database)
+    assert result["tables"]["tags"] == {"inserted": 3, "updated": 0, "deleted": 3, "rows_sent": 3,
+                                        "ranges_checked": 1, "ranges_changed": 1}
+    assert_same_content(src, pg_database, "tags", order_by=["name"])
+    assert not sync(src, pg_database)["changed"]
