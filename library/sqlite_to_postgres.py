@@ -31,6 +31,11 @@ description:
   C(<schema>.sqlite_to_postgres_state) in the same transaction as its rows, keyed
   by the sha256 of the source snapshot. A rerun after a crash loads only what is
   missing; a rerun after success writes nothing and reports C(changed=false).
+- A target table that holds an earlier snapshot of the same source file (its state row names this
+  path and another sha256) is synced instead: rows the source inserted, updated and deleted since
+  become inserted, updated and deleted rows of the target, found from checksums of SQLite's pages
+  kept in the state table, each key range in its own transaction (a killed sync leaves the target
+  consistent and the next one finishes it), foreign keys checked at every commit.
 - After the load it builds primary keys, unique and secondary indexes, foreign
   keys and sets identity/serial sequences past C(max(id)), skipping whatever
   already exists.
@@ -42,6 +47,13 @@ options:
     - Path of the SQLite database file on the managed host.
     type: path
     required: true
+  source_name:
+    description:
+    - The path the state table records for the source. When O(src) is a copy of the live database (the
+      runbook loads a copy made with SQLite's backup API), give the live database's path, so that a later
+      run from a later copy of it syncs the tables an earlier copy loaded instead of refusing them.
+    - Defaults to O(src).
+    type: path
   login_db:
     description:
     - Name of the database to load into.
@@ -228,8 +240,10 @@ tables:
   - Per source table. C(total_rows) rows in the source snapshot; C(migrated) rows from it now in the target
     (also on a rerun that skips the table); C(rejected) rows left out; C(status) V(completed), V(pending)
     (check mode), V(loading) or V(failed); C(action) V(loaded), V(skipped) (already loaded from this
-    source) or V(load); C(seconds) and C(rows_per_second) of this run's load; for a skipped table
-    C(validated), whether a validation was recorded for it since it was loaded.
+    source), V(synced) (brought up to date from an earlier snapshot; then C(inserted), C(updated) and
+    C(deleted) count its rows), V(load) or V(sync) (check mode); C(seconds) and C(rows_per_second) of
+    this run's load; for a skipped table C(validated), whether a validation was recorded for it since it
+    was loaded.
   returned: always
   type: dict
   sample: {"files": {"total_rows": 50, "migrated": 50, "rejected": 0, "status": "completed",
@@ -284,6 +298,7 @@ def main():
         reject_file=dict(type='path'),
         source_timezone=dict(type='str', default='UTC'),
         datetime_formats=dict(type='dict', default={}),
+        source_name=dict(type='path'),
         progress_file=dict(type='path'),
         post_data=dict(type='bool', default=True),
         integrity_check=dict(type='str', default='quick', choices=['full', 'quick']),
@@ -313,6 +328,7 @@ def main():
             lease=({'key': params['lease_key'], 'backend_pid': params['lease_backend_pid']}
                    if params['lease_key'] is not None else None),
             target_ddl=params['target_ddl'], datetime_formats=params['datetime_formats'],
+            source_name=params['source_name'],
         )
     except MigrationError as error:
         result = dict(error.result or {}, status='failed')

@@ -364,3 +364,30 @@ def test_failed_runs_never_push_out_the_pre_migration_dump(workspace):
     assert len(kept) == 2 and kept[0] == pre_migration, kept
     newest = json.loads((kept[1] / "backup.json").read_text())
     assert newest["outcome"] == "failed" and newest["pre_migration"] is False
+
+
+def test_a_run_after_the_application_wrote_to_the_source_syncs_the_target(workspace):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from measure_sync import change_rows
+
+    first = workspace.run()
+    assert first.returncode == 0, first.stdout[-4000:]
+    change_rows(str(workspace.source), fraction=0.1, seed=11)
+    synced = workspace.run()
+    assert synced.returncode == 0, synced.stdout[-4000:]
+    printed = words(synced.stdout)
+    assert ("sha256 " + sha256(workspace.source)[:12] + "): storage_nodes, files, tasks, replication_logs to sync "
+            "(they hold an earlier snapshot of this file)") in printed, printed[-3000:]
+    summary = printed_summary(synced.stdout)
+    assert re.search(r"^  Synced: \d+ inserted, \d+ updated, [1-9]\d* deleted$", summary, re.M), summary
+    assert "Validation status: completed" in summary and "✗" not in summary
+    with sqlite3.connect(workspace.source) as connection:
+        for table in ("storage_nodes", "files", "tasks", "replication_logs"):
+            expected = connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608
+            assert workspace.query(f"SELECT count(*) FROM {table}")[0][0] == expected, table  # noqa: S608
+            assert re.search(rf"^{table}:\n  Total rows: {expected}\n  Synced: ", summary, re.M), summary
+
+    again = workspace.run()
+    assert again.returncode == 0, again.stdout[-4000:]
+    assert set(recap_changed(again.stdout).values()) == {0}, again.stdout[-3000:]
+    assert "no backup needed" in words(again.stdout)

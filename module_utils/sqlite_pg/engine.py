@@ -32,6 +32,7 @@ from .sync import sync
 from .target import (
     APPLICATION_NAME,
     connect,
+    count_rows,
     first_line,
     server_address,
 )
@@ -43,7 +44,7 @@ DEFAULT_JOBS = 2
 def migrate(src, conninfo, schema="public", tables=None, create_tables=True, jobs=DEFAULT_JOBS, on_invalid="fail",
             max_rejects=0, reject_file=None, source_timezone="UTC", progress_file=None, post_data=True,
             integrity="quick", check_mode=False, lease=None, target_ddl=None, preflight=False,
-            datetime_formats=None):
+            datetime_formats=None, source_name=None):
     """Migrate the SQLite database ``src`` into ``schema`` of the PostgreSQL database ``conninfo`` describes.
 
     ``conninfo``: libpq keywords for psycopg2.connect (host, port, user, dbname,
@@ -62,6 +63,9 @@ def migrate(src, conninfo, schema="public", tables=None, create_tables=True, job
     their types (without it, against the types the engine would choose).
     ``datetime_formats``: {"table.column": representation} for date columns whose
     numbers are not to be read by SQLite's 'auto' rule (rules.DATETIME_FORMATS).
+    ``source_name``: the path the state table records for the source (default: ``src``'s);
+    the live database's when ``src`` is a copy of it, so that a run from a later copy
+    syncs the tables an earlier copy loaded (sync.py).
 
     Returns the result dict (status, changed, msg, total_tables, total_rows,
     tables, profile, post_data, source_id). Raises MigrationError, whose
@@ -69,7 +73,7 @@ def migrate(src, conninfo, schema="public", tables=None, create_tables=True, job
     """
     run = Run(src, conninfo, schema, tables, create_tables, jobs, on_invalid, max_rejects, reject_file,
               source_timezone, progress_file, post_data, integrity, check_mode, lease, target_ddl, preflight,
-              datetime_formats or {})
+              datetime_formats or {}, source_name)
     return run.execute()
 
 
@@ -78,7 +82,7 @@ class Run(Plan, Checks, Load, Keys):
 
     def __init__(self, src, conninfo, schema, tables, create_tables, jobs, on_invalid, max_rejects, reject_file,
                  source_timezone, progress_file, post_data, integrity, check_mode, lease=None, target_ddl=None,
-                 preflight=False, datetime_formats=None):
+                 preflight=False, datetime_formats=None, source_name=None):
         self.src, self.conninfo, self.schema = src, dict(conninfo), schema
         # Every session of this run carries one name, so that exactly these can be ended (lease.py).
         self.conninfo.setdefault("application_name", f"{APPLICATION_NAME} {secrets.token_hex(4)}")
@@ -89,6 +93,7 @@ class Run(Plan, Checks, Load, Keys):
         self.source_timezone, self.post_data, self.integrity = source_timezone, post_data, integrity
         self.check_mode, self.target_ddl = check_mode, target_ddl
         self.datetime_option = datetime_formats or {}
+        self.source_name = source_name
         # The full profile before any write: what check mode predicts, and what reject mode needs to leave
         # rows out. Otherwise each table is read once, by its load, which checks every value it streams.
         self.preflight = check_mode or on_invalid == "reject" or bool(preflight)
@@ -105,7 +110,7 @@ class Run(Plan, Checks, Load, Keys):
     def execute(self):
         try:
             self._validate_options()
-            self.source = Source(self.src)
+            self.source = Source(self.src, self.source_name)
             self.baseline = self.source.fingerprint()
             self._read_source_schema()
             self.pg = connect(self.conninfo, read_only=self.check_mode)
@@ -204,17 +209,20 @@ class Run(Plan, Checks, Load, Keys):
         self.progress.phase = "sync"
         try:
             self.synced = sync(self.src, self.conninfo, self.schema, to_sync + loaded, self.jobs,
-                               self.source_timezone, hold_lock=False, source_id=self.source_id)
+                               self.source_timezone, hold_lock=False, source_id=self.source_id,
+                               source_name=self.source_name)
         except MigrationError as error:
             self.synced = error.result
             raise
-        for name in to_sync:
-            counts = self.synced["tables"][name]
-            self.result["tables"][name].update(
-                {key: counts[key] for key in ("inserted", "updated", "deleted")}, status="completed",
-                action="synced", migrated=counts["inserted"] + counts["updated"])
-            self.progress.finish(name, "synced", counts["inserted"] + counts["updated"])
-        self.result["sequences_moved"] = self.synced["sequences"]
+        with self.pg.cursor() as cursor:
+            for name in to_sync:
+                counts = self.synced["tables"][name]
+                self.result["tables"][name].update(
+                    {key: counts[key] for key in ("inserted", "updated", "deleted")}, status="completed",
+                    action="synced", migrated=counts["inserted"] + counts["updated"],
+                    total_rows=count_rows(cursor, self.schema, self.target_names[name]))
+                self.progress.finish(name, "synced", counts["inserted"] + counts["updated"])
+        self.pg.commit()
 
     # Results --------------------------------------------------------------------------
 

@@ -311,7 +311,7 @@ def load_table(source, conninfo, plan, fingerprint):
                     f"source {source.path} changed while table {plan.source_table} was being read (another process "
                     "wrote to it): stop the application and run again")
             seconds = time.monotonic() - started
-            record_load(cursor, plan.schema, plan.source_id, plan.target_table, plan.source_table, source.path,
+            record_load(cursor, plan.schema, plan.source_id, plan.target_table, plan.source_table, source.name,
                         copied, plan.source_rows - copied, started_at, seconds)
         committing = True
         pg.commit()

@@ -257,7 +257,7 @@ class Plan:
                         "source: it was changed after the migration; empty it to load it again")
         elif has_rows(cursor, self.schema, target):
             other = recorded[-1] if recorded else None
-            if other and other[1] == self.source.path:
+            if other and other[1] == self.source.name:
                 # An earlier snapshot of this very file: bring it up to date (sync.py) instead of refusing.
                 entry["action"] = "sync"
                 self.actions[name] = "sync"

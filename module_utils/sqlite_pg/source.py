@@ -92,8 +92,10 @@ class Source:
       immutable is only sound while nobody writes, which ``fingerprint()`` checks.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, name=None):
         self.path = os.path.abspath(path)
+        # What the state table records as this source: the live database when ``path`` is a copy of it.
+        self.name = os.path.abspath(name) if name else self.path
         self.header = self._read_header()
         self.page_size = int.from_bytes(self.header[16:18], "big")
         if self.page_size == 1:

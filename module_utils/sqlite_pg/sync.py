@@ -70,25 +70,27 @@ class TablePlan:
 
 
 def sync(src, conninfo, schema="public", tables=None, jobs=2, source_timezone="UTC", range_keys=RANGE_KEYS,
-         hold_lock=True, source_id=None):
+         hold_lock=True, source_id=None, source_name=None):
     """Bring ``schema`` (which holds an earlier migration of ``src``) up to date with ``src``.
 
     ``hold_lock``: take migrate()'s advisory lock for the schema (False when the
     caller's session holds it already). ``source_id``: the source's sha256 when the
-    caller has hashed it already (migrate() has). Returns dict(status, changed, msg,
+    caller has hashed it already (migrate() has). ``source_name``: as for migrate(). Returns dict(status, changed, msg,
     tables={name: inserted, updated, deleted, ranges_checked, ranges_changed},
     sequences, seconds, source_id); raises MigrationError, whose ``result`` is
     the same dict with status 'failed'.
     """
-    return Sync(src, conninfo, schema, tables, jobs, source_timezone, range_keys, hold_lock, source_id).execute()
+    return Sync(src, conninfo, schema, tables, jobs, source_timezone, range_keys, hold_lock, source_id,
+                source_name).execute()
 
 
 class Sync:
-    def __init__(self, src, conninfo, schema, tables, jobs, source_timezone, range_keys, hold_lock, source_id=None):
+    def __init__(self, src, conninfo, schema, tables, jobs, source_timezone, range_keys, hold_lock, source_id=None,
+                 source_name=None):
         self.src, self.conninfo, self.schema = src, dict(conninfo), schema
         self.requested, self.jobs, self.timezone = tables, jobs, source_timezone
         self.range_keys, self.hold_lock = range_keys, hold_lock
-        self.source_id = source_id or ""
+        self.source_id, self.source_name = source_id or "", source_name
         self.started = time.monotonic()
         self.started_at = datetime.datetime.now(datetime.timezone.utc)
         self.result = {"status": "failed", "changed": False, "msg": "", "tables": {}, "sequences": [],
@@ -97,7 +99,7 @@ class Sync:
     def execute(self):
         try:
             self._check_options()
-            self.source = Source(self.src)
+            self.source = Source(self.src, self.source_name)
             self.fingerprint = self.source.fingerprint()
             with ThreadPoolExecutor(max_workers=1) as identity:
                 hashing = None if self.source_id else identity.submit(self.source.content_id)
@@ -168,7 +170,7 @@ class Sync:
                 if existing is None:
                     raise MigrationError(f"target table {self.schema}.{target} does not exist: "
                                          "run the migration first, a sync only brings a migrated target up to date")
-                rows = [r for r in recorded.get(target, []) if r[1] == self.source.path]
+                rows = [r for r in recorded.get(target, []) if r[1] == self.source.name]
                 if not rows:
                     raise MigrationError(f"target table {self.schema}.{target} holds no migration of source "
                                          f"{self.source.path}: run the migration first")

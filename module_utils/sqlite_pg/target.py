@@ -160,9 +160,10 @@ def count_rows(cursor, schema, name):
 def state_table_ddl(schema):
     """One row per (source snapshot, target table) loaded, committed in the same transaction as the rows.
 
-    content_checksum and key_range_checksums are kept for incremental sync (a
-    checksum of the table's content, and per primary-key range ones); this
-    version leaves them NULL. validated_at is set by the runbook once the
+    key_range_checksums holds the source's leaf page checksums per span of
+    rowids, from which the next sync finds what changed (sync.py); a load
+    stores them right after its tables are loaded. content_checksum stays
+    NULL (the validation computes content checksums afresh). validated_at is set by the runbook once the
     validation of the whole migration passed, and cleared by every load: a
     run that finds loaded but unvalidated tables knows an earlier run stopped.
     """
