@@ -81,7 +81,7 @@ class SqliteWriter:
             counts["inserted"] += 3
             for table, change in (("files", "download_count = download_count + 1"),
                                   ("tasks", "status = 'completed', retries = retries + 1"),
-                                  ("replication_logs", "status = 'completed', bytes_transferred = bytes_transferred + 4096")):
+                                  ("replication_logs", "bytes_transferred = bytes_transferred + 4096")):
                 row = self.own(table)
                 if row is not None:
                     db.execute(f"UPDATE {table} SET {change} WHERE id = ?", (row,))  # noqa: S608
@@ -95,7 +95,7 @@ class SqliteWriter:
                     counts["deleted"] += db.execute("DELETE FROM files WHERE id = ?", (victim,)).rowcount
             if self.steps % 5 == 0:
                 db.execute("INSERT INTO storage_nodes (node_id, hostname, capacity_bytes, created_at)"
-                           " VALUES (?, ?, ?, ?)", (f"standin-node-{uuid.uuid4().hex[:8]}", "standin.local", 10**12, now))
+                           " VALUES (?, ?, ?, ?)", (f"node-{uuid.uuid4().hex[:8]}", "standin.local", 10**12, now))
                 counts["inserted"] += 1
                 node = self.own("storage_nodes")
                 db.execute("UPDATE storage_nodes SET used_bytes = used_bytes + 1 WHERE id = ?", (node,))
@@ -123,8 +123,8 @@ def pg_step(connection, steps: int, counts: dict) -> None:
         cursor.execute("INSERT INTO files (file_uuid, filename, owner_id, created_at) VALUES (%s, %s, 'standin', now())"
                        " RETURNING id", (str(uuid.uuid4()), f"standin-pg-{steps}.txt"))
         file_id = cursor.fetchone()[0]
-        cursor.execute("INSERT INTO tasks (task_uuid, task_type, file_id, created_at) VALUES (%s, 'replicate', %s, now())",
-                       (str(uuid.uuid4()), file_id))
+        cursor.execute("INSERT INTO tasks (task_uuid, task_type, file_id, created_at)"
+                       " VALUES (%s, 'replicate', %s, now())", (str(uuid.uuid4()), file_id))
         cursor.execute("UPDATE files SET download_count = download_count + 1 WHERE id = %s", (file_id,))
     counts["inserted"] += 2
     counts["updated"] += 1
@@ -175,7 +175,8 @@ def maintenance(args) -> int:
         time.sleep(0.05)
     if args.also_write_postgresql:
         with pg_connect(args) as connection, connection.cursor() as cursor:
-            cursor.execute("UPDATE files SET download_count = download_count + 1000 WHERE id = (SELECT min(id) FROM files)")
+            cursor.execute("UPDATE files SET download_count = download_count + 1000"
+                           " WHERE id = (SELECT min(id) FROM files)")
     return 0
 
 

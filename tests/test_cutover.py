@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import psycopg2
@@ -74,7 +75,8 @@ class CutoverLab:
 
     def environment(self):
         env = {k: v for k, v in os.environ.items() if k not in GUIDE_VARIABLES and not k.startswith("PG")}
-        env.update(PGPASSFILE=str(self.root / "pgpass"), ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), PWD=str(self.workdir))
+        env.update(PGPASSFILE=str(self.root / "pgpass"), ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
+                   PWD=str(self.workdir))
         return env
 
     def playbook(self, playbook, *extra):
@@ -96,7 +98,15 @@ class CutoverLab:
         before = set(self.reports.iterdir()) if self.reports.exists() else set()
         result = self.playbook("cutover.yml", "-e", json.dumps(hooks), *extra)
         [run_dir] = set(self.reports.iterdir()) - before
+        self.last_run_dir = run_dir
         return result, json.loads((run_dir / "report.json").read_text())
+
+    def junit_cutover(self):
+        """{case: outcome} of the last run's JUnit suite "cutover"."""
+        root = ElementTree.parse(self.last_run_dir / "junit.xml").getroot()
+        suites = [suite for suite in root.iter("testsuite") if suite.get("name") == "cutover"]
+        return {case.get("name"): "failure" if case.find("failure") is not None else "passed"
+                for suite in suites for case in suite.iter("testcase")}
 
     # PostgreSQL ---------------------------------------------------------------------------
 
@@ -207,6 +217,8 @@ def test_a_cutover_whose_validation_fails_leaves_the_application_on_sqlite_and_p
     recap = max(i for i, line in enumerate(lines) if line.startswith("PLAY RECAP"))
     assert lines[recap - 2].startswith("Cutover: the application is on SQLite, maintenance off; downtime ")
     assert lines[recap - 3].startswith("Rollback: target restored from ")
+    assert lab.junit_cutover() == {"hook maintenance_on": "passed", "hook maintenance_off": "passed",
+                                   "application back in service": "passed"}
 
 
 def test_a_cutover_with_the_application_writing_ends_on_postgresql(lab):
@@ -236,6 +248,8 @@ def test_a_cutover_with_the_application_writing_ends_on_postgresql(lab):
     assert report["migration"]["tables"]["files"]["action"] == "synced"
     assert sqlite_counts(lab.source) == sqlite_counts(cutover["final_copy"])
     assert "downtime " in result.stdout and "check mode" not in result.stdout.lower()
+    assert lab.junit_cutover() == {"hook maintenance_on": "passed", "hook switch": "passed",
+                                   "hook maintenance_off": "passed", "application back in service": "passed"}
 
 
 def test_a_check_mode_cutover_calls_no_hook_and_writes_nothing(lab):
