@@ -680,11 +680,12 @@ SYNC_FRACTION = 0.01  # of each table's rows inserted, updated and deleted (a th
 
 
 def sample_changes():
-    """scripts/measure_sync.py's change_rows and touch_without_change (also what the sync tests use)."""
+    """scripts/measure_sync.py's add_spare_nodes, change_rows and touch_without_change (change_rows is also
+    what the sync tests change a sample with)."""
     spec = importlib.util.spec_from_file_location("measure_sync", REPO / "scripts" / "measure_sync.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.change_rows, module.touch_without_change
+    return module.add_spare_nodes, module.change_rows, module.touch_without_change
 
 
 def run_sync(ctx: Context) -> dict:
@@ -692,13 +693,16 @@ def run_sync(ctx: Context) -> dict:
     (load, then the schema's post-data) of a copy of the sample, then 1 % of its rows changed and synced, then
     a write that changes no row and a sync, then a rerun on the same file; the validation then compares the
     whole content of both sides."""
-    change_rows, touch_without_change = sample_changes()
+    add_spare_nodes, change_rows, touch_without_change = sample_changes()
     result = {"load_average": round(os.getloadavg()[0], 2)}
     copy = ctx.run_dir / "sync-source.db"  # changed by the round: the shared sample stays as it was built
     ctx.server.admin(f'DROP DATABASE IF EXISTS "{SYNC_DATABASE}"')
     ctx.server.admin(f'CREATE DATABASE "{SYNC_DATABASE}" TEMPLATE template0')
     try:
         shutil.copyfile(ctx.sample.path, copy)
+        # A node without files is the one that retires: every node of the sample holds about 1/12 of the files,
+        # and moving those would change far more than 1 % of the rows.
+        add_spare_nodes(str(copy), 1)
         ctx.server.execute(SYNC_DATABASE, ctx.pre_data)
         arguments = {**module_connection(ctx, SYNC_DATABASE), "src": str(copy), "create_tables": False,
                      "jobs": ctx.module_jobs, "post_data": False, "integrity_check": ctx.module_integrity_check}
