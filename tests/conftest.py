@@ -190,6 +190,18 @@ def execute(conninfo, statement, parameters=None):
         connection.close()
 
 
+SCHEMA_SQL = ROOT / "roles" / "schema_init" / "files" / "postgres_init_schema.sql"
+
+
+def migrate_into_typed_schema(src, conninfo):
+    """The runbook's tables (pre-data section), then the engine's load with its keys and foreign keys."""
+    from sqlite_pg.engine import migrate
+
+    pre_data = SCHEMA_SQL.read_text().split("-- section: post-data")[0].split("-- section: pre-data")[1]
+    execute(conninfo, pre_data)
+    migrate(str(src), conninfo, create_tables=False, jobs=2)
+
+
 def wait_until(predicate, timeout=30.0, interval=0.02):
     """Poll ``predicate`` until it returns something true; that value, or None on timeout."""
     deadline = time.monotonic() + timeout

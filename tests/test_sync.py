@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_same_content, build_sqlite, execute, wait_until
+from conftest import assert_same_content, build_sqlite, execute, migrate_into_typed_schema, wait_until
 from sqlite_pg.engine import migrate
 from sqlite_pg.errors import MigrationError
 from sqlite_pg.sync import dirty_intervals, sync
@@ -26,15 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from measure_sync import change_rows, touch_without_change  # noqa: E402
 
-SCHEMA_SQL = ROOT / "roles" / "schema_init" / "files" / "postgres_init_schema.sql"
 TABLES = ("storage_nodes", "files", "tasks", "replication_logs")
 SPAN = 8  # rowids per key range here, so that the 125-row sample has several
 
 
-def migrate_into_typed_schema(src, conninfo):
-    pre_data = SCHEMA_SQL.read_text().split("-- section: post-data")[0].split("-- section: pre-data")[1]
-    execute(conninfo, pre_data)
-    migrate(str(src), conninfo, create_tables=False, jobs=2)
 
 
 @pytest.fixture

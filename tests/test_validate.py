@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import execute
+from conftest import SCHEMA_SQL, execute, migrate_into_typed_schema
 from psycopg2 import sql
 from sqlite_pg import validate as validate_module
 from sqlite_pg.engine import migrate
@@ -24,7 +24,6 @@ from sqlite_pg.errors import MigrationError
 from sqlite_pg.validate import validate
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMA_SQL = ROOT / "roles" / "schema_init" / "files" / "postgres_init_schema.sql"
 GUIDE_QUERIES = {
     "files_per_node": "SELECT primary_node, COUNT(*) FROM files WHERE is_deleted = FALSE GROUP BY primary_node",
     "replication_logs_per_status": "SELECT status, COUNT(*) FROM replication_logs GROUP BY status",
@@ -32,11 +31,6 @@ GUIDE_QUERIES = {
 
 
 
-def migrate_into_typed_schema(src, conninfo):
-    """The runbook's tables (pre-data section), then the engine's load with its keys and foreign keys."""
-    pre_data = SCHEMA_SQL.read_text().split("-- section: post-data")[0].split("-- section: pre-data")[1]
-    execute(conninfo, pre_data)
-    migrate(str(src), conninfo, create_tables=False, jobs=2)
 
 
 @pytest.fixture
