@@ -50,7 +50,7 @@ description:
   - In check mode it only reports whether the lock is free; nothing is taken.
   - Taking or releasing the lock changes nothing in the database, so the
     module never reports C(changed).
-  - Run it on the control node (C(delegate_to: localhost)) so that the
+  - Run it on the control node (delegated to C(localhost)) so that the
     ansible-playbook process can be watched.
 options:
   state:
@@ -79,12 +79,15 @@ options:
     type: str
     default: fileshare-migration-lock
   login_host:
+    description: Host of the PostgreSQL server (empty for the local socket).
     type: str
     default: ""
   login_port:
+    description: Port of the PostgreSQL server.
     type: int
     default: 5432
   login_user:
+    description: Role the holder connects as.
     type: str
     default: postgres
   login_password:
@@ -92,12 +95,15 @@ options:
     type: str
     default: ""
   login_db:
+    description: Database whose advisory lock space holds the key.
     type: str
     required: true
   ssl_mode:
+    description: libpq C(sslmode) of the holder's connection.
     type: str
     default: prefer
   ca_cert:
+    description: CA file that verifies the server's certificate (libpq C(sslrootcert)); empty for none.
     type: str
     default: ""
 author:

@@ -33,7 +33,7 @@ description:
   by the sha256 of the source snapshot. A rerun after a crash loads only what is
   missing; a rerun after success writes nothing and reports C(changed=false).
 - A target table that holds an earlier snapshot of the same source file (its state row names this
-  path and another sha256) is synced instead: rows the source inserted, updated and deleted since
+  path and another sha256) is synced instead. Rows the source inserted, updated and deleted since
   become inserted, updated and deleted rows of the target, found from checksums of SQLite's pages
   kept in the state table, each key range in its own transaction (a killed sync leaves the target
   consistent and the next one finishes it), foreign keys checked at every commit.
