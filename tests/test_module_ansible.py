@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import ROOT, target_snapshot
 
@@ -95,10 +96,17 @@ def test_failure_is_one_line_and_non_zero(tmp_path, pg_database, pgpass_file):
 def test_ansible_doc_shows_the_module():
     done = subprocess.run([str(BIN / "ansible-doc"), "-M", "library", "sqlite_to_postgres"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0
+    assert done.returncode == 0, done.stderr
     for option in ("src", "jobs", "on_invalid", "max_rejects", "reject_file", "source_timezone", "progress_file",
                    "post_data", "login_password", "tables", "create_tables"):
         assert option in done.stdout
+
+
+@pytest.mark.parametrize("module", sorted(path.stem for path in (ROOT / "library").glob("*.py")))
+def test_every_module_documentation_parses(module):
+    done = subprocess.run([str(BIN / "ansible-doc"), "-M", "library", module], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "[ERROR]" not in done.stderr, done.stderr
 
 
 def test_check_mode_profiles_against_target_ddl_and_leaves_nothing(sample_db, pg_database, pgpass_file):
