@@ -42,6 +42,7 @@ ANSIBLE_CONFIG = REPO / "ansible.cfg"
 LAB_INVENTORY = REPO / "inventory" / "lab"
 LAB_PLAYBOOK = REPO / "playbooks" / "lab.yml"
 MIGRATE_PLAYBOOK = REPO / "migrate.yml"
+CUTOVER_PLAYBOOK = REPO / "cutover.yml"
 # inventory/lab's ports plus this: clear of the bundled lab (+0) and the test suites' labs (+100 to +300).
 DEFAULT_LAB_PORT_OFFSET = 600
 # The original guide's settings, which the runbook reads from the environment: not the bench's to pass on.
@@ -763,6 +764,115 @@ def summarize_sync(ctx: Context, name: str, runs: list[dict]) -> dict:
             "row_check": {"passed": True, "tables": runs[-1]["row_check"]["tables"]}}
 
 
+CUTOVER_DATABASE = "bench_cutover"
+# The maintenance-on hook: the application's last writes before it stops, 1 % of the rows again, so that the
+# final sync in the window carries them (the pre-sync carried the 1 % changed before the cutover began).
+LAST_WRITES = ("import sys; sys.path.insert(0, sys.argv[1]); from measure_sync import change_rows; "
+               "change_rows(sys.argv[2], float(sys.argv[3]), seed=int(sys.argv[4]))")
+
+
+def run_cutover(ctx: Context) -> dict:
+    """One night of the move on the lab: migrate.yml (the full migration, the window it would take without a
+    sync), 1 % of the rows changed, then cutover.yml with file hooks, whose maintenance-on hook changes
+    another 1 % (so the final sync in the window carries it); afterwards a full validation of the final copy."""
+    add_spare_nodes, change_rows, _touch = sample_changes()
+    result = {"load_average": round(os.getloadavg()[0], 2)}
+    work = ctx.run_dir / "cutover"
+    leader = None
+    try:
+        if not ctx.lab.started:
+            progress(f"cutover: bringing up the lab cluster in {ctx.lab.root}")
+            ctx.lab.up(time.monotonic() + ctx.timeout)
+        leader = ctx.lab.leader()
+        leader.admin(f'DROP DATABASE IF EXISTS "{CUTOVER_DATABASE}" WITH (FORCE)')
+        leader.admin(f'CREATE DATABASE "{CUTOVER_DATABASE}" TEMPLATE template0')
+        shutil.rmtree(work, ignore_errors=True)
+        (work / "state").mkdir(parents=True)
+        source = work / "fileshare.db"
+        shutil.copyfile(ctx.sample.path, source)
+        add_spare_nodes(str(source), 2)  # one retires before the cutover, one in the window
+        common = ["-i", str(ctx.lab.inventory), "-e", f"fileshare_db_name={CUTOVER_DATABASE}",
+                  "-e", f"sqlite_path={source}", "-e", f"backup_dir={work / 'backups'}",
+                  "-e", f"report_dir={work / 'reports'}"]
+
+        def playbook(path, *extra):
+            before = set((work / "reports").glob("*/report.json"))
+            started = time.monotonic()
+            run_processes([[ansible_tool("ansible-playbook"), *common, *extra, str(path)]],
+                          ctx.run_dir / "cutover.log", started + ctx.timeout, env=ansible_environment(), cwd=REPO)
+            wall = time.monotonic() - started
+            [report] = set((work / "reports").glob("*/report.json")) - before
+            report = json.loads(report.read_text())
+            if report["status"] != "completed":
+                raise BenchError(f"{path.name} reported {report['status']}: "
+                                 f"{(report.get('failure') or {}).get('message')}")
+            return wall, report
+
+        progress(f"cutover: migrate.yml, {ctx.sample.rows:,} rows into the lab (the full migration)")
+        result["full_migrate_yml_s"], report = playbook(MIGRATE_PLAYBOOK)
+        result["full_migrate_stage_s"] = next(s["seconds"] for s in report["stages"] if s["name"] == "migrate")
+        result["changed_before"] = change_rows(str(source), SYNC_FRACTION, seed=1)
+        hooks = {"cutover_maintenance_on_command": [sys.executable, "-c", LAST_WRITES, str(REPO / "scripts"),
+                                                    str(source), str(SYNC_FRACTION), "2"],
+                 "cutover_maintenance_off_command": ["/usr/bin/touch", str(work / "state" / "maintenance-off")],
+                 "cutover_switch_command": ["/usr/bin/touch", str(work / "state" / "on-postgresql")],
+                 "cutover_switch_back_command": ["/usr/bin/rm", "-f", str(work / "state" / "on-postgresql")]}
+        progress(f"cutover: {sum(result['changed_before'].values()):,} rows changed; cutover.yml, whose "
+                 "maintenance-on hook changes 1 % more")
+        result["cutover_yml_s"], report = playbook(CUTOVER_PLAYBOOK, "-e", json.dumps(hooks))
+        cutover = report["cutover"]
+        stages = {stage["name"]: stage["seconds"] for stage in report["stages"]}
+        result.update(
+            downtime_s=cutover["downtime_seconds"],
+            # the hooks record when they returned; the downtime began as the maintenance-on hook was called
+            last_writes_hook_s=round(cutover["hooks"]["maintenance_on"]["at"] + cutover["downtime_seconds"]
+                                     - cutover["hooks"]["maintenance_off"]["at"], 2),
+            window_stages_s={name: stages[name] for name in ("maintenance_on", "final_sync", "validate", "switch",
+                                                              "maintenance_off") if name in stages},
+            cutover_stages_s=stages,
+            final_sync={table: {key: entry.get(key) for key in ("inserted", "updated", "deleted")}
+                        for table, entry in report["migration"]["tables"].items()},
+            window_validation_compared={table: entry["compared"]
+                                        for table, entry in report["validation"]["tables"].items()})
+        progress("cutover: validating the final copy against the target in full")
+        started = time.monotonic()
+        on_leader = replace(ctx, server=leader, deadline=time.monotonic() + ctx.timeout)
+        run_module(on_leader, "sqlite_to_postgres_validate", {**module_connection(on_leader, CUTOVER_DATABASE),
+                                                              "src": cutover["final_copy"], "jobs": ctx.module_jobs})
+        result["full_validation_after_s"] = round(time.monotonic() - started, 3)
+        result.update(status="passed", content_check="full validation of the final copy passed",
+                      downtime_vs_full_migrate_stage=round(result["downtime_s"] / result["full_migrate_stage_s"], 3),
+                      downtime_vs_full_migrate_yml=round(result["downtime_s"] / result["full_migrate_yml_s"], 3))
+    except (BenchError, psycopg2.Error, KeyError, ValueError) as error:
+        result.update({"status": "failed", "error": one_line(error)})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if leader is not None:
+            with contextlib.suppress(psycopg2.Error):
+                leader.admin(f'DROP DATABASE IF EXISTS "{CUTOVER_DATABASE}" WITH (FORCE)')
+    if result["status"] == "failed":
+        progress(f"cutover: FAILED: {result['error']}")
+    else:
+        progress(f"cutover: downtime {result['downtime_s']:.1f} s = {result['downtime_vs_full_migrate_stage']:.2f} x "
+                 f"the full migration's load ({result['full_migrate_stage_s']:.1f} s), "
+                 f"{result['downtime_vs_full_migrate_yml']:.2f} x migrate.yml; window "
+                 f"{stage_line(result['window_stages_s'])}")
+    return result
+
+
+def summarize_cutover(ctx: Context, name: str, runs: list[dict]) -> dict:
+    summary = {"system": name, "description": SYSTEMS[name].description, "runs": runs}
+    failed = [run for run in runs if run["status"] == "failed"]
+    if failed:
+        return {**summary, "status": "failed", "error": failed[0]["error"]}
+    keys = ("downtime_s", "last_writes_hook_s", "full_migrate_stage_s", "full_migrate_yml_s", "cutover_yml_s",
+            "full_validation_after_s", "downtime_vs_full_migrate_stage", "downtime_vs_full_migrate_yml")
+    return {**summary, "status": "passed", "wall_s": statistics.median(run["downtime_s"] for run in runs),
+            **{key: round(statistics.median(run[key] for run in runs), 3) for key in keys},
+            "window_stages_s": {stage: round(statistics.median(run["window_stages_s"][stage] for run in runs), 2)
+                                for stage in runs[0]["window_stages_s"]}}
+
+
 @dataclass
 class System:
     load: Callable[[Context, str], Outcome] | None
@@ -786,6 +896,9 @@ SYSTEMS = {
                    "through it", run=run_sync, summarize=summarize_sync, opt_in=True),
     "runbook": System(None, runbook_missing, "the whole ansible-playbook migrate.yml on the lab cluster, beside the "
                       "pipeline into the same leader", run=run_runbook, summarize=summarize_runbook, opt_in=True),
+    "cutover": System(None, runbook_missing, "cutover.yml on the lab after migrate.yml and 1 % changed, 1 % more "
+                      "changed by the maintenance-on hook: the downtime", run=run_cutover, summarize=summarize_cutover,
+                      opt_in=True),
 }
 
 
@@ -932,6 +1045,10 @@ def print_table(results: list[dict]):
         if r["status"] == "passed" and "sync_changed_vs_full" in r:
             print(f"{r['system']:<10} {r['wall_s']:>8.1f}  after 1 % changed: {r['sync_changed_vs_full']:.3f} x the "
                   f"full migration ({r['full_s']:.1f} s); nothing changed: {r['sync_unchanged_vs_full']:.3f} x  passed")
+        elif r["status"] == "passed" and "downtime_vs_full_migrate_stage" in r:
+            print(f"{r['system']:<10} {r['wall_s']:>8.1f}  downtime: {r['downtime_vs_full_migrate_stage']:.3f} x the "
+                  f"full migration's load ({r['full_migrate_stage_s']:.1f} s), "
+                  f"{r['downtime_vs_full_migrate_yml']:.3f} x migrate.yml  passed")
         elif r["status"] == "passed":
             ratio = f"{r['speedup_vs_baseline']:.2f}x" if r.get("speedup_vs_baseline") else "-"
             # The runbook's module runs detached (async), outside any tree measured here: no memory figures.
@@ -1101,7 +1218,7 @@ def main(argv=None) -> int:
         server.start()
         machine["postgresql"] = server.version()
         machine["pgloader"] = command_version(["pgloader", "--version"]) if "pgloader" in args.systems else None
-        if "runbook" in args.systems and not runbook_missing():
+        if {"runbook", "cutover"} & set(args.systems) and not runbook_missing():
             lab = Lab(run_dir, args.pg_bin, args.lab_port_offset, args.lab_root)
         results = {}
         for sample in samples:

@@ -111,6 +111,29 @@ options:
         source rows it names were left out on purpose; validation leaves them
         out of the SQLite side too and reports how many per table.
     type: path
+  source_id:
+    description:
+      - The sha256 of O(src) (the migration's C(source_id)). Recorded in the
+        result's C(baseline), so that a later validation can start from this
+        one.
+    type: str
+  baseline:
+    description:
+      - The C(baseline) of an earlier validation that completed, with
+        O(changed_keys). Tables whose changes since it are known are compared
+        only on the changed keys and on the rows written to the target since
+        (found by their row versions); their counts are compared in full, and
+        unequal counts compare every row. The cutover validates in full while
+        the application still runs and passes that result here, so the
+        validation in the maintenance window reads what changed.
+    type: dict
+  changed_keys:
+    description:
+      - The migration's C(tables) result, whose entries' C(changed_keys)
+        (C({since, keys})) name the source keys that may have changed since
+        the snapshot C(since); only tables whose C(since) is the baseline's
+        C(source_id) are narrowed. Without O(baseline) it is not used.
+    type: dict
 attributes:
   check_mode:
     support: full
@@ -268,6 +291,15 @@ replication:
       C(seconds) waited, C(ok), C(message).
   returned: when validation ran
   type: dict
+baseline:
+  description:
+    - C(source_id) and C(snapshot) (the server snapshot it read, as
+      pg_current_snapshot() text) of a validation that completed with
+      O(source_id) given; null otherwise. Pass it as O(baseline) to a later
+      validation.
+  returned: when validation ran
+  type: dict
+  sample: {source_id: 5f0c...e1, snapshot: "7421:7421:"}
 seconds:
   description: Seconds the whole validation took.
   returned: when validation ran
@@ -291,6 +323,9 @@ def main():
         max_differences=dict(type="int", default=10),
         reject_file=dict(type="path"),
         drift=dict(type="bool", default=False),
+        source_id=dict(type="str"),
+        baseline=dict(type="dict"),
+        changed_keys=dict(type="dict"),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     params = module.params
@@ -309,7 +344,8 @@ def main():
             source_timezone=params["source_timezone"], jobs=params["jobs"], queries=params["queries"],
             expected_standbys=params["expected_standbys"], standby_timeout=params["standby_timeout"],
             max_differences=params["max_differences"], lsn=params["lsn"], reject_file=params["reject_file"],
-            drift=params["drift"],
+            drift=params["drift"], baseline=params["baseline"], changed_keys=params["changed_keys"],
+            source_id=params["source_id"],
         )
     except MigrationError as error:
         module.fail_json(msg=_scrub(str(error), params), changed=False, status="failed")

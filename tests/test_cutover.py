@@ -213,6 +213,8 @@ def test_a_cutover_whose_validation_fails_leaves_the_application_on_sqlite_and_p
     assert set(cutover["hooks"]) == {"maintenance_on", "maintenance_off"}, "the switch hook must not have run"
     assert cutover["downtime_seconds"] > 0
     assert [table for table, result in report["validation"]["tables"].items() if not result["match"]] == ["files"]
+    # The row was written behind the sync's back: found by its row version, not by a change in SQLite.
+    assert report["validation"]["tables"]["files"]["compared"]["keys"] == "changed since the baseline"
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     recap = max(i for i, line in enumerate(lines) if line.startswith("PLAY RECAP"))
     assert lines[recap - 2].startswith("Cutover: the application is on SQLite, maintenance off; downtime ")
@@ -240,10 +242,13 @@ def test_a_cutover_with_the_application_writing_ends_on_postgresql(lab):
     assert 0 < cutover["downtime_seconds"] < report["seconds"]
     assert hooks["maintenance_on"]["at"] < hooks["switch"]["at"] < hooks["maintenance_off"]["at"]
     stages = [stage["name"] for stage in report["stages"]]
-    assert stages[stages.index("pre_sync"):] == ["pre_sync", "post_data", "maintenance_on", "final_sync", "validate",
-                                                 "switch", "maintenance_off", "post_checks"]
+    assert stages[stages.index("pre_sync"):] == ["pre_sync", "post_data", "pre_validate", "maintenance_on",
+                                                 "final_sync", "validate", "switch", "maintenance_off", "post_checks"]
     assert report["validation"]["status"] == "completed"
     assert all(table["match"] for table in report["validation"]["tables"].values())
+    # In the window, only what the final sync found changed since the first validation was compared.
+    assert {table["compared"]["keys"] for table in report["validation"]["tables"].values()} == {
+        "changed since the baseline"}
     # Both syncs carried the stand-in's writes, and nothing was written to SQLite after the final copy.
     assert report["migration"]["tables"]["files"]["action"] == "synced"
     assert sqlite_counts(lab.source) == sqlite_counts(cutover["final_copy"])

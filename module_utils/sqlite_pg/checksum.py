@@ -589,10 +589,24 @@ class SqliteTable:
             parameters.append(json.dumps(self.spec.rejected))
         return (" WHERE " + " AND ".join(conditions) if conditions else ""), parameters
 
-    def _rows(self, key_range=None):
+    def _rows(self, key_range=None, intervals=None):
+        if intervals is not None:
+            return self._interval_rows(intervals)
         where, parameters = self._where(key_range)
         order = f" ORDER BY {self._key}" if self._key else ""
         return self.connection.execute(self._select + where + order, parameters)
+
+    def _interval_rows(self, intervals):
+        """Rows whose key lies in one of the sorted, disjoint inclusive ``intervals``, in key order."""
+        columns = ", ".join(f"src.{sqlite_ident(column.name)}" for column in self.spec.columns)
+        # One range scan of the key per interval; the table's columns are qualified, json_each has its own.
+        query = (f"SELECT {columns} FROM json_each(?) span JOIN {self._table} src ON src.{self._key} BETWEEN "  # noqa: S608
+                 "json_extract(span.value, '$[0]') AND json_extract(span.value, '$[1]')")
+        parameters = [json.dumps(intervals)]
+        if self.spec.rejected:
+            query += f" WHERE src.{self.spec.rowid} NOT IN (SELECT value FROM json_each(?))"  # noqa: S608
+            parameters.append(json.dumps(self.spec.rejected))
+        return self.connection.execute(query + f" ORDER BY span.id, src.{self._key}", parameters)
 
     @_tolerating_undecodable_text
     def checksum(self, key_range=None) -> Checksum:
@@ -605,12 +619,15 @@ class SqliteTable:
         return Checksum(rows, total)
 
     @_tolerating_undecodable_text
-    def bucket_checksums(self, origin: int, width: int, key_range=None) -> dict:
-        """Checksums per bucket of keys: bucket b holds origin + b*width ... origin + (b+1)*width - 1."""
+    def bucket_checksums(self, origin: int, width: int, key_range=None, intervals=None) -> dict:
+        """Checksums per bucket of keys: bucket b holds origin + b*width ... origin + (b+1)*width - 1.
+
+        ``intervals``: only the rows whose key lies in these sorted, disjoint [low, high] intervals.
+        """
         canonical_row, key_index = self.canonical_row, self.spec.key_index
         buckets = {}
         current, rows, total = None, 0, 0
-        for row in self._rows(key_range):
+        for row in self._rows(key_range, intervals):
             key = row[key_index]
             if type(key) is not int:
                 continue  # not a key PostgreSQL can hold; the row count check reports it
@@ -659,7 +676,13 @@ class PostgresTable:
         self._key = sql.Identifier(spec.key) if spec.key else None
         self._hash = postgres_hash_expression(spec)
 
-    def _where(self, key_range):
+    def _where(self, key_range, intervals=None):
+        if intervals is not None:
+            # One index range scan per interval; the names of the interval columns are the project's own.
+            return sql.SQL(" JOIN unnest(%(lows)s::bigint[], %(highs)s::bigint[]) AS "
+                           "sqlite_to_postgres_span(sqlite_to_postgres_low, sqlite_to_postgres_high) "
+                           "ON {} BETWEEN sqlite_to_postgres_low AND sqlite_to_postgres_high").format(self._key), {
+                "lows": [low for low, _high in intervals], "highs": [high for _low, high in intervals]}
         if key_range is None:
             return sql.SQL(""), {}
         return sql.SQL(" WHERE {} BETWEEN %(low)s AND %(high)s").format(self._key), {
@@ -676,8 +699,8 @@ class PostgresTable:
         rows, total = self._fetch(query, parameters)[0]
         return Checksum(rows, int(total))
 
-    def bucket_checksums(self, origin: int, width: int, key_range=None) -> dict:
-        where, parameters = self._where(key_range)
+    def bucket_checksums(self, origin: int, width: int, key_range=None, intervals=None) -> dict:
+        where, parameters = self._where(key_range, intervals)
         parameters.update(origin=origin, width=width)
         # Keys are never below origin, so integer division is floor division, as in Python.
         query = sql.SQL(
@@ -702,6 +725,29 @@ class PostgresTable:
     def key_bounds(self):
         query = sql.SQL("SELECT min({key}), max({key}) FROM {table}").format(key=self._key, table=self._table)
         return tuple(self._fetch(query, {})[0])
+
+    def written_since(self, snapshot: str, limit: int) -> tuple:
+        """(rows, keys): the row count now, and the keys of the rows written by a transaction that
+        ``snapshot`` (pg_current_snapshot() text) did not see; keys is None when there are more than
+        ``limit`` of them, or any in a table without a key.
+
+        A row version's xmin has 32 bits, the snapshot's xids 64: they are compared modulo 2^32, which
+        is exact for the 2^31 transactions after the snapshot. An older row that compares as newer
+        (after a wraparound) is only compared again, never missed.
+        """
+        _lowest, high, running = snapshot.split(":")
+        newer = sql.SQL("((xmin::text::bigint - %(high)s) %% 4294967296 + 4294967296) %% 4294967296 < 2147483648 "
+                        "OR xmin::text::bigint = ANY(%(running)s)")
+        key = self._key if self._key else sql.SQL("NULL::bigint")
+        query = sql.SQL("SELECT count(*), count(*) FILTER (WHERE {newer}), "
+                        "(array_agg({key} ORDER BY {key}) FILTER (WHERE {newer}))[1:%(limit)s] FROM {table}").format(
+            key=key, newer=newer, table=self._table)
+        parameters = {"high": int(high) % (1 << 32), "limit": limit,
+                      "running": [int(xid) % (1 << 32) for xid in running.split(",") if xid]}
+        rows, written, keys = self._fetch(query, parameters)[0]
+        if written and (written > limit or self._key is None):
+            return rows, None
+        return rows, keys or []
 
 
 def _flatten_wide_row(values: list) -> list:

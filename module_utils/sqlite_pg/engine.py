@@ -227,7 +227,8 @@ class Run(Plan, Checks, Load, Keys):
             for name in to_sync:
                 counts = self.synced["tables"][name]
                 self.result["tables"][name].update(
-                    {key: counts[key] for key in ("inserted", "updated", "deleted")}, status="completed",
+                    {key: counts[key] for key in ("inserted", "updated", "deleted", "changed_keys")},
+                    status="completed",
                     action="synced", migrated=counts["inserted"] + counts["updated"],
                     total_rows=count_rows(cursor, self.schema, self.target_names[name]))
                 self.progress.finish(name, "synced", counts["inserted"] + counts["updated"])

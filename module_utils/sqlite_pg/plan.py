@@ -247,8 +247,9 @@ class Plan:
         if mine:
             _source_id, _path, loaded, rejected, _loaded_at, validated = mine[-1]
             if present == loaded:
+                # Nothing of it can differ from this snapshot: a validation after it compares no key.
                 entry.update(migrated=present, rejected=rejected, status="completed", action="skipped",
-                             validated=validated)
+                             validated=validated, changed_keys={"since": self.source_id, "keys": []})
                 self.actions[name] = "skip"
                 self.progress.finish(name, "skipped", present)
                 return ""

@@ -57,6 +57,7 @@ class TablePlan:
     key: str  # the rowid alias column in SQLite, "" for a table compared as a whole
     columns: list  # [(SQLite column, target column, TargetType)]
     state_id: str  # source_id of its state row
+    since: str = ""  # state_id when the sync began: the snapshot its changed keys are relative to
     records: dict = field(default_factory=dict)
     pages: list = field(default_factory=list)  # Page records of the source, in key order
     digest: int = 0  # keyless tables: crc of all pages
@@ -181,7 +182,8 @@ class Sync:
                         raise MigrationError(f"table {name}: column {column.name} has no column in target table "
                                              f"{self.schema}.{target}")
                     columns.append((column.name, match.name, match.type))
-                plan = TablePlan(name, target, source.rowid_alias, columns, rows[-1][0], rowid=source.rowid)
+                plan = TablePlan(name, target, source.rowid_alias, columns, rows[-1][0], rows[-1][0],
+                                 rowid=source.rowid)
                 cursor.execute(sql.SQL("SELECT key_range_checksums FROM {} WHERE source_id = %s AND table_name = %s")
                                .format(sql.Identifier(self.schema, STATE_TABLE)), (plan.state_id, target))
                 stored = cursor.fetchone()[0] or {}
@@ -580,13 +582,22 @@ class Sync:
             plan.state_id = self.source_id
             self.result["changed"] = True
 
+    @staticmethod
+    def _changed_keys(plan):
+        """The source keys that may differ from the snapshot ``since``: those of the dirty intervals (None, all
+        of them, for a keyless table that changed). What a validation after the sync needs to compare."""
+        if not plan.key:
+            return {"since": plan.since, "keys": None if plan.dirty else []}
+        return {"since": plan.since, "keys": [list(i) for span in sorted(plan.dirty) for i in plan.dirty[span]]}
+
     def _finish(self):
         totals = {"inserted": 0, "updated": 0, "deleted": 0}
         checked = changed = 0
         for name in self.order:
             plan = self.plans[name]
             spans = len(plan.current) if plan.key else 1
-            entry = dict(plan.counts, ranges_checked=spans, ranges_changed=len(plan.dirty))
+            entry = dict(plan.counts, ranges_checked=spans, ranges_changed=len(plan.dirty),
+                         changed_keys=self._changed_keys(plan))
             self.result["tables"][name] = entry
             checked, changed = checked + spans, changed + len(plan.dirty)
             for key in totals:

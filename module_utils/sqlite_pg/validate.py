@@ -50,6 +50,7 @@ ROWS_PER_UNIT = 25_000
 SHOWN_VALUE_LENGTH = 60
 MSG_PROBLEMS = 3
 MAX_RANGES_SHOWN = 100  # differing key ranges listed per table; the count says how many there are
+MAX_WRITTEN_KEYS = 100_000  # target rows written since the baseline beyond which every row is compared
 INTEGER_TYPES = ("int2", "int4", "int8")
 
 
@@ -148,12 +149,15 @@ def _choose_tables(source_tables: list, src: str, tables) -> list:
 # --- Parallel units of work -----------------------------------------------------------------
 
 def _sqlite_unit(src: str, spec: TableSpec, source_timezone: str, origin, width, key_range) -> dict:
-    """Checksums of a key range (per bucket), or of the whole table when it has no key."""
+    """Checksums of a key range (a tuple) or of some key intervals (a list), per bucket; or of the
+    whole table when it has no key."""
     connection = Source(src).connect()
     try:
         table = SqliteTable(connection, spec, source_timezone)
         if spec.key is None:
             return {0: table.checksum()}
+        if isinstance(key_range, list):
+            return table.bucket_checksums(origin, width, intervals=key_range)
         return table.bucket_checksums(origin, width, key_range)
     finally:
         connection.close()
@@ -163,6 +167,8 @@ def _postgres_unit(connection, schema: str, spec: TableSpec, origin, width, key_
     table = PostgresTable(connection, schema, spec)
     if spec.key is None:
         return {0: table.checksum()}
+    if isinstance(key_range, list):
+        return table.bucket_checksums(origin, width, intervals=key_range)
     return table.bucket_checksums(origin, width, key_range)
 
 
@@ -205,10 +211,18 @@ class _Plan:
         self.odd_keys = odd_keys  # SQLite rows whose key is not an integer: in no bucket
         self.origin = origin
         self.width = width
-        self.units = units  # inclusive key ranges; (None,) is the whole table at once
+        self.units = units  # inclusive key ranges; (None,) is the whole table at once; a list: key intervals
+        self.all_units = units
         self.source_buckets = {}
         self.target_buckets = {}
         self.finished = 0.0  # seconds from the start of validation until both sides were hashed
+        self.narrowed = None  # {target_rows, intervals} when only changed keys are compared
+        self.bounds = (None, None)  # lowest and highest key of both sides
+
+    def compare_all(self):
+        """Back to comparing every row (the changed keys alone cannot tell where the difference is)."""
+        self.units, self.narrowed = self.all_units, None
+        self.source_buckets, self.target_buckets = {}, {}
 
 
 def _plan_table(spec, source, connection, schema) -> _Plan:
@@ -229,7 +243,63 @@ def _plan_table(spec, source, connection, schema) -> _Plan:
     buckets_per_unit = max(1, int(ROWS_PER_UNIT / rows_per_bucket))
     units = tuple((origin + first * width, origin + min(first + buckets_per_unit, buckets) * width - 1)
                   for first in range(0, buckets, buckets_per_unit))
-    return _Plan(spec, sqlite_rows, origin, width, units, odd_keys)
+    plan = _Plan(spec, sqlite_rows, origin, width, units, odd_keys)
+    plan.bounds = (origin, highest)
+    return plan
+
+
+def changed_since(baseline, changed_keys) -> dict:
+    """{table: key intervals} of the tables whose changes since ``baseline`` (a completed validation's
+    ``baseline``) are known: the sync that followed it names them relative to the snapshot it validated."""
+    if not baseline or not baseline.get("snapshot") or not baseline.get("source_id"):
+        return {}
+    known = {table: entry.get("changed_keys") or {} for table, entry in (changed_keys or {}).items()}
+    return {table: keys["keys"] for table, keys in known.items()
+            if keys.get("since") == baseline["source_id"] and keys.get("keys") is not None}
+
+
+def _narrow(plan: _Plan, keys: list, target: PostgresTable, snapshot: str, bounds: tuple):
+    """Compare only ``keys`` (changed in the source since the baseline) and the keys of target rows written
+    since the baseline's snapshot. Both sides were equal at the baseline; the source outside ``keys`` is
+    byte for byte what it was (its pages are), the target outside them has no newer row version. A row
+    deleted from the target outside them leaves the counts unequal, and then every row is compared."""
+    target_rows, written = target.written_since(snapshot, MAX_WRITTEN_KEYS)
+    if written is None:
+        return
+    if plan.spec.key is None:
+        if not keys and not written:
+            plan.units, plan.narrowed = (), {"target_rows": target_rows, "intervals": 0}
+        return
+    low, high = bounds
+    intervals = _merged([[max(a, low), min(b, high)] for a, b in keys + [[k, k] for k in written]
+                         if a <= high and b >= low]) if low is not None else []
+    density = max(1, plan.sqlite_rows) / max(1, high - low + 1) if low is not None else 0
+    units, unit, rows = [], [], 0.0
+    for interval in intervals:
+        unit.append(interval)
+        rows += (interval[1] - interval[0] + 1) * density
+        if rows >= ROWS_PER_UNIT:
+            units.append(unit)
+            unit, rows = [], 0.0
+    plan.units = tuple(units + ([unit] if unit else []))
+    plan.narrowed = {"target_rows": target_rows, "intervals": len(intervals)}
+
+
+def _counts_differ(plan: _Plan) -> bool:
+    source = sum(plan.source_buckets.values(), Checksum())
+    target = sum(plan.target_buckets.values(), Checksum())
+    return source == target and plan.sqlite_rows != plan.narrowed["target_rows"]
+
+
+def _merged(intervals: list) -> list:
+    """Sorted, disjoint intervals covering the given ones (touching ones joined)."""
+    merged = []
+    for low, high in sorted(intervals):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], high)
+        else:
+            merged.append([low, high])
+    return merged
 
 
 def _run_units(plans, src, source_timezone, connection, schema, workers: _PostgresWorkers, jobs: int, started: float):
@@ -339,17 +409,22 @@ def _compare_table(plan: _Plan, source, connection, schema, limit) -> tuple:
     # Rows as the hashing read them: a live source (a drift run) may have
     # changed since the tables were planned.
     sqlite_rows = source_total.rows + plan.odd_keys if spec.key is not None else source_total.rows
-    match = source_total == target_total and not plan.odd_keys
+    target_rows = target_total.rows
+    if plan.narrowed:  # the sums are of the changed keys; the counts are of the whole tables
+        sqlite_rows, target_rows = plan.sqlite_rows, plan.narrowed["target_rows"]
+    match = source_total == target_total and sqlite_rows == target_rows and not plan.odd_keys
     result = {
-        "sqlite_rows": sqlite_rows, "postgres_rows": target_total.rows,
+        "sqlite_rows": sqlite_rows, "postgres_rows": target_rows,
         "sqlite_checksum": source_total.digest, "postgres_checksum": target_total.digest,
         "match": match, "key": spec.key, "rejected_rows": len(spec.rejected), "differences": [],
         "differing_ranges": [],
+        "compared": dict(plan.narrowed, rows=source_total.rows, keys="changed since the baseline")
+        if plan.narrowed else {"keys": "all", "rows": source_total.rows},
     }
     started = time.monotonic()
     problems = []
-    if sqlite_rows != target_total.rows:
-        problems.append(f"{sqlite_rows} rows in SQLite, {target_total.rows} in PostgreSQL")
+    if sqlite_rows != target_rows:
+        problems.append(f"{sqlite_rows} rows in SQLite, {target_rows} in PostgreSQL")
     elif not match:
         problems.append("content checksums differ")
     if plan.odd_keys:
@@ -624,7 +699,8 @@ def wait_for_standbys(connection, expected_standbys: int, timeout: float, lsn: s
 def validate(src: str, conninfo: dict, schema: str = "public", tables=None, source_timezone: str = "UTC",
              jobs: int = 2, queries=None, expected_standbys: int = 0, standby_timeout: float = 300,
              max_differences: int = 10, lsn: str | None = None, reject_file: str | None = None,
-             poll_interval: float = 1.0, drift: bool = False) -> dict:
+             poll_interval: float = 1.0, drift: bool = False, baseline=None, changed_keys=None,
+             source_id: str | None = None) -> dict:
     """Compare the SQLite file src with PostgreSQL; see the module docstring.
 
     conninfo: libpq keywords for psycopg2.connect (host, port, user, dbname,
@@ -632,10 +708,21 @@ def validate(src: str, conninfo: dict, schema: str = "public", tables=None, sour
     migration's reject file (on_invalid=reject); the rows it names are left
     out of the SQLite side. drift: a validate-only run against the live
     source: tables whose content differs make the status ``drift``, not
-    ``failed`` (anything else that fails still fails). Returns status
-    (completed, drift or failed), msg, tables, drift (per table, see
-    drift_of()), foreign_keys, sequences, queries, replication and seconds;
-    raises MigrationError when validation cannot run.
+    ``failed`` (anything else that fails still fails).
+
+    baseline and changed_keys: compare only what may have changed since an
+    earlier completed validation (its result's ``baseline``): changed_keys
+    is the migration's ``tables`` result, whose entries' ``changed_keys``
+    ({since: source_id, keys: [[low, high], ...]}) are the source keys its
+    sync found on changed pages since the snapshot ``since``. A table is compared in full when its
+    ``since`` is not the baseline's ``source_id`` (the source_id given to
+    the earlier validation), when its keys are unknown, or when its counts
+    differ. source_id: the sha256 of src, recorded in the ``baseline``.
+
+    Returns status (completed, drift or failed), msg, tables, drift (per
+    table, see drift_of()), foreign_keys, sequences, queries, replication,
+    baseline (None unless completed) and seconds; raises MigrationError
+    when validation cannot run.
     """
     started = time.monotonic()
     try:
@@ -655,7 +742,7 @@ def validate(src: str, conninfo: dict, schema: str = "public", tables=None, sour
         encoding = _fetch(connection, "SHOW server_encoding")[0][0]
         if encoding != "UTF8":
             raise MigrationError(f"database encoding is {encoding}: validation compares UTF8 databases only")
-        snapshot = _fetch(connection, "SELECT pg_export_snapshot()")[0][0]
+        snapshot, seen = _fetch(connection, "SELECT pg_export_snapshot(), pg_current_snapshot()::text")[0]
         problems, drifted, table_results, compared = [], [], {}, []
         for source_table in source_tables:
             spec, problem = describe_table(source_table, connection, schema)
@@ -667,9 +754,20 @@ def validate(src: str, conninfo: dict, schema: str = "public", tables=None, sour
                     spec, rejected=tuple(rejected.get(source_table.name, ())))))
         step = "hashing the tables"
         plans = [_plan_table(spec, source, connection, schema) for _, spec in compared]
+        changed = changed_since(baseline, changed_keys)
+        for plan in plans:
+            if plan.spec.source_name in changed:
+                _narrow(plan, changed[plan.spec.source_name], PostgresTable(connection, schema, plan.spec),
+                        baseline["snapshot"], plan.bounds)
         workers = _PostgresWorkers(conninfo, snapshot, schema)
         try:
             _run_units(plans, src, source_timezone, connection, schema, workers, jobs, started)
+            # Equal changed keys but unequal counts: a row went outside them. Compare every row to say which.
+            recount = [plan for plan in plans if plan.narrowed and _counts_differ(plan)]
+            for plan in recount:
+                plan.compare_all()
+            if recount:
+                    _run_units(recount, src, source_timezone, connection, schema, workers, jobs, started)
         except BrokenProcessPool:
             raise MigrationError("validation: a SQLite worker process died (out of memory?); try fewer jobs") from None
         finally:
@@ -702,8 +800,9 @@ def validate(src: str, conninfo: dict, schema: str = "public", tables=None, sour
         if connection is not None:
             connection.close()
     seconds = time.monotonic() - started
+    status = "failed" if problems else "drift" if drifted else "completed"
     return {
-        "status": "failed" if problems else "drift" if drifted else "completed",
+        "status": status,
         "msg": _summary(problems + drifted, table_results, seconds, drift=bool(drifted) and not problems),
         "tables": table_results,
         "drift": {table: drift_of(result) for table, result in table_results.items()},
@@ -711,6 +810,8 @@ def validate(src: str, conninfo: dict, schema: str = "public", tables=None, sour
         "sequences": sequences,
         "queries": query_results,
         "replication": replication,
+        # What a later validation may start from: the source and the server snapshot found equal here.
+        "baseline": {"source_id": source_id, "snapshot": seen} if status == "completed" and source_id else None,
         "seconds": round(seconds, 3),
     }
 
@@ -718,8 +819,14 @@ def validate(src: str, conninfo: dict, schema: str = "public", tables=None, sour
 def _summary(problems: list, table_results: dict, seconds: float, drift: bool = False) -> str:
     if not problems:
         rows = sum(result.get("sqlite_rows", 0) for result in table_results.values())
+        narrowed = [r["compared"] for r in table_results.values() if r.get("compared", {}).get("keys") != "all"
+                    and "compared" in r]
+        how = ""
+        if narrowed:
+            how = (f"; {len(narrowed)} of them compared on the {sum(c['rows'] for c in narrowed)} rows of the keys "
+                   "changed since the last validation, unchanged elsewhere on both sides")
         return (f"validation completed: {len(table_results)} tables, {rows} rows identical in SQLite and "
-                f"PostgreSQL ({seconds:.1f} s)")
+                f"PostgreSQL{how} ({seconds:.1f} s)")
     more = f"; and {len(problems) - MSG_PROBLEMS} more problems" if len(problems) > MSG_PROBLEMS else ""
     outcome = f"drift found in {len(problems)} of {len(table_results)} tables" if drift else "validation failed"
     return f"{outcome}: " + "; ".join(problems[:MSG_PROBLEMS]) + more
