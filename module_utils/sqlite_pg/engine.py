@@ -216,6 +216,7 @@ class Run(Plan, Checks, Load, Keys):
         if not to_sync and not loaded:
             return
         self.progress.phase = "sync"
+        self.progress.write(force=True)
         try:
             self.synced = sync(self.src, self.conninfo, self.schema, to_sync + loaded, self.jobs,
                                self.source_timezone, hold_lock=False, source_id=self.source_id,

@@ -11,7 +11,9 @@ run completes and validates.
 
 import os
 import re
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -331,3 +333,38 @@ def test_failed_attempts_never_push_out_the_pre_migration_dump(lab, big_source):
         assert failed.rc != 0 and "target restored from" in failed.last_lines(), failed.last_lines()
     assert pre_migration in set(backups.iterdir()), "a failed attempt pushed out the pre-migration dump"
     assert re.search(r"backup retention \(backup_keep 1\): keeping", failed.output)
+
+
+@pytest.fixture
+def changed_source(lab, big_source, tmp_path):
+    """A migrated copy of the big source, then changed by the application: (path, counts before, counts after)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from measure_sync import change_rows
+
+    source, counts = big_source
+    copy = tmp_path / "fileshare.db"
+    shutil.copyfile(source, copy)
+    lab.assert_completes(copy, counts)
+    change_rows(str(copy), fraction=0.2)  # inserts, updates and deletes in all four tables
+    with sqlite3.connect(f"file:{copy}?mode=ro", uri=True) as connection:
+        after = {t: connection.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in counts}  # noqa: S608
+    return copy, counts, after
+
+
+@pytest.mark.fault(done="`kill -9` of the controller's process group during a sync, once its first key ranges of "
+                        "files committed (the source had inserted, updated and deleted 20 % of its rows)",
+                   checked="the sync stopped, lock released, its state rows still name the earlier snapshot; the "
+                           "rerun finishes the sync (Synced: ...) and validates both sides equal")
+def test_kill_9_of_the_controller_during_a_sync(lab, changed_source):
+    source, before, after = changed_source
+    source_sha = sha256(source)
+    [(earlier,)] = lab.sql("SELECT DISTINCT source_id FROM sqlite_to_postgres_state")
+    run = start_and_wait_for(lab, source, lambda: lab.table_counts()["files"] != before["files"])
+    run.signal_group(signal.SIGKILL)
+    run.wait(timeout=60)
+    assert_stopped_within_seconds(lab)
+    unfinished = lab.sql("SELECT count(*) FROM sqlite_to_postgres_state WHERE source_id = %s", (earlier,))[0][0]
+    assert unfinished > 0, "the sync had finished before the kill: nothing was killed mid-way"
+    assert sha256(source) == source_sha
+    rerun = lab.assert_completes(source, after)
+    assert "Synced: " in rerun.output, rerun.last_lines()
