@@ -112,3 +112,30 @@ def test_a_baseline_of_another_snapshot_compares_everything(synced):
     result = validate(str(src), conninfo, baseline=dict(baseline, source_id="another"), changed_keys=tables)
     assert result["status"] == "completed"
     assert {t["compared"]["keys"] for t in result["tables"].values()} == {"all"}
+
+
+def test_a_row_a_subtransaction_wrote_while_the_baseline_was_taken_is_named(synced):
+    """The baseline's snapshot lists running transactions, not their subtransactions: a row written in a
+    savepoint of a transaction still open while the baseline was read must count as written since."""
+    import psycopg2
+
+    src, conninfo, _baseline, _tables = synced
+    key = a_clean_key(synced, "files")
+    writer = psycopg2.connect(**conninfo)
+    try:
+        with writer.cursor() as cursor:
+            cursor.execute("SELECT pg_current_xact_id()")  # the top-level xid, then a subtransaction's
+            cursor.execute("SAVEPOINT behind")
+            cursor.execute("UPDATE files SET filename = 'written-in-a-savepoint' WHERE id = %s", (key,))
+        # A later transaction that ends first: the snapshot's xmax then lies above the subtransaction's xid.
+        execute(conninfo, "SELECT pg_current_xact_id()")
+        rerun = migrate(str(src), conninfo, create_tables=False)
+        assert {t["action"] for t in rerun["tables"].values()} == {"skipped"}
+        baseline = validate(str(src), conninfo, source_id=rerun["source_id"])["baseline"]
+        assert baseline is not None, "the open transaction's change is not visible: the baseline must pass"
+        writer.commit()
+    finally:
+        writer.close()
+    result = validate(str(src), conninfo, baseline=baseline, changed_keys=rerun["tables"])
+    assert result["status"] == "failed"
+    assert f"id {key} values differ (filename:" in result["msg"]

@@ -728,23 +728,22 @@ class PostgresTable:
 
     def written_since(self, snapshot: str, limit: int) -> tuple:
         """(rows, keys): the row count now, and the keys of the rows written by a transaction that
-        ``snapshot`` (pg_current_snapshot() text) did not see; keys is None when there are more than
-        ``limit`` of them, or any in a table without a key.
+        ``snapshot`` (pg_current_snapshot() text) may not have seen; keys is None when there are more
+        than ``limit`` of them, or any in a table without a key.
 
-        A row version's xmin has 32 bits, the snapshot's xids 64: they are compared modulo 2^32, which
-        is exact for the 2^31 transactions after the snapshot. An older row that compares as newer
-        (after a wraparound) is only compared again, never missed.
+        "May not have seen": an xmin at or above the snapshot's lowest running xid. That also takes
+        some transactions the snapshot did see (those that had ended between it and the newest), but
+        never misses one: the snapshot's list of running xids leaves out subtransactions. A row
+        version's xmin has 32 bits, the snapshot's xids 64: they are compared modulo 2^32, which is
+        exact for 2^31 transactions; an older row that compares as newer is only compared again.
         """
-        _lowest, high, running = snapshot.split(":")
-        newer = sql.SQL("((xmin::text::bigint - %(high)s) %% 4294967296 + 4294967296) %% 4294967296 < 2147483648 "
-                        "OR xmin::text::bigint = ANY(%(running)s)")
+        lowest = int(snapshot.split(":")[0]) % (1 << 32)
+        newer = sql.SQL("((xmin::text::bigint - %(lowest)s) %% 4294967296 + 4294967296) %% 4294967296 < 2147483648")
         key = self._key if self._key else sql.SQL("NULL::bigint")
         query = sql.SQL("SELECT count(*), count(*) FILTER (WHERE {newer}), "
                         "(array_agg({key} ORDER BY {key}) FILTER (WHERE {newer}))[1:%(limit)s] FROM {table}").format(
             key=key, newer=newer, table=self._table)
-        parameters = {"high": int(high) % (1 << 32), "limit": limit,
-                      "running": [int(xid) % (1 << 32) for xid in running.split(",") if xid]}
-        rows, written, keys = self._fetch(query, parameters)[0]
+        rows, written, keys = self._fetch(query, {"lowest": lowest, "limit": limit})[0]
         if written and (written > limit or self._key is None):
             return rows, None
         return rows, keys or []
