@@ -676,17 +676,21 @@ class PostgresTable:
         self._key = sql.Identifier(spec.key) if spec.key else None
         self._hash = postgres_hash_expression(spec)
 
-    def _where(self, key_range, intervals=None):
-        if intervals is not None:
-            # One index range scan per interval; the names of the interval columns are the project's own.
-            return sql.SQL(" JOIN unnest(%(lows)s::bigint[], %(highs)s::bigint[]) AS "
-                           "sqlite_to_postgres_span(sqlite_to_postgres_low, sqlite_to_postgres_high) "
-                           "ON {} BETWEEN sqlite_to_postgres_low AND sqlite_to_postgres_high").format(self._key), {
-                "lows": [low for low, _high in intervals], "highs": [high for _low, high in intervals]}
+    def _where(self, key_range):
         if key_range is None:
             return sql.SQL(""), {}
         return sql.SQL(" WHERE {} BETWEEN %(low)s AND %(high)s").format(self._key), {
             "low": key_range[0], "high": key_range[1]}
+
+    def _rows_in(self, intervals):
+        """FROM-clause items of the rows whose key lies in ``intervals``, and their parameters: one index range
+        scan per interval (OFFSET 0 keeps the planner from turning it into a join that tests every row against
+        every interval)."""
+        return sql.SQL("unnest(%(lows)s::bigint[], %(highs)s::bigint[]) AS "
+                       "sqlite_to_postgres_span(sqlite_to_postgres_low, sqlite_to_postgres_high) CROSS JOIN LATERAL "
+                       "(SELECT * FROM {} WHERE {} BETWEEN sqlite_to_postgres_low AND sqlite_to_postgres_high "
+                       "OFFSET 0) AS sqlite_to_postgres_rows").format(self._table, self._key), {
+            "lows": [low for low, _high in intervals], "highs": [high for _low, high in intervals]}
 
     def _fetch(self, query, parameters):
         with self.connection.cursor() as cursor:
@@ -700,12 +704,17 @@ class PostgresTable:
         return Checksum(rows, int(total))
 
     def bucket_checksums(self, origin: int, width: int, key_range=None, intervals=None) -> dict:
-        where, parameters = self._where(key_range, intervals)
+        """As SqliteTable.bucket_checksums()."""
+        if intervals is None:
+            where, parameters = self._where(key_range)
+            rows = sql.SQL("{}{}").format(self._table, where)
+        else:
+            rows, parameters = self._rows_in(intervals)
         parameters.update(origin=origin, width=width)
         # Keys are never below origin, so integer division is floor division, as in Python.
         query = sql.SQL(
-            "SELECT ({key} - %(origin)s) / %(width)s, count(*), sum({hash}) FROM {table}{where} GROUP BY 1"
-        ).format(key=self._key, hash=self._hash, table=self._table, where=where)
+            "SELECT ({key} - %(origin)s) / %(width)s, count(*), sum({hash}) FROM {rows} GROUP BY 1"
+        ).format(key=self._key, hash=self._hash, rows=rows)
         return {bucket: Checksum(rows, int(total)) for bucket, rows, total in self._fetch(query, parameters)}
 
     def canonical_rows(self, key_range=None) -> dict:
