@@ -248,8 +248,8 @@ tables:
     source), V(synced) (brought up to date from an earlier snapshot; then C(inserted), C(updated) and
     C(deleted) count its rows), V(load) or V(sync) (check mode); C(seconds) and C(rows_per_second) of
     this run's load; for a skipped table C(validated), whether a validation was recorded for it since it
-    was loaded. A synced or skipped table has C(changed_keys), C({since, keys}): the source keys that may
-    differ from the snapshot C(since) (the sha256 it held before), as C([low, high]) intervals (null: all
+    was loaded. A synced or skipped table has C(changed_keys), C({since, keys}), the source keys that may
+    differ from the snapshot C(since) (the sha256 it held before), as C([low, high]) intervals (null for all
     of them); the validation after the sync compares only these when it starts from a validation of
     C(since).
   returned: always

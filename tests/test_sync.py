@@ -232,8 +232,10 @@ def test_a_table_without_integer_key_is_replaced_as_a_whole(tmp_path, pg_databas
         connection.execute("UPDATE tags SET weight = 0.30000000000000004 WHERE name = 'green'")
         connection.execute("DELETE FROM tags WHERE name = 'red'")
         connection.execute("INSERT INTO tags VALUES ('tab\tbed', -0.0)")
+    before = execute(pg_database, "SELECT source_id FROM sqlite_to_postgres_state")[0][0]
     result = sync(src, pg_database)
     assert result["tables"]["tags"] == {"inserted": 3, "updated": 0, "deleted": 3, "rows_sent": 3,
-                                        "ranges_checked": 1, "ranges_changed": 1}
+                                        "ranges_checked": 1, "ranges_changed": 1,
+                                        "changed_keys": {"since": before, "keys": None}}
     assert_same_content(src, pg_database, "tags", order_by=["name"])
     assert not sync(src, pg_database)["changed"]

@@ -398,7 +398,7 @@ def _uncompared_table(source, source_table, problem: str) -> dict:
     (rows,) = source.execute(f"SELECT count(*) FROM {sqlite_ident(source_table.name)}").fetchone()  # noqa: S608
     return {"sqlite_rows": rows, "postgres_rows": None, "sqlite_checksum": None, "postgres_checksum": None,
             "match": False, "key": None, "rejected_rows": 0, "seconds": 0.0, "differences": [],
-            "differing_ranges": [], "problem": problem}
+            "differing_ranges": [], "compared": None, "problem": problem}
 
 
 def _compare_table(plan: _Plan, source, connection, schema, limit) -> tuple:
@@ -819,8 +819,8 @@ def validate(src: str, conninfo: dict, schema: str = "public", tables=None, sour
 def _summary(problems: list, table_results: dict, seconds: float, drift: bool = False) -> str:
     if not problems:
         rows = sum(result.get("sqlite_rows", 0) for result in table_results.values())
-        narrowed = [r["compared"] for r in table_results.values() if r.get("compared", {}).get("keys") != "all"
-                    and "compared" in r]
+        narrowed = [r["compared"] for r in table_results.values()
+                    if (r.get("compared") or {}).get("keys") not in (None, "all")]
         how = ""
         if narrowed:
             how = (f"; {len(narrowed)} of them compared on the {sum(c['rows'] for c in narrowed)} rows of the keys "
