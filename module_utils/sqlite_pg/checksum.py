@@ -53,7 +53,7 @@ from json.encoder import c_make_encoder, encode_basestring
 
 from psycopg2 import sql
 
-from .names import sqlite_ident
+from .names import key_intervals_join, sqlite_ident
 from .rules import Invalid, rule_for, storage_class_of
 from .typemap import TargetType
 
@@ -598,10 +598,9 @@ class SqliteTable:
 
     def _interval_rows(self, intervals):
         """Rows whose key lies in one of the sorted, disjoint inclusive ``intervals``, in key order."""
+        # The table's columns are qualified: json_each has columns of its own.
         columns = ", ".join(f"src.{sqlite_ident(column.name)}" for column in self.spec.columns)
-        # One range scan of the key per interval; the table's columns are qualified, json_each has its own.
-        query = (f"SELECT {columns} FROM json_each(?) span JOIN {self._table} src ON src.{self._key} BETWEEN "  # noqa: S608
-                 "json_extract(span.value, '$[0]') AND json_extract(span.value, '$[1]')")
+        query = f"SELECT {columns} {key_intervals_join(self.spec.source_name, self.spec.key)}"  # noqa: S608
         parameters = [json.dumps(intervals)]
         if self.spec.rejected:
             query += f" WHERE src.{self.spec.rowid} NOT IN (SELECT value FROM json_each(?))"  # noqa: S608

@@ -13,6 +13,13 @@ def sqlite_ident(name):
     return '"' + name.replace('"', '""') + '"'
 
 
+def key_intervals_join(table, key):
+    """FROM clause of the rows (alias ``src``) of SQLite ``table`` whose ``key`` lies in one of the inclusive
+    [low, high] intervals bound as a JSON parameter: one range scan per interval, in the intervals' order."""
+    return (f"FROM json_each(?) span JOIN {sqlite_ident(table)} src ON src.{sqlite_ident(key)} BETWEEN "
+            "json_extract(span.value, '$[0]') AND json_extract(span.value, '$[1]')")
+
+
 def pg_name(name):
     """The name PostgreSQL will actually store for ``name`` (cut to 63 bytes on a character boundary)."""
     encoded = name.encode("utf-8")

@@ -34,7 +34,7 @@ from psycopg2 import sql
 
 from .errors import MigrationError
 from .loader import STORAGE_CLASS, UNCONVERTED, copy_line_sql
-from .names import pg_name, sqlite_ident
+from .names import key_intervals_join, pg_name, sqlite_ident
 from .pages import PageReader, table_digest, table_pages
 from .profile import display
 from .rules import Invalid, check_timezone, rule_for
@@ -406,7 +406,7 @@ class Sync:
             return {}
         intervals = plan.dirty[span]
         keys = [row[0] for row in session.lite.execute(
-            f"SELECT src.{sqlite_ident(plan.key)} {_interval_join(plan)}", (json.dumps(intervals),))]  # noqa: S608
+            f"SELECT src.{sqlite_ident(plan.key)} {key_intervals_join(plan.name, plan.key)}", (json.dumps(intervals),))]  # noqa: S608
         key = sql.Identifier(self._target_key(plan))
         with session.pg.cursor() as cursor:
             # One index range scan per interval (an OR of BETWEENs is tested row by row), and NOT IN a
@@ -505,7 +505,7 @@ class Sync:
         """FROM clause and parameters of the source rows in ``intervals`` (of all rows for a keyless table)."""
         if not plan.key:
             return f"FROM {sqlite_ident(plan.name)} src", ()
-        return _interval_join(plan), (json.dumps(intervals),)
+        return key_intervals_join(plan.name, plan.key), (json.dumps(intervals),)
 
     def _first_invalid(self, plan, lite, intervals):
         """The message naming the first value in ``intervals`` the rules refuse or cannot format, or ""."""
@@ -638,13 +638,6 @@ class Session:
     def close(self):
         self.pg.close()
         self.lite.close()
-
-
-def _interval_join(plan):
-    """FROM clause of the source rows whose key lies in the intervals given as a JSON parameter."""
-    key = f"src.{sqlite_ident(plan.key)}"
-    return (f"FROM json_each(?) span JOIN {sqlite_ident(plan.name)} src ON {key} BETWEEN "
-            f"json_extract(span.value, '$[0]') AND json_extract(span.value, '$[1]')")
 
 
 def _by_span(pages, width):

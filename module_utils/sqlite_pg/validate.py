@@ -258,7 +258,7 @@ def changed_since(baseline, changed_keys) -> dict:
             if keys.get("since") == baseline["source_id"] and keys.get("keys") is not None}
 
 
-def _narrow(plan: _Plan, keys: list, target: PostgresTable, snapshot: str, bounds: tuple):
+def _narrow(plan: _Plan, keys: list, target: PostgresTable, snapshot: str):
     """Compare only ``keys`` (changed in the source since the baseline) and the keys of target rows written
     since the baseline's snapshot. Both sides were equal at the baseline; the source outside ``keys`` is
     byte for byte what it was (its pages are), the target outside them has no newer row version. A row
@@ -270,7 +270,7 @@ def _narrow(plan: _Plan, keys: list, target: PostgresTable, snapshot: str, bound
         if not keys and not written:
             plan.units, plan.narrowed = (), {"target_rows": target_rows, "intervals": 0}
         return
-    low, high = bounds
+    low, high = plan.bounds
     intervals = _merged([[max(a, low), min(b, high)] for a, b in keys + [[k, k] for k in written]
                          if a <= high and b >= low]) if low is not None else []
     density = max(1, plan.sqlite_rows) / max(1, high - low + 1) if low is not None else 0
@@ -758,7 +758,7 @@ def validate(src: str, conninfo: dict, schema: str = "public", tables=None, sour
         for plan in plans:
             if plan.spec.source_name in changed:
                 _narrow(plan, changed[plan.spec.source_name], PostgresTable(connection, schema, plan.spec),
-                        baseline["snapshot"], plan.bounds)
+                        baseline["snapshot"])
         workers = _PostgresWorkers(conninfo, snapshot, schema)
         try:
             _run_units(plans, src, source_timezone, connection, schema, workers, jobs, started)
