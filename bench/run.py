@@ -656,12 +656,18 @@ def stage_line(stages: dict[str, float]) -> str:
     return " | ".join(f"{name} {seconds:.1f}" for name, seconds in stages.items())
 
 
-def summarize_runbook(ctx: Context, name: str, runs: list[dict]) -> dict:
-    """Medians over the rounds: of migrate.yml's wall time, of the pipeline into the same leader, of each stage."""
+def summary_head(name: str, runs: list[dict]) -> tuple[dict, dict | None]:
+    """What every system's summary starts with, and the whole summary when one of its rounds failed."""
     summary = {"system": name, "description": SYSTEMS[name].description, "runs": runs}
     failed = [run for run in runs if run["status"] == "failed"]
-    if failed:
-        return {**summary, "status": "failed", "error": failed[0]["error"]}
+    return summary, {**summary, "status": "failed", "error": failed[0]["error"]} if failed else None
+
+
+def summarize_runbook(ctx: Context, name: str, runs: list[dict]) -> dict:
+    """Medians over the rounds: of migrate.yml's wall time, of the pipeline into the same leader, of each stage."""
+    summary, failure = summary_head(name, runs)
+    if failure:
+        return failure
     wall = statistics.median(run["wall_s"] for run in runs)
     pipeline = statistics.median(run["pipeline_into_leader"]["wall_s"] for run in runs)
     return {
@@ -752,10 +758,9 @@ def run_sync(ctx: Context) -> dict:
 
 
 def summarize_sync(ctx: Context, name: str, runs: list[dict]) -> dict:
-    summary = {"system": name, "description": SYSTEMS[name].description, "runs": runs}
-    failed = [run for run in runs if run["status"] == "failed"]
-    if failed:
-        return {**summary, "status": "failed", "error": failed[0]["error"]}
+    summary, failure = summary_head(name, runs)
+    if failure:
+        return failure
     medians = {key: round(statistics.median(run[key] for run in runs), 3)
                for key in ("full_s", "sync_changed_s", "sync_unchanged_s", "rerun_same_file_s", "validate_s")}
     return {**summary, "status": "passed", "wall_s": medians["sync_changed_s"], **medians,
@@ -861,10 +866,9 @@ def run_cutover(ctx: Context) -> dict:
 
 
 def summarize_cutover(ctx: Context, name: str, runs: list[dict]) -> dict:
-    summary = {"system": name, "description": SYSTEMS[name].description, "runs": runs}
-    failed = [run for run in runs if run["status"] == "failed"]
-    if failed:
-        return {**summary, "status": "failed", "error": failed[0]["error"]}
+    summary, failure = summary_head(name, runs)
+    if failure:
+        return failure
     keys = ("downtime_s", "last_writes_hook_s", "full_migrate_stage_s", "full_migrate_yml_s", "cutover_yml_s",
             "full_validation_after_s", "downtime_vs_full_migrate_stage", "downtime_vs_full_migrate_yml")
     return {**summary, "status": "passed", "wall_s": statistics.median(run["downtime_s"] for run in runs),
@@ -954,10 +958,9 @@ def run_once(ctx: Context, name: str) -> dict:
 def summarize(ctx: Context, name: str, runs: list[dict]) -> dict:
     """One entry per system: the median run's times (rounds interleave the
     systems, so a change in machine load touches all of them), the highest RSS."""
-    summary = {"system": name, "description": SYSTEMS[name].description, "runs": runs}
-    failed = [run for run in runs if run["status"] == "failed"]
-    if failed:
-        return {**summary, "status": "failed", "error": failed[0]["error"]}
+    summary, failure = summary_head(name, runs)
+    if failure:
+        return failure
     wall = statistics.median(run["wall_s"] for run in runs)
     return {
         **summary, "status": "passed", "wall_s": round(wall, 3),
