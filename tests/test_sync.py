@@ -109,6 +109,60 @@ def test_a_sync_after_a_sync_writes_nothing(migrated):
     assert not sync(str(src), conninfo, range_keys=SPAN)["changed"]
 
 
+def test_only_the_rows_whose_cells_changed_are_sent(migrated):
+    src, conninfo = migrated
+    sync(str(src), conninfo, range_keys=SPAN)
+    with sqlite3.connect(src) as connection:
+        connection.execute("UPDATE files SET download_count = download_count + 1 WHERE id = 12")
+        connection.execute("INSERT INTO files (file_uuid, filename, size_bytes, is_deleted, created_at) "
+                           "VALUES ('0b0f2c35-96a4-4d7e-8d1a-5c6f4f1d9e21', 'new.bin', 1, 0, '2024-06-02 10:00:00')")
+        connection.execute("DELETE FROM replication_logs WHERE id = 7")
+    result = sync(str(src), conninfo, range_keys=SPAN)
+    files, logs = result["tables"]["files"], result["tables"]["replication_logs"]
+    # Every other row of the changed pages has the cell it had: only these rows are read and sent.
+    assert (files["rows_sent"], files["updated"], files["inserted"]) == (2, 1, 1)
+    assert files["changed_keys"]["keys"] == [[12, 12], [51, 51]]
+    assert (logs["rows_sent"], logs["deleted"], logs["changed_keys"]["keys"]) == (0, 1, [[7, 7]])
+    assert result["tables"]["tasks"]["changed_keys"]["keys"] == []
+    assert_equal_content(src, conninfo)
+
+
+def test_a_change_in_an_overflow_page_alone_is_found(migrated):
+    src, conninfo = migrated
+    long_text = "x" * 20_000  # spills over several overflow pages of a 4096-byte page
+    with sqlite3.connect(src) as connection:
+        connection.execute("UPDATE tasks SET error_message = ? WHERE id = 3", (long_text + "a",))
+    sync(str(src), conninfo, range_keys=SPAN)
+    with sqlite3.connect(src) as connection:  # same length, same bytes on the leaf page: only the last byte moves
+        connection.execute("UPDATE tasks SET error_message = ? WHERE id = 3", (long_text + "b",))
+    result = sync(str(src), conninfo, range_keys=SPAN)
+    assert (result["tables"]["tasks"]["rows_sent"], result["tables"]["tasks"]["updated"]) == (1, 1)
+    assert execute(conninfo, "SELECT right(error_message, 1) FROM tasks WHERE id = 3") == [("b",)]
+    assert_equal_content(src, conninfo)
+
+
+def test_cells_of_another_sync_are_not_used(migrated):
+    """A span's stored cells count only with the page records they were read with (a killed sync records spans
+    but not their cells): cells that belong to other pages leave the span to its pages, and are read afresh."""
+    src, conninfo = migrated
+    sync(str(src), conninfo, range_keys=SPAN)
+    stale = execute(conninfo, "SELECT table_name, cell_checksums FROM sqlite_to_postgres_state")
+    change_rows(str(src), fraction=0.1)
+    sync(str(src), conninfo, range_keys=SPAN)
+    for table, cells in stale:
+        execute(conninfo, "UPDATE sqlite_to_postgres_state SET cell_checksums = %s WHERE table_name = %s",
+                (cells, table))
+    change_rows(str(src), fraction=0.1, seed=5)
+    result = sync(str(src), conninfo, range_keys=SPAN)
+    assert result["tables"]["files"]["rows_sent"] > 10  # whole changed pages, not single rows
+    assert_equal_content(src, conninfo)
+    change_rows(str(src), fraction=0.02, seed=6)  # the cells that sync read afresh narrow this one
+    narrowed = sync(str(src), conninfo, range_keys=SPAN)
+    files = narrowed["tables"]["files"]
+    assert files["rows_sent"] == files["inserted"] + files["updated"]
+    assert_equal_content(src, conninfo)
+
+
 def test_a_first_sync_without_checksums_compares_every_row(migrated):
     src, conninfo = migrated
     change_rows(str(src), fraction=0.1)  # changed before any sync recorded checksums

@@ -7,12 +7,22 @@ from the last sync finds the changed rows while reading only page headers:
 SQLite's ``dbstat`` table walks the b-tree in C (leaves in key order, each
 followed by its overflow pages), the page bytes come straight from the file,
 overlaid with the newest committed frame of each page in the ``-wal`` file.
+
+Within a changed leaf page, the rows that changed are found from its cells:
+each cell (rowid and record, with its overflow chain) gets an 8-byte digest,
+and the digests kept from the last sync (``Cells``) name the rows whose record
+differs, which were inserted and which deleted.
 """
 
+import array
+import bisect
+import hashlib
+import json
 import os
 import struct
+import sys
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import MigrationError
 
@@ -20,6 +30,7 @@ WAL_HEADER_BYTES = 32
 WAL_FRAME_HEADER_BYTES = 24
 SHM_HEADER_BYTES = 48  # one copy of the wal-index header; the -shm file starts with two
 TABLE_LEAF = 13  # b-tree page type byte of a table leaf
+DIGEST_BYTES = 8  # of a cell: a changed row is missed only if its digest collides with its own old one
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,7 @@ class Page:
     last: int
     cells: int
     crc: int
+    number: int = field(default=0, compare=False)  # where it is in this snapshot (not recorded)
 
     def record(self):
         return [self.first, self.last, self.cells, self.crc]
@@ -47,6 +59,11 @@ class PageReader:
         try:
             if source.wal_mode and os.path.exists(source.wal_path):
                 self._read_wal_index()
+            # The payload bytes a cell keeps on its page before it spills to overflow pages (fileformat2.html).
+            usable = self.page_size - self.page(1)[20]
+            self.max_local = usable - 35
+            self.min_local = (usable - 12) * 32 // 255 - 23
+            self.overflow_bytes = usable - 4
         except BaseException:
             self.close()
             raise
@@ -78,6 +95,59 @@ class PageReader:
         if offset is not None:
             return os.pread(self.wal, self.page_size, offset)
         return os.pread(self.main, self.page_size, (number - 1) * self.page_size)
+
+    def cells(self, page, low, high):
+        """(rowids, digests) of the cells of leaf ``page`` whose rowid lies in [low, high], in key order."""
+        data = self.page(page.number)
+        header = 100 if page.number == 1 else 0
+        count = (data[header + 3] << 8) | data[header + 4]
+        rowids, digests = [], []
+        blake2b, max_local = hashlib.blake2b, self.max_local
+        for pointer in struct.unpack_from(f">{count}H", data, header + 8):
+            # Two varints (payload size, rowid); one-byte ones are the common case, read inline.
+            payload = data[pointer]
+            if payload < 0x80:
+                position = pointer + 1
+            elif data[pointer + 1] < 0x80:
+                payload = ((payload & 0x7F) << 7) | data[pointer + 1]
+                position = pointer + 2
+            else:
+                payload, position = _varint(data, pointer)
+            rowid = data[position]
+            if rowid < 0x80:
+                position += 1
+            elif data[position + 1] < 0x80:
+                rowid = ((rowid & 0x7F) << 7) | data[position + 1]
+                position += 2
+            elif data[position + 2] < 0x80:
+                rowid = ((rowid & 0x7F) << 14) | ((data[position + 1] & 0x7F) << 7) | data[position + 2]
+                position += 3
+            else:
+                rowid, position = _varint(data, position)
+                if rowid >= 1 << 63:
+                    rowid -= 1 << 64
+            if rowid < low or rowid > high:
+                continue
+            if payload <= max_local:
+                digest = blake2b(data[pointer:position + payload], digest_size=DIGEST_BYTES)
+            else:
+                local = self.min_local + (payload - self.min_local) % self.overflow_bytes
+                if local > max_local:
+                    local = self.min_local
+                end = position + local + 4
+                digest = blake2b(data[pointer:end], digest_size=DIGEST_BYTES)
+                self._overflow(digest, struct.unpack_from(">I", data, end - 4)[0], payload - local)
+            rowids.append(rowid)
+            digests.append(digest.digest())
+        return rowids, b"".join(digests)
+
+    def _overflow(self, digest, number, remaining):
+        """Add the overflow chain starting at page ``number`` (``remaining`` payload bytes) to ``digest``."""
+        while number and remaining > 0:
+            data = self.page(number)
+            digest.update(data[:4 + min(remaining, self.overflow_bytes)])
+            remaining -= self.overflow_bytes
+            number = struct.unpack_from(">I", data, 0)[0]
 
     def close(self):
         for descriptor in (self.main, self.wal):
@@ -117,7 +187,7 @@ def table_pages(connection, reader, table):
             crc = zlib.crc32(reader.page(number), crc)
             continue
         if current is not None:
-            pages.append(Page(first, last, cells, crc))
+            pages.append(Page(first, last, cells, crc, current))
             current = None
         if kind != "leaf" or not count:
             continue
@@ -129,7 +199,7 @@ def table_pages(connection, reader, table):
         current, crc, cells = number, zlib.crc32(data), count
         first, last = _cell_rowid(data, header, 0), _cell_rowid(data, header, count - 1)
     if current is not None:
-        pages.append(Page(first, last, cells, crc))
+        pages.append(Page(first, last, cells, crc, current))
     return pages
 
 
@@ -139,3 +209,99 @@ def table_digest(connection, reader, table):
     for (number,) in connection.execute("SELECT pageno FROM dbstat WHERE name = ?", (table,)):
         crc = zlib.crc32(reader.page(number), crc)
     return crc
+
+
+@dataclass
+class Cells:
+    """The cells of one span of a table at one snapshot: rowids in key order and their digests, concatenated."""
+
+    rowids: array.array  # of "q"
+    digests: bytes
+
+    @classmethod
+    def of(cls, rowids, digests):
+        return cls(array.array("q", rowids), bytes(digests))
+
+    def replace(self, intervals, now):
+        """These cells with those in ``intervals`` replaced by the current ones, and the keys whose cells differ.
+
+        ``intervals``: [[low, high], ...] in key order, where the leaf pages changed.
+        ``now(low, high)``: (rowids, digests) of the current cells in [low, high].
+        Returns (Cells, [[low, high], ...]): the intervals now hold exactly the keys
+        inserted, deleted or changed; a run of such keys is one interval when no
+        unchanged key lies between (no row has the keys in between, on either side).
+        """
+        rowids, digests, changed, position = array.array("q"), bytearray(), [], 0
+        for low, high in intervals:
+            start = bisect.bisect_left(self.rowids, low, position)
+            end = bisect.bisect_right(self.rowids, high, start)
+            rowids.extend(self.rowids[position:start])
+            digests += self.digests[DIGEST_BYTES * position:DIGEST_BYTES * start]
+            now_rowids, now_digests = now(low, high)
+            changed.extend(_changed(self.rowids[start:end], self.digests[DIGEST_BYTES * start:DIGEST_BYTES * end],
+                                    now_rowids, now_digests))
+            rowids.extend(now_rowids)
+            digests += now_digests
+            position = end
+        rowids.extend(self.rowids[position:])
+        digests += self.digests[DIGEST_BYTES * position:]
+        return Cells(rowids, bytes(digests)), changed
+
+
+def _changed(old_rowids, old_digests, new_rowids, new_digests):
+    """Runs [[low, high], ...] of the keys whose cell was inserted, deleted or changed: both sides in key order."""
+    runs, run, i, j = [], None, 0, 0
+    while i < len(old_rowids) or j < len(new_rowids):
+        old = old_rowids[i] if i < len(old_rowids) else None
+        new = new_rowids[j] if j < len(new_rowids) else None
+        if new is None or (old is not None and old < new):
+            key, differs, i = old, True, i + 1
+        elif old is None or new < old:
+            key, differs, j = new, True, j + 1
+        else:
+            key = old
+            differs = (old_digests[DIGEST_BYTES * i:DIGEST_BYTES * (i + 1)]
+                       != new_digests[DIGEST_BYTES * j:DIGEST_BYTES * (j + 1)])
+            i, j = i + 1, j + 1
+        if not differs:
+            run = None
+        elif run is None:
+            run = [key, key]
+            runs.append(run)
+        else:
+            run[1] = key
+    return runs
+
+
+def span_link(records):
+    """What ties a span's stored cells to its stored page records: cells of other pages are not used."""
+    return zlib.crc32(json.dumps([list(r) for r in records]).encode())
+
+
+def encode_cells(width, spans):
+    """{span: (link, Cells)} of a table as compressed bytes (little-endian), for the state table."""
+    parts = [struct.pack("<qI", width, len(spans))]
+    for span in sorted(spans):
+        link, cells = spans[span]
+        rowids = array.array("q", cells.rowids)
+        if sys.byteorder == "big":
+            rowids.byteswap()
+        parts += [struct.pack("<qIq", span, link, len(rowids)), rowids.tobytes(), cells.digests]
+    return zlib.compress(b"".join(parts), 1)
+
+
+def decode_cells(blob):
+    """(width, {span: (link, Cells)}) from encode_cells()' bytes."""
+    data = zlib.decompress(blob)
+    width, count = struct.unpack_from("<qI", data, 0)
+    position, spans = struct.calcsize("<qI"), {}
+    for _ in range(count):
+        span, link, rows = struct.unpack_from("<qIq", data, position)
+        position += struct.calcsize("<qIq")
+        rowids = array.array("q", data[position:position + 8 * rows])
+        if sys.byteorder == "big":
+            rowids.byteswap()
+        position += 8 * rows
+        spans[span] = (link, Cells(rowids, data[position:position + DIGEST_BYTES * rows]))
+        position += DIGEST_BYTES * rows
+    return width, spans

@@ -5,7 +5,10 @@ reading rows: the state table keeps, per table and per span of ``range_keys``
 rowids, the checksums of the leaf pages that span held at the last sync. A
 span whose pages are all the same is done; in any other span, the key
 intervals not covered by an unchanged page ("dirty") are read from SQLite,
-formatted by the migration's own rules, and applied:
+formatted by the migration's own rules, and applied. Within a changed page,
+the digests of its cells, kept from the last sync too, narrow the dirty
+intervals down to the rows inserted, updated or deleted (pages.Cells), so a
+change of 1 % of the rows sends about 1 % of them:
 
 1. upserts, tables parents first: the dirty rows are copied into a temporary
    table, rows whose text differs are updated, missing ones inserted;
@@ -19,6 +22,7 @@ its last change: a sync killed at any moment leaves each span either synced
 and recorded or as the last sync left it, and the next sync finishes the job.
 """
 
+import bisect
 import datetime
 import hashlib
 import io
@@ -35,11 +39,20 @@ from psycopg2 import sql
 from .errors import MigrationError
 from .loader import STORAGE_CLASS, UNCONVERTED, copy_line_sql
 from .names import key_intervals_join, pg_name, sqlite_ident
-from .pages import PageReader, table_digest, table_pages
+from .pages import Cells, PageReader, decode_cells, encode_cells, span_link, table_digest, table_pages
 from .profile import display
 from .rules import Invalid, check_timezone, rule_for
 from .source import Source, foreign_key_order, read_schema
-from .target import STATE_TABLE, connect, count_rows, first_line, read_table, sequence_steps, state_rows
+from .target import (
+    STATE_TABLE,
+    cells_column_ddl,
+    connect,
+    count_rows,
+    first_line,
+    read_table,
+    sequence_steps,
+    state_rows,
+)
 
 RANGE_KEYS = 65536  # rowids per span: one transaction and one set of stored page checksums each
 MAX_RANGES = 1024  # a table's spans are widened (once, from its key bounds) to stay within this many
@@ -67,6 +80,7 @@ class TablePlan:
     baseline: bool = False  # checksums to store although no row changes
     fresh: bool = False  # the stored checksums are not used: spans are recorded into a new, incomplete document
     rowid: str = ""  # how SQLite addresses the rowid, "" for WITHOUT ROWID tables
+    cells: dict = None  # span -> Cells of this snapshot, to store; None: the stored ones stay
     counts: dict = field(default_factory=lambda: {"inserted": 0, "updated": 0, "deleted": 0, "rows_sent": 0})
 
 
@@ -165,6 +179,10 @@ class Sync:
         self.plans = {}
         with self.pg.cursor() as cursor:
             recorded = state_rows(cursor, self.schema)
+            cursor.execute("SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+                           "AND attname = 'cell_checksums' AND NOT attisdropped",
+                           (sql.Identifier(self.schema, STATE_TABLE).as_string(cursor),))
+            self.cells_column = bool(cursor.fetchone()[0])
             for name in self.order:
                 source, target = self.tables[name], pg_name(name)
                 existing = read_table(cursor, self.schema, target)
@@ -215,6 +233,15 @@ class Sync:
                         plan.dirty = {0: [ALL_KEYS]}
                 continue
             self._decide(plan, same_snapshot)
+        reader = PageReader(self.source)
+        try:
+            for name in self.order:
+                plan = self.plans[name]
+                if plan.key and (plan.dirty or plan.baseline):
+                    self._narrow_to_cells(plan, reader)
+        finally:
+            reader.close()
+        self._verify_unchanged()
 
     def _finished(self, plan):
         """Its state row names this snapshot and holds complete checksums (a killed sync leaves them incomplete)."""
@@ -257,6 +284,46 @@ class Sync:
             intervals = dirty_intervals(low, high, current.get(span, []), stored.get(str(span), []))
             if intervals:
                 plan.dirty[span] = intervals
+
+    def _narrow_to_cells(self, plan, reader):
+        """Narrow each dirty span to the keys whose cells differ from the stored ones, and find every span's cells.
+
+        A span's stored cells are used only where they belong to its stored page records
+        (a sync killed after recording a span leaves the span's cells of the run before);
+        a span without them stays dirty as its pages say, and its cells are read afresh.
+        """
+        width, stored_cells = self._stored_cells(plan)
+        if width != plan.width:
+            stored_cells = {}
+        stored = plan.records.get("ranges", {})
+        plan.cells = {}
+        for span in sorted(set(plan.current) | set(plan.dirty)):
+            low, high = span * plan.width, span * plan.width + plan.width - 1
+            pages = plan.current.get(span, [])
+            link, previous = stored_cells.get(span, (None, None))
+            if previous is None or str(span) not in stored or link != span_link(stored[str(span)]):
+                if pages:
+                    plan.cells[span] = _read_cells(reader, pages, low, high)
+                continue
+            if span not in plan.dirty:
+                plan.cells[span] = previous
+                continue
+            lasts = [page.last for page in pages]
+            cells, plan.dirty[span] = previous.replace(plan.dirty[span], lambda first, last, pages=pages, lasts=lasts:
+                                                       _read_cells(reader, pages, first, last, raw=True, lasts=lasts))
+            if cells.rowids:
+                plan.cells[span] = cells
+
+    def _stored_cells(self, plan):
+        """(width, {span: (link, Cells)}) kept by the last sync, (0, {}) without."""
+        if not self.cells_column or plan.fresh or not plan.records:
+            return 0, {}
+        with self.pg.cursor() as cursor:
+            cursor.execute(sql.SQL("SELECT cell_checksums FROM {} WHERE source_id = %s AND table_name = %s")
+                           .format(sql.Identifier(self.schema, STATE_TABLE)), (plan.state_id, plan.target))
+            blob = cursor.fetchone()[0]
+        self.pg.commit()
+        return decode_cells(bytes(blob)) if blob else (0, {})
 
     def _width(self, plan):
         """Span width for a table: RANGE_KEYS, or wider so that its keys (both sides) fit MAX_RANGES spans."""
@@ -352,6 +419,8 @@ class Sync:
 
     def _write_rows(self, session, plan, span):
         intervals = plan.dirty[span]
+        if not intervals:
+            return {}  # pages changed, no row did: only the span's checksums are stored (by its delete step)
         data, sent, copy_columns = self._copy_text(session, plan, intervals)
         columns = [target for _source, target, _type in plan.columns]
         target = sql.Identifier(self.schema, plan.target)
@@ -405,7 +474,7 @@ class Sync:
         if not plan.key:
             return {}
         intervals = plan.dirty[span]
-        keys = [row[0] for row in session.lite.execute(
+        keys = intervals and [row[0] for row in session.lite.execute(
             f"SELECT src.{sqlite_ident(plan.key)} {key_intervals_join(plan.name, plan.key)}", (json.dumps(intervals),))]  # noqa: S608
         key = sql.Identifier(self._target_key(plan))
         with session.pg.cursor() as cursor:
@@ -561,6 +630,9 @@ class Sync:
     def _close_state(self, cursor):
         """Each table's state row now describes this snapshot: its source_id, row count and complete checksums."""
         state = sql.Identifier(self.schema, STATE_TABLE)
+        if not self.cells_column and any(plan.cells is not None for plan in self.plans.values()):
+            cursor.execute(cells_column_ddl(self.schema))
+            self.cells_column = True
         for name in self.order:
             plan = self.plans[name]
             if plan.state_id == self.source_id and not plan.baseline and not plan.dirty:
@@ -572,15 +644,23 @@ class Sync:
                                (self.source_id, plan.target))
             seconds = time.monotonic() - self.started
             document = json.dumps(self._document(plan)) if plan.baseline or not plan.key else None
+            cells = sql.SQL(", cell_checksums = %s" if plan.cells is not None else "")
             cursor.execute(sql.SQL(
                 "UPDATE {} SET source_id = %s, rows_loaded = coalesce(%s, rows_loaded), rows_rejected = 0, "
                 "started_at = %s, "
                 "loaded_at = now(), seconds = %s, validated_at = NULL, "
-                "key_range_checksums = coalesce(%s::jsonb, key_range_checksums || '{{\"complete\": true}}') "
-                "WHERE source_id = %s AND table_name = %s").format(state),
-                (self.source_id, rows, self.started_at, seconds, document, plan.state_id, plan.target))
+                "key_range_checksums = coalesce(%s::jsonb, key_range_checksums || '{{\"complete\": true}}'){} "
+                "WHERE source_id = %s AND table_name = %s").format(state, cells),
+                (self.source_id, rows, self.started_at, seconds, document)
+                + ((self._cells_blob(plan),) if plan.cells is not None else ()) + (plan.state_id, plan.target))
             plan.state_id = self.source_id
             self.result["changed"] = True
+
+    @staticmethod
+    def _cells_blob(plan):
+        return psycopg2.Binary(encode_cells(plan.width, {
+            span: (span_link([p.record() for p in plan.current.get(span, [])]), cells)
+            for span, cells in plan.cells.items()}))
 
     @staticmethod
     def _changed_keys(plan):
@@ -650,6 +730,20 @@ def _by_span(pages, width):
         for span in range(first, last + 1):
             spans.setdefault(span, []).append(page)
     return None if len(spans) > 4 * MAX_RANGES else spans
+
+
+def _read_cells(reader, pages, low, high, raw=False, lasts=None):
+    """The cells of ``pages`` (a span's, in key order; ``lasts``: their last rowids) whose rowids lie in [low, high]:
+    Cells, or (rowids, digests)."""
+    rowids, digests = [], []
+    start = bisect.bisect_left(lasts or [page.last for page in pages], low)
+    for page in pages[start:]:
+        if page.first > high:
+            break
+        page_rowids, page_digests = reader.cells(page, low, high)
+        rowids += page_rowids
+        digests.append(page_digests)
+    return (rowids, b"".join(digests)) if raw else Cells.of(rowids, b"".join(digests))
 
 
 def dirty_intervals(low, high, current, recorded):

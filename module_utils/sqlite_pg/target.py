@@ -162,7 +162,9 @@ def state_table_ddl(schema):
 
     key_range_checksums holds the source's leaf page checksums per span of
     rowids, from which the next sync finds what changed (sync.py); a load
-    stores them right after its tables are loaded. content_checksum stays
+    stores them right after its tables are loaded. cell_checksums holds the
+    digests of the cells of those pages, from which a sync finds which rows
+    of a changed page changed. content_checksum stays
     NULL (the validation computes content checksums afresh). validated_at is set by the runbook once the
     validation of the whole migration passed, and cleared by every load: a
     run that finds loaded but unvalidated tables knows an earlier run stopped.
@@ -188,9 +190,15 @@ def state_table_ddl(schema):
             PRIMARY KEY (source_id, table_name)
         );
         ALTER TABLE {0}.{1} ADD COLUMN IF NOT EXISTS validated_at timestamptz;
-        ALTER TABLE {0}.{1} ADD COLUMN IF NOT EXISTS prepared_gids text[]
+        ALTER TABLE {0}.{1} ADD COLUMN IF NOT EXISTS prepared_gids text[];
         """
-    ).format(sql.Identifier(schema), sql.Identifier(STATE_TABLE))
+    ).format(sql.Identifier(schema), sql.Identifier(STATE_TABLE)) + cells_column_ddl(schema)
+
+
+def cells_column_ddl(schema):
+    """The state table's column for the digests of the source's cells (sync.py), in a table older than it."""
+    return sql.SQL("ALTER TABLE {}.{} ADD COLUMN IF NOT EXISTS cell_checksums bytea").format(
+        sql.Identifier(schema), sql.Identifier(STATE_TABLE))
 
 
 def state_rows(cursor, schema):
