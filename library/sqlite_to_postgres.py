@@ -35,7 +35,7 @@ description:
 - A target table that holds an earlier snapshot of the same source file (its state row names this
   path and another sha256) is synced instead. Rows the source inserted, updated and deleted since
   become inserted, updated and deleted rows of the target, found from checksums of SQLite's pages
-  kept in the state table, each key range in its own transaction (a killed sync leaves the target
+  and of their cells kept in the state table, each key range in its own transaction (a killed sync leaves the target
   consistent and the next one finishes it), foreign keys checked at every commit.
 - After the load it builds primary keys, unique and secondary indexes, foreign
   keys and sets identity/serial sequences past C(max(id)), skipping whatever

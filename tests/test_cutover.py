@@ -187,6 +187,29 @@ def lab(tmp_path_factory):
         shutil.rmtree(lab.root, ignore_errors=True)
 
 
+def test_drift_names_what_the_live_source_changed_and_writes_nothing(lab):
+    """drift.yml on the lab the nights before the cutover: the application has written to SQLite since the sync."""
+    with sqlite3.connect(lab.source) as connection:
+        connection.execute("UPDATE files SET download_count = download_count + 7 WHERE id = 5")
+        connection.execute("DELETE FROM replication_logs WHERE id = 3")
+    before = lab.dump()
+    reports = set(lab.reports.iterdir())
+    result = lab.playbook("drift.yml")
+    assert result.returncode != 0, result.stdout[-3000:]
+    assert "drift found in 2 of 4 tables" in result.stdout[-3000:], result.stdout[-3000:]
+    [run_dir] = set(lab.reports.iterdir()) - reports
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["status"] == "drift"
+    drift = report["validation"]["drift"]
+    assert {table: entry["status"] for table, entry in drift.items()} == {
+        "storage_nodes": "ok", "files": "drift", "tasks": "ok", "replication_logs": "drift"}
+    assert {"key": {"id": 5}, "problem": "values differ", "columns": ["download_count"]} in \
+        drift["files"]["first_differing_keys"], drift["files"]
+    assert [entry["key"] for entry in drift["replication_logs"]["first_differing_keys"]] == [{"id": 3}]
+    assert drift["replication_logs"]["source_rows"] + 1 == drift["replication_logs"]["target_rows"]
+    assert lab.dump() == before
+
+
 def test_a_cutover_whose_validation_fails_leaves_the_application_on_sqlite_and_postgresql_as_before(lab):
     app = StandIn(lab)
     try:

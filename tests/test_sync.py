@@ -9,6 +9,7 @@ find both sides equal, as after a full migration.
 """
 
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 from conftest import assert_same_content, build_sqlite, execute, migrate_into_typed_schema, wait_until
 from sqlite_pg.engine import migrate
 from sqlite_pg.errors import MigrationError
-from sqlite_pg.sync import dirty_intervals, sync
+from sqlite_pg.sync import Sync, dirty_intervals, sync
 from sqlite_pg.validate import validate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,8 +143,8 @@ def test_a_change_in_an_overflow_page_alone_is_found(migrated):
 
 
 def test_cells_of_another_sync_are_not_used(migrated):
-    """A span's stored cells count only with the page records they were read with (a killed sync records spans
-    but not their cells): cells that belong to other pages leave the span to its pages, and are read afresh."""
+    """A span's stored cells count only with the page records they were read with (a state table put together
+    from two runs): cells that belong to other pages leave the span to its pages, and are read afresh."""
     src, conninfo = migrated
     sync(str(src), conninfo, range_keys=SPAN)
     stale = execute(conninfo, "SELECT table_name, cell_checksums FROM sqlite_to_postgres_state")
@@ -203,6 +204,33 @@ def test_a_killed_sync_is_finished_by_the_next(tmp_path, pg_database):
     assert result["status"] == "completed" and result["tables"]["tasks"]["updated"]
     assert_equal_content(src, pg_database)
     assert not sync(str(src), pg_database, range_keys=SPAN)["changed"]
+
+
+def test_a_sync_stopped_mid_way_then_the_source_changed_back_ends_exact(migrated, monkeypatch, tmp_path):
+    """Stopped after some of its spans were written, a sync leaves those spans to be compared in full: the next
+    sync finds no change in their pages from the last recorded snapshot, yet the target holds newer rows there."""
+    src, conninfo = migrated
+    sync(str(src), conninfo, range_keys=SPAN)
+    recorded = tmp_path / "recorded.db"
+    shutil.copyfile(src, recorded)
+    change_rows(str(src), fraction=0.2, seed=4)
+    upsert, calls = Sync._upsert, []
+
+    def stop_after_two(self, session, plan, span):
+        if plan.name == "files" and len(calls) == 2:
+            raise KeyboardInterrupt
+        counts = upsert(self, session, plan, span)
+        calls.extend([span] if plan.name == "files" and counts.get("updated") else [])
+        return counts
+
+    monkeypatch.setattr(Sync, "_upsert", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        sync(str(src), conninfo, range_keys=SPAN, jobs=1)
+    monkeypatch.setattr(Sync, "_upsert", upsert)
+    shutil.copyfile(recorded, src)  # the application undid its changes: the file is the recorded snapshot again
+    result = sync(str(src), conninfo, range_keys=SPAN)
+    assert result["tables"]["files"]["updated"], result["tables"]["files"]
+    assert_equal_content(src, conninfo)
 
 
 def test_a_wal_source_with_uncheckpointed_changes(migrated):

@@ -13,13 +13,14 @@ change of 1 % of the rows sends about 1 % of them:
 1. upserts, tables parents first: the dirty rows are copied into a temporary
    table, rows whose text differs are updated, missing ones inserted;
 2. deletes, tables children first: target rows in the dirty intervals that
-   the source no longer has are deleted, and the span's page checksums are
-   stored, in the same transaction.
+   the source no longer has are deleted.
 
-Each (table, span) step is one transaction, the foreign keys of the target
-hold at every commit, and a span's checksums are only stored together with
-its last change: a sync killed at any moment leaves each span either synced
-and recorded or as the last sync left it, and the next sync finishes the job.
+Each (table, span) step is one transaction and the foreign keys of the target
+hold at every commit. Before the first of them, the dirty spans' checksums
+leave the state table; the new ones (pages and cells) are stored in the sync's
+last transaction. A sync killed at any moment leaves each span either
+recorded and as the last sync left it, or unrecorded: the next sync compares
+the unrecorded spans in full and finishes the job.
 """
 
 import bisect
@@ -381,14 +382,18 @@ class Sync:
                 session.close()
 
     def _start_documents(self):
-        """An incomplete checksum document for tables synced without usable checksums, before any span is recorded:
-        a span it does not name is one whose target rows are not known to match anything."""
+        """Before any row is written: the dirty spans' records leave the checksum document, which is marked
+        incomplete. A span it does not name is one whose target rows are not known to match any snapshot (a sync
+        killed from here on may have written some of its rows): the next sync compares it in full."""
         with self.pg.cursor() as cursor:
             for plan in self.plans.values():
-                if plan.fresh and plan.dirty:
+                if plan.key and plan.dirty:
+                    kept = {} if plan.fresh else {span: records for span, records in plan.records["ranges"].items()
+                                                  if int(span) not in plan.dirty}
                     cursor.execute(sql.SQL("UPDATE {} SET key_range_checksums = %s WHERE source_id = %s "
                                            "AND table_name = %s").format(sql.Identifier(self.schema, STATE_TABLE)),
-                                   (json.dumps(self._document(plan, complete=False)), plan.state_id, plan.target))
+                                   (json.dumps(dict(self._document(plan, complete=False), ranges=kept)),
+                                    plan.state_id, plan.target))
         self.pg.commit()
 
     def _run(self, sessions, step, plan):
@@ -420,7 +425,7 @@ class Sync:
     def _write_rows(self, session, plan, span):
         intervals = plan.dirty[span]
         if not intervals:
-            return {}  # pages changed, no row did: only the span's checksums are stored (by its delete step)
+            return {}  # pages changed, no row did
         data, sent, copy_columns = self._copy_text(session, plan, intervals)
         columns = [target for _source, target, _type in plan.columns]
         target = sql.Identifier(self.schema, plan.target)
@@ -434,7 +439,7 @@ class Sync:
                 deleted = cursor.rowcount
                 cursor.copy_expert(sql.SQL("COPY {} ({}) FROM STDIN").format(target, copied).as_string(cursor),
                                    io.BytesIO(data))
-                self._record(cursor, plan, None)
+                self._record(cursor, plan)
                 self._commit(session)
                 return {"inserted": sent, "deleted": deleted, "rows_sent": sent}
             if not sent:
@@ -474,7 +479,9 @@ class Sync:
         if not plan.key:
             return {}
         intervals = plan.dirty[span]
-        keys = intervals and [row[0] for row in session.lite.execute(
+        if not intervals:
+            return {}
+        keys = [row[0] for row in session.lite.execute(
             f"SELECT src.{sqlite_ident(plan.key)} {key_intervals_join(plan.name, plan.key)}", (json.dumps(intervals),))]  # noqa: S608
         key = sql.Identifier(self._target_key(plan))
         with session.pg.cursor() as cursor:
@@ -486,22 +493,14 @@ class Sync:
                 table=sql.Identifier(self.schema, plan.target), key=key),
                 ([low for low, _high in intervals], [high for _low, high in intervals], keys))
             deleted = cursor.rowcount
-            self._record(cursor, plan, span)
         self._commit(session)
         return {"deleted": deleted}
 
-    def _record(self, cursor, plan, span):
-        """Store a span's page checksums (or a keyless table's digest) in the state row, in the caller's transaction."""
-        state = sql.Identifier(self.schema, STATE_TABLE)
-        if span is None:
-            cursor.execute(sql.SQL("UPDATE {} SET key_range_checksums = %s WHERE source_id = %s AND table_name = %s")
-                           .format(state), (json.dumps(self._document(plan)), plan.state_id, plan.target))
-            return
-        cursor.execute(sql.SQL("UPDATE {} SET key_range_checksums = jsonb_set(key_range_checksums, "
-                               "ARRAY['ranges', %s], %s::jsonb) WHERE source_id = %s AND table_name = %s")
-                       .format(state),
-                       (str(span), json.dumps([p.record() for p in plan.current.get(span, [])]), plan.state_id,
-                        plan.target))
+    def _record(self, cursor, plan):
+        """Store a keyless table's digest in its state row, in the transaction that replaced the table."""
+        cursor.execute(sql.SQL("UPDATE {} SET key_range_checksums = %s WHERE source_id = %s AND table_name = %s")
+                       .format(sql.Identifier(self.schema, STATE_TABLE)),
+                       (json.dumps(self._document(plan)), plan.state_id, plan.target))
 
     def _document(self, plan, complete=True):
         document = {"format": FORMAT, "signature": self._signature(plan), "complete": complete}
@@ -643,7 +642,7 @@ class Sync:
                 cursor.execute(sql.SQL("DELETE FROM {} WHERE source_id = %s AND table_name = %s").format(state),
                                (self.source_id, plan.target))
             seconds = time.monotonic() - self.started
-            document = json.dumps(self._document(plan)) if plan.baseline or not plan.key else None
+            document = json.dumps(self._document(plan)) if plan.baseline or plan.dirty or not plan.key else None
             cells = sql.SQL(", cell_checksums = %s" if plan.cells is not None else "")
             cursor.execute(sql.SQL(
                 "UPDATE {} SET source_id = %s, rows_loaded = coalesce(%s, rows_loaded), rows_rejected = 0, "
