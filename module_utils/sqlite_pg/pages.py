@@ -104,7 +104,7 @@ class PageReader:
         rowids, digests = [], []
         blake2b, max_local = hashlib.blake2b, self.max_local
         for pointer in struct.unpack_from(f">{count}H", data, header + 8):
-            # Two varints (payload size, rowid); one-byte ones are the common case, read inline.
+            # Two varints (payload size, rowid): their short forms are read inline, the rest by _varint().
             payload = data[pointer]
             if payload < 0x80:
                 position = pointer + 1

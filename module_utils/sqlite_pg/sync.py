@@ -79,7 +79,7 @@ class TablePlan:
     dirty: dict = field(default_factory=dict)  # span -> [[low, high], ...]
     current: dict = field(default_factory=dict)  # span -> [page record, ...]
     baseline: bool = False  # checksums to store although no row changes
-    fresh: bool = False  # the stored checksums are not used: spans are recorded into a new, incomplete document
+    fresh: bool = False  # no usable stored checksums (none, other columns, another span width): all spans compared
     rowid: str = ""  # how SQLite addresses the rowid, "" for WITHOUT ROWID tables
     cells: dict = None  # span -> Cells of this snapshot, to store; None: the stored ones stay
     counts: dict = field(default_factory=lambda: {"inserted": 0, "updated": 0, "deleted": 0, "rows_sent": 0})
@@ -289,8 +289,7 @@ class Sync:
     def _narrow_to_cells(self, plan, reader):
         """Narrow each dirty span to the keys whose cells differ from the stored ones, and find every span's cells.
 
-        A span's stored cells are used only where they belong to its stored page records
-        (a sync killed after recording a span leaves the span's cells of the run before);
+        A span's stored cells are used only where they belong to its stored page records;
         a span without them stays dirty as its pages say, and its cells are read afresh.
         """
         width, stored_cells = self._stored_cells(plan)
@@ -394,6 +393,7 @@ class Sync:
                                            "AND table_name = %s").format(sql.Identifier(self.schema, STATE_TABLE)),
                                    (json.dumps(dict(self._document(plan, complete=False), ranges=kept)),
                                     plan.state_id, plan.target))
+                    self.result["changed"] = True
         self.pg.commit()
 
     def _run(self, sessions, step, plan):
@@ -695,7 +695,7 @@ class Sync:
         return self.result
 
 
-_LEFT = "key ranges committed before stay synced and recorded, a rerun of the sync finishes the rest"
+_LEFT = "key ranges committed before stay synced, a rerun of the sync compares them again and finishes the rest"
 
 
 class Session:
