@@ -303,14 +303,14 @@ class Sync:
             link, previous = stored_cells.get(span, (None, None))
             if previous is None or str(span) not in stored or link != span_link(stored[str(span)]):
                 if pages:
-                    plan.cells[span] = _read_cells(reader, pages, low, high)
+                    plan.cells[span] = Cells.of(*_read_cells(reader, pages, low, high))
                 continue
             if span not in plan.dirty:
                 plan.cells[span] = previous
                 continue
             lasts = [page.last for page in pages]
             cells, plan.dirty[span] = previous.replace(plan.dirty[span], lambda first, last, pages=pages, lasts=lasts:
-                                                       _read_cells(reader, pages, first, last, raw=True, lasts=lasts))
+                                                       _read_cells(reader, pages, first, last, lasts=lasts))
             if cells.rowids:
                 plan.cells[span] = cells
 
@@ -731,9 +731,9 @@ def _by_span(pages, width):
     return None if len(spans) > 4 * MAX_RANGES else spans
 
 
-def _read_cells(reader, pages, low, high, raw=False, lasts=None):
-    """The cells of ``pages`` (a span's, in key order; ``lasts``: their last rowids) whose rowids lie in [low, high]:
-    Cells, or (rowids, digests)."""
+def _read_cells(reader, pages, low, high, lasts=None):
+    """(rowids, digests) of the cells of ``pages`` (a span's, in key order; ``lasts``: their last rowids) whose
+    rowids lie in [low, high]."""
     rowids, digests = [], []
     start = bisect.bisect_left(lasts or [page.last for page in pages], low)
     for page in pages[start:]:
@@ -742,7 +742,7 @@ def _read_cells(reader, pages, low, high, raw=False, lasts=None):
         page_rowids, page_digests = reader.cells(page, low, high)
         rowids += page_rowids
         digests.append(page_digests)
-    return (rowids, b"".join(digests)) if raw else Cells.of(rowids, b"".join(digests))
+    return rowids, b"".join(digests)
 
 
 def dirty_intervals(low, high, current, recorded):
