@@ -314,27 +314,6 @@ def test_one_replica_down(lab, big_source):
         lab.wait_healthy()
 
 
-@pytest.mark.fault(done="`backup_keep: 1`: a migration, then two attempts that fail after their backup (one table "
-                        "emptied so each run backs up and reloads; an application URL that answers nothing fails "
-                        "the post-checks)",
-                   checked="each failed attempt is rolled back; the pre-migration dump is never removed; the "
-                           "retention line says what is kept and why")
-def test_failed_attempts_never_push_out_the_pre_migration_dump(lab, big_source):
-    source, counts = big_source
-    backups = lab.workdir / "retention-backups"
-    keep_one = ("-e", "backup_keep=1", "-e", f"backup_dir={backups}")
-    first = lab.migrate(source, *keep_one).wait()
-    assert first.rc == 0, first.last_lines()
-    [pre_migration] = backups.iterdir()
-    for _ in range(2):
-        lab.sql("TRUNCATE replication_logs; DELETE FROM sqlite_to_postgres_state "
-                "WHERE table_name = 'replication_logs'")
-        failed = lab.migrate(source, *keep_one, "-e", "fileshare_api_url=http://127.0.0.1:9").wait()
-        assert failed.rc != 0 and "target restored from" in failed.last_lines(), failed.last_lines()
-    assert pre_migration in set(backups.iterdir()), "a failed attempt pushed out the pre-migration dump"
-    assert re.search(r"backup retention \(backup_keep 1\): keeping", failed.output)
-
-
 @pytest.fixture
 def changed_source(lab, big_source, tmp_path):
     """A migrated copy of the big source, then changed by the application: (path, counts before, counts after)."""
