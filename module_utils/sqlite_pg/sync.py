@@ -52,6 +52,7 @@ from .target import (
     first_line,
     read_table,
     sequence_steps,
+    state_has_column,
     state_rows,
 )
 
@@ -180,10 +181,7 @@ class Sync:
         self.plans = {}
         with self.pg.cursor() as cursor:
             recorded = state_rows(cursor, self.schema)
-            cursor.execute("SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass(%s) "
-                           "AND attname = 'cell_checksums' AND NOT attisdropped",
-                           (sql.Identifier(self.schema, STATE_TABLE).as_string(cursor),))
-            self.cells_column = bool(cursor.fetchone()[0])
+            self.cells_column = state_has_column(cursor, self.schema, "cell_checksums")
             for name in self.order:
                 source, target = self.tables[name], pg_name(name)
                 existing = read_table(cursor, self.schema, target)

@@ -201,17 +201,24 @@ def cells_column_ddl(schema):
         sql.Identifier(schema), sql.Identifier(STATE_TABLE))
 
 
+def state_has_column(cursor, schema, column):
+    """Whether the state table has ``column``: one made by an older version may lack the newer ones."""
+    cursor.execute("SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = %s "
+                   "AND NOT attisdropped", (sql.Identifier(schema, STATE_TABLE).as_string(cursor), column))
+    return bool(cursor.fetchone()[0])
+
+
 def state_rows(cursor, schema):
     """{table_name: [(source_id, source_path, rows_loaded, rows_rejected, loaded_at, validated), ...]}, {} without
-    state. validated is read through to_jsonb so that a state table older than that column still reads."""
-    cursor.execute("SELECT to_regclass(%s)", (sql.Identifier(schema, STATE_TABLE).as_string(cursor),))
+    state. A state table older than validated_at reads as never validated."""
+    state = sql.Identifier(schema, STATE_TABLE)
+    cursor.execute("SELECT to_regclass(%s)", (state.as_string(cursor),))
     if cursor.fetchone()[0] is None:
         return {}
+    validated = sql.SQL("validated_at IS NOT NULL" if state_has_column(cursor, schema, "validated_at") else "false")
     cursor.execute(
-        sql.SQL("SELECT table_name, source_id, source_path, rows_loaded, rows_rejected, loaded_at, "
-                "to_jsonb(s) ->> 'validated_at' IS NOT NULL FROM {}.{} s "
-                "WHERE status = 'loaded' ORDER BY loaded_at").format(sql.Identifier(schema),
-                                                                     sql.Identifier(STATE_TABLE))
+        sql.SQL("SELECT table_name, source_id, source_path, rows_loaded, rows_rejected, loaded_at, {} FROM {} "
+                "WHERE status = 'loaded' ORDER BY loaded_at").format(validated, state)
     )
     rows = {}
     for table_name, *rest in cursor.fetchall():
