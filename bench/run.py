@@ -344,6 +344,11 @@ class Postgres:
             with connection, connection.cursor() as cursor:  # commits, or rolls back on error
                 cursor.execute(sql)
 
+    def rows(self, database: str, query: str, params: tuple = ()) -> list[tuple]:
+        with self.connection(database) as connection, connection.cursor() as cursor:
+            cursor.execute(query, params)
+            return cursor.fetchall()
+
     def counts(self, database: str) -> dict[str, int]:
         counts = {}
         with self.connection(database) as connection, connection.cursor() as cursor:
@@ -770,16 +775,38 @@ def summarize_sync(ctx: Context, name: str, runs: list[dict]) -> dict:
 
 
 CUTOVER_DATABASE = "bench_cutover"
-# The maintenance-on hook: the application's last writes before it stops, 1 % of the rows again, so that the
-# final sync in the window carries them (the pre-sync carried the 1 % changed before the cutover began).
-LAST_WRITES = ("import sys; sys.path.insert(0, sys.argv[1]); from measure_sync import change_rows; "
-               "change_rows(sys.argv[2], float(sys.argv[3]), seed=int(sys.argv[4]))")
+# The maintenance-on hook: the application stops writing. It waits until the stand-in application (a thread of
+# this process, which writes 1 % of the rows once the pre-sync has committed, while cutover.yml validates) has
+# made its last write, and fails if the stand-in failed. So the final sync carries 1 % of the rows, written while
+# the application was live, as they would be: the window holds the cutover's own work, not the application's.
+STOP_WRITING = ("import pathlib, sys, time; flag = pathlib.Path(sys.argv[1]); deadline = time.monotonic() + 600\n"
+                "while not flag.exists() and time.monotonic() < deadline: time.sleep(0.1)\n"
+                "sys.exit(0 if flag.exists() and flag.read_text() == 'done' else f'stand-in: {flag.read_text()}' "
+                "if flag.exists() else 'the stand-in application did not stop writing within 600 s')")
+
+
+def write_while_live(leader, source, seed, flag, cancelled, result):
+    """The stand-in application: once the target's state rows no longer name the migrated snapshot (the cutover's
+    pre-sync committed), change 1 % of the rows of the live source (counted in ``result``); then write ``flag``
+    (done, or the error)."""
+    try:
+        [(migrated,)] = leader.rows(CUTOVER_DATABASE, "SELECT DISTINCT source_id FROM sqlite_to_postgres_state")
+        while leader.rows(CUTOVER_DATABASE, "SELECT count(*) FROM sqlite_to_postgres_state WHERE source_id = %s",
+                          (migrated,))[0][0]:
+            if cancelled.wait(0.5):
+                return
+        _add, change_rows, _touch = sample_changes()
+        result["changed_while_live"] = change_rows(str(source), SYNC_FRACTION, seed=seed)
+        flag.write_text("done")
+    except Exception as error:  # noqa: BLE001 - the hook reports it and the cutover fails
+        flag.write_text(one_line(error))
 
 
 def run_cutover(ctx: Context) -> dict:
     """One night of the move on the lab: migrate.yml (the full migration, the window it would take without a
-    sync), 1 % of the rows changed, then cutover.yml with file hooks, whose maintenance-on hook changes
-    another 1 % (so the final sync in the window carries it); afterwards a full validation of the final copy."""
+    sync), 1 % of the rows changed, then cutover.yml with file hooks while the stand-in application changes
+    another 1 % after the pre-sync (so the final sync in the window carries it) and stops writing when the
+    maintenance-on hook asks; afterwards a full validation of the final copy."""
     add_spare_nodes, change_rows, _touch = sample_changes()
     result = {"load_average": round(os.getloadavg()[0], 2)}
     work = ctx.run_dir / "cutover"
@@ -817,20 +844,26 @@ def run_cutover(ctx: Context) -> dict:
         result["full_migrate_yml_s"], report = playbook(MIGRATE_PLAYBOOK)
         result["full_migrate_stage_s"] = next(s["seconds"] for s in report["stages"] if s["name"] == "migrate")
         result["changed_before"] = change_rows(str(source), SYNC_FRACTION, seed=1)
-        hooks = {"cutover_maintenance_on_command": [sys.executable, "-c", LAST_WRITES, str(REPO / "scripts"),
-                                                    str(source), str(SYNC_FRACTION), "2"],
+        flag, cancelled = work / "state" / "stopped-writing", threading.Event()
+        hooks = {"cutover_maintenance_on_command": [sys.executable, "-c", STOP_WRITING, str(flag)],
                  "cutover_maintenance_off_command": ["/usr/bin/touch", str(work / "state" / "maintenance-off")],
                  "cutover_switch_command": ["/usr/bin/touch", str(work / "state" / "on-postgresql")],
                  "cutover_switch_back_command": ["/usr/bin/rm", "-f", str(work / "state" / "on-postgresql")]}
-        progress(f"cutover: {sum(result['changed_before'].values()):,} rows changed; cutover.yml, whose "
-                 "maintenance-on hook changes 1 % more")
-        result["cutover_yml_s"], report = playbook(CUTOVER_PLAYBOOK, "-e", json.dumps(hooks))
+        progress(f"cutover: {sum(result['changed_before'].values()):,} rows changed; cutover.yml, while the "
+                 "application changes 1 % more once the pre-sync committed")
+        application = threading.Thread(target=write_while_live, args=(leader, source, 2, flag, cancelled, result))
+        application.start()
+        try:
+            result["cutover_yml_s"], report = playbook(CUTOVER_PLAYBOOK, "-e", json.dumps(hooks))
+        finally:
+            cancelled.set()
+            application.join()
         cutover = report["cutover"]
         stages = {stage["name"]: stage["seconds"] for stage in report["stages"]}
         result.update(
             downtime_s=cutover["downtime_seconds"],
             # the hooks record when they returned; the downtime began as the maintenance-on hook was called
-            last_writes_hook_s=round(cutover["hooks"]["maintenance_on"]["at"] + cutover["downtime_seconds"]
+            stop_writing_hook_s=round(cutover["hooks"]["maintenance_on"]["at"] + cutover["downtime_seconds"]
                                      - cutover["hooks"]["maintenance_off"]["at"], 2),
             window_stages_s={name: stages[name] for name in ("maintenance_on", "final_sync", "validate", "switch",
                                                               "maintenance_off") if name in stages},
@@ -869,7 +902,7 @@ def summarize_cutover(ctx: Context, name: str, runs: list[dict]) -> dict:
     summary, failure = summary_head(name, runs)
     if failure:
         return failure
-    keys = ("downtime_s", "last_writes_hook_s", "full_migrate_stage_s", "full_migrate_yml_s", "cutover_yml_s",
+    keys = ("downtime_s", "stop_writing_hook_s", "full_migrate_stage_s", "full_migrate_yml_s", "cutover_yml_s",
             "full_validation_after_s", "downtime_vs_full_migrate_stage", "downtime_vs_full_migrate_yml")
     return {**summary, "status": "passed", "wall_s": statistics.median(run["downtime_s"] for run in runs),
             **{key: round(statistics.median(run[key] for run in runs), 3) for key in keys},
@@ -901,8 +934,8 @@ SYSTEMS = {
     "runbook": System(None, runbook_missing, "the whole ansible-playbook migrate.yml on the lab cluster, beside the "
                       "pipeline into the same leader", run=run_runbook, summarize=summarize_runbook, opt_in=True),
     "cutover": System(None, runbook_missing, "cutover.yml on the lab after migrate.yml and 1 % changed, 1 % more "
-                      "changed by the maintenance-on hook: the downtime", run=run_cutover, summarize=summarize_cutover,
-                      opt_in=True),
+                      "changed by the live application after the pre-sync: the downtime", run=run_cutover,
+                      summarize=summarize_cutover, opt_in=True),
 }
 
 
