@@ -336,3 +336,12 @@ def test_a_table_without_integer_key_is_replaced_as_a_whole(tmp_path, pg_databas
                                         "changed_keys": {"since": before, "keys": None}}
     assert_same_content(src, pg_database, "tags", order_by=["name"])
     assert not sync(src, pg_database)["changed"]
+
+
+def test_a_state_table_made_before_validated_at_still_reads(migrated):
+    # Made by a version that did not mark validated migrations: the rerun reads its rows as not validated.
+    src, conninfo = migrated
+    execute(conninfo, "ALTER TABLE sqlite_to_postgres_state DROP COLUMN validated_at")
+    again = migrate(str(src), conninfo, create_tables=False)
+    assert again["status"] == "completed" and not again["changed"], again["msg"]
+    assert {t["action"] for t in again["tables"].values()} == {"skipped"}
