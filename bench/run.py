@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import importlib.util
 import json
 import os
@@ -785,18 +786,17 @@ STOP_WRITING = ("import pathlib, sys, time; flag = pathlib.Path(sys.argv[1]); de
                 "if flag.exists() else 'the stand-in application did not stop writing within 600 s')")
 
 
-def write_while_live(leader, source, seed, flag, cancelled, result):
+def write_while_live(leader, change, flag, cancelled, result):
     """The stand-in application: once the target's state rows no longer name the migrated snapshot (the cutover's
-    pre-sync committed), change 1 % of the rows of the live source (counted in ``result``); then write ``flag``
-    (done, or the error)."""
+    pre-sync committed), ``change()`` the live source (its counts go to ``result``); then write ``flag`` (done,
+    or the error)."""
     try:
         [(migrated,)] = leader.rows(CUTOVER_DATABASE, "SELECT DISTINCT source_id FROM sqlite_to_postgres_state")
         while leader.rows(CUTOVER_DATABASE, "SELECT count(*) FROM sqlite_to_postgres_state WHERE source_id = %s",
                           (migrated,))[0][0]:
             if cancelled.wait(0.5):
                 return
-        _add, change_rows, _touch = sample_changes()
-        result["changed_while_live"] = change_rows(str(source), SYNC_FRACTION, seed=seed)
+        result["changed_while_live"] = change()
         flag.write_text("done")
     except Exception as error:  # noqa: BLE001 - the hook reports it and the cutover fails
         flag.write_text(one_line(error))
@@ -851,7 +851,8 @@ def run_cutover(ctx: Context) -> dict:
                  "cutover_switch_back_command": ["/usr/bin/rm", "-f", str(work / "state" / "on-postgresql")]}
         progress(f"cutover: {sum(result['changed_before'].values()):,} rows changed; cutover.yml, while the "
                  "application changes 1 % more once the pre-sync committed")
-        application = threading.Thread(target=write_while_live, args=(leader, source, 2, flag, cancelled, result))
+        change = functools.partial(change_rows, str(source), SYNC_FRACTION, seed=2)
+        application = threading.Thread(target=write_while_live, args=(leader, change, flag, cancelled, result))
         application.start()
         try:
             result["cutover_yml_s"], report = playbook(CUTOVER_PLAYBOOK, "-e", json.dumps(hooks))
