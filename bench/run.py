@@ -442,6 +442,8 @@ class Lab:
     def up(self, deadline: float):
         for port in self.ports:
             with socket.socket() as probe:
+                # As the lab's servers bind: a closed connection of the last run (TIME-WAIT) does not hold the port.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     probe.bind(("127.0.0.1", port))
                 except OSError:
