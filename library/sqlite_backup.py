@@ -124,19 +124,27 @@ def main():
         module.exit_json(changed=True, dest=dest, tables=counts)
 
     partial = f"{dest}.partial"
+    target, failure = None, None
     try:
         target = sqlite3.connect(partial)
         source.backup(target)
         check = target.execute("PRAGMA quick_check").fetchone()[0]
-        counts = table_counts(target)
-        target.close()
+        if check == "ok":
+            counts = table_counts(target)
+        else:
+            # One line: SQLite heads the first problem with a line "*** in database main ***".
+            problem = "; ".join(line for line in check.splitlines() if line and not line.startswith("*** in database "))
+            failure = f"SQLite copy of {src} failed its quick_check: {problem}"
     except sqlite3.Error as error:
-        module.fail_json(msg=f"SQLite online backup of {src} to {dest} failed: {error}")
+        failure = f"SQLite online backup of {src} to {dest} failed: {error}"
     finally:
         source.close()
-    if check != "ok":
-        os.unlink(partial)
-        module.fail_json(msg=f"SQLite copy of {src} failed its quick_check: {check}")
+        if target is not None:
+            target.close()
+    if failure:
+        if os.path.exists(partial):
+            os.unlink(partial)
+        module.fail_json(msg=failure)
     module.set_mode_if_different(partial, module.params["mode"], False)
     os.replace(partial, dest)
     module.exit_json(changed=True, dest=dest, sha256=sha256_of(dest), size_bytes=os.path.getsize(dest), tables=counts)

@@ -227,6 +227,19 @@ def file_digests(path):
     return digests
 
 
+def break_index_page(path, index="sqlite_autoindex_files_1"):
+    """Zero the page type of the last page of ``index``: the tables stay whole, PRAGMA quick_check fails on
+    that page. Returns its number."""
+    with sqlite3.connect(path) as connection:
+        page_size = connection.execute("PRAGMA page_size").fetchone()[0]
+        (page,) = connection.execute("SELECT max(pageno) FROM dbstat WHERE name = ?", (index,)).fetchone()
+    connection.close()
+    with open(path, "r+b") as file:
+        file.seek((page - 1) * page_size)
+        file.write(b"\x00")
+    return page
+
+
 def target_snapshot(conninfo):
     """Everything user-visible in a database: relations, columns, constraints, and each table's content hash."""
     connection = psycopg2.connect(**conninfo)

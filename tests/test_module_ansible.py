@@ -9,19 +9,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, target_snapshot
+from conftest import ROOT, break_index_page, file_digests, target_snapshot
 
 BIN = Path(sys.executable).parent  # the virtualenv's ansible, whatever PATH says
 
 
-def ansible(args, env=None, as_json=True, check=False):
+def ansible(args, env=None, as_json=True, check=False, module="sqlite_to_postgres"):
     """Run `ansible localhost -m sqlite_to_postgres` from the repository (its ansible.cfg finds library/)."""
     environment = dict(os.environ, ANSIBLE_DEPRECATION_WARNINGS="false", ANSIBLE_NOCOLOR="1", **(env or {}))
     if as_json:
         # JSON alone on stdout: the enabled callbacks replaced, so no profile_tasks timing (ansible.cfg) follows it.
         environment.update(ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
                            ANSIBLE_CALLBACKS_ENABLED="ansible.posix.json")
-    command = [str(BIN / "ansible"), "localhost", "-m", "sqlite_to_postgres"] + args + (["--check"] if check else [])
+    command = [str(BIN / "ansible"), "localhost", "-m", module] + args + (["--check"] if check else [])
     done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
     if not as_json:
         return done, None
@@ -131,3 +131,15 @@ def test_check_mode_profiles_against_target_ddl_and_leaves_nothing(sample_db, pg
                       as_json=False, check=True)
     assert done.returncode != 0 and result["msg"] in done.stdout
     assert len(done.stdout.splitlines()) < 25, done.stdout
+
+
+def test_a_copy_of_a_broken_source_fails_in_one_line_and_leaves_no_file(sample_db, tmp_path):
+    page = break_index_page(sample_db)
+    digests, dest = file_digests(sample_db), tmp_path / "copy.db"
+
+    done, result = ansible(["-a", json.dumps({"src": str(sample_db), "dest": str(dest)})], module="sqlite_backup")
+
+    assert done.returncode != 0 and result["failed"]
+    assert result["msg"].startswith(f"SQLite copy of {sample_db} failed its quick_check: Page {page}: ")
+    assert "\n" not in result["msg"]
+    assert list(tmp_path.iterdir()) == [sample_db] and file_digests(sample_db) == digests

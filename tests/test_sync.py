@@ -17,7 +17,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_same_content, build_sqlite, execute, migrate_into_typed_schema, wait_until
+from conftest import (
+    assert_same_content,
+    break_index_page,
+    build_sqlite,
+    execute,
+    file_digests,
+    migrate_into_typed_schema,
+    wait_until,
+)
 from sqlite_pg.engine import migrate
 from sqlite_pg.errors import MigrationError
 from sqlite_pg.sync import Sync, dirty_intervals, sync
@@ -282,6 +290,21 @@ def test_migrate_syncs_a_target_that_holds_an_earlier_snapshot_of_the_same_file(
     assert_equal_content(src, conninfo)
     again = migrate(str(src), conninfo, create_tables=False)
     assert again["changed"] is False and again["msg"].startswith("all 4 tables were already loaded")
+
+
+def test_a_source_failing_its_integrity_check_stops_the_sync_before_its_first_write(sample_db, pg_database):
+    src, conninfo = sample_db, pg_database
+    migrate_into_typed_schema(src, conninfo)
+    change_rows(str(src), fraction=0.1)
+    page = break_index_page(src)  # the tables the sync reads stay whole
+    versions, digest = row_versions(conninfo), file_digests(src)
+    with pytest.raises(MigrationError) as failure:
+        migrate(str(src), conninfo, create_tables=False)
+    message = str(failure.value)
+    assert f"source {src} fails PRAGMA quick_check: Page {page}: " in message and "\n" not in message
+    assert message.endswith("nothing was written")
+    assert failure.value.result["tables"]["files"]["action"] == "sync"
+    assert row_versions(conninfo) == versions and file_digests(src) == digest
 
 
 def test_a_table_loaded_from_another_file_is_still_refused(migrated, tmp_path):

@@ -141,9 +141,11 @@ class Run(Plan, Checks, Load, Keys):
                         self._check_foreign_keys_beside_the_load()
                     self.journal = Journal(self.conninfo, self.schema, self.source_id)
                     self._load(counters)
+                    # The checks beside the load go on beside the sync's scan: post_data and the sync wait for
+                    # them before their first write, and the run does not end before they passed.
+                    self._post_data()
+                    self._sync()
                     self._await_background()
-                self._post_data()
-                self._sync()
             finally:
                 gc.unfreeze()  # a caller that runs several migrations collects their garbage again
                 if self.lease:
@@ -220,9 +222,10 @@ class Run(Plan, Checks, Load, Keys):
         try:
             self.synced = sync(self.src, self.conninfo, self.schema, to_sync + loaded, self.jobs,
                                self.source_timezone, hold_lock=False, source_id=self.source_id,
-                               source_name=self.source_name)
+                               source_name=self.source_name, before_writes=self._await_background)
         except MigrationError as error:
-            self.synced = error.result
+            # A sync that failed before its first write leaves the message to say that nothing was written.
+            self.synced = error.result if error.result["changed"] else None
             raise
         with self.pg.cursor() as cursor:
             for name in to_sync:

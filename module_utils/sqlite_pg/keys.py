@@ -142,6 +142,7 @@ class Keys:
         self.result["profile"]["notes"] += notes
         if not steps:
             return
+        self._await_background()
         self.result["changed"] = True
         created = {self.target_names[n] for n in self.order if self.actions[n] == "create"}
         build(self.conninfo, self.schema, self.jobs, steps, self.journal, self.result["post_data"],

@@ -590,5 +590,7 @@ def integrity_check(connection, quick=False):
     """[] when the database passes PRAGMA integrity_check (or quick_check), else the first problems."""
     pragma = "quick_check" if quick else "integrity_check"
     rows = connection.execute(f"PRAGMA {pragma}(20)").fetchall()
-    messages = [_text(r[0]) for r in rows]
+    # SQLite heads the first problem with a line "*** in database main ***": one problem, one line.
+    messages = [line for r in rows for line in _text(r[0]).splitlines()
+                if line and not line.startswith("*** in database ")]
     return [] if messages == ["ok"] else messages

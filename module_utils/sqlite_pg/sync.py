@@ -87,27 +87,30 @@ class TablePlan:
 
 
 def sync(src, conninfo, schema="public", tables=None, jobs=2, source_timezone="UTC", range_keys=RANGE_KEYS,
-         hold_lock=True, source_id=None, source_name=None):
+         hold_lock=True, source_id=None, source_name=None, before_writes=None):
     """Bring ``schema`` (which holds an earlier migration of ``src``) up to date with ``src``.
 
     ``hold_lock``: take migrate()'s advisory lock for the schema (False when the
     caller's session holds it already). ``source_id``: the source's sha256 when the
-    caller has hashed it already (migrate() has). ``source_name``: as for migrate(). Returns dict(status, changed, msg,
+    caller has hashed it already (migrate() has). ``source_name``: as for migrate(). ``before_writes``: called
+    once the changes are found, before the first write (migrate() waits there for the source's checks that ran
+    beside the scan); what it raises fails the sync with nothing written. Returns dict(status, changed, msg,
     tables={name: inserted, updated, deleted, ranges_checked, ranges_changed},
     sequences, seconds, source_id); raises MigrationError, whose ``result`` is
     the same dict with status 'failed'.
     """
     return Sync(src, conninfo, schema, tables, jobs, source_timezone, range_keys, hold_lock, source_id,
-                source_name).execute()
+                source_name, before_writes).execute()
 
 
 class Sync:
     def __init__(self, src, conninfo, schema, tables, jobs, source_timezone, range_keys, hold_lock, source_id=None,
-                 source_name=None):
+                 source_name=None, before_writes=None):
         self.src, self.conninfo, self.schema = src, dict(conninfo), schema
         self.requested, self.jobs, self.timezone = tables, jobs, source_timezone
         self.range_keys, self.hold_lock = range_keys, hold_lock
         self.source_id, self.source_name = source_id or "", source_name
+        self.before_writes = before_writes
         self.started = time.monotonic()
         self.started_at = datetime.datetime.now(datetime.timezone.utc)
         self.result = {"status": "failed", "changed": False, "msg": "", "tables": {}, "sequences": [],
@@ -128,6 +131,8 @@ class Sync:
                     self.source_id = self.source_id or hashing.result()
                     self.result["source_id"] = self.source_id
                     self._scan()
+                    if self.before_writes:
+                        self.before_writes()
                     self._apply()
                     self._sequences()
                 finally:
