@@ -23,7 +23,7 @@ description:
     sqlite3's C(Connection.backup()), which yields a consistent snapshot even
     while the application writes.
   - Writes to a temporary file next to O(dest) and renames it into place only
-    after C(PRAGMA quick_check) passed on the copy.
+    after C(PRAGMA quick_check) passed on the copy (unless O(quick_check=false)).
   - Returns the sha256 of the copy, its size and the row count of every table.
   - The source is never written to.
   - In check mode, only checks that the source opens and is a SQLite database.
@@ -40,6 +40,13 @@ options:
     description: Permissions of the copy.
     type: raw
     default: "0600"
+  quick_check:
+    description:
+      - Run C(PRAGMA quick_check) on the copy before renaming it into place.
+      - Turn it off only for a copy that is read next by the sqlite_to_postgres module, which runs the same
+        check itself before its first write (the cutover's copy in the window).
+    type: bool
+    default: true
 author:
   - FileShareSystem operations
 """
@@ -105,6 +112,7 @@ def main():
             "src": {"type": "path", "required": True},
             "dest": {"type": "path", "required": True},
             "mode": {"type": "raw", "default": "0600"},
+            "quick_check": {"type": "bool", "default": True},
         },
         supports_check_mode=True,
     )
@@ -128,7 +136,7 @@ def main():
     try:
         target = sqlite3.connect(partial)
         source.backup(target)
-        check = target.execute("PRAGMA quick_check").fetchone()[0]
+        check = target.execute("PRAGMA quick_check").fetchone()[0] if module.params["quick_check"] else "ok"
         if check == "ok":
             counts = table_counts(target)
         else:
