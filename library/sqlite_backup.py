@@ -13,6 +13,7 @@ import os
 import sqlite3
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.sqlite_pg.profile import integrity_check
 
 DOCUMENTATION = r"""
 ---
@@ -136,13 +137,11 @@ def main():
     try:
         target = sqlite3.connect(partial)
         source.backup(target)
-        check = target.execute("PRAGMA quick_check").fetchone()[0] if module.params["quick_check"] else "ok"
-        if check == "ok":
-            counts = table_counts(target)
+        problems = integrity_check(target, quick=True) if module.params["quick_check"] else []
+        if problems:
+            failure = f"SQLite copy of {src} failed its quick_check: {'; '.join(problems)}"
         else:
-            # One line: SQLite heads the first problem with a line "*** in database main ***".
-            problem = "; ".join(line for line in check.splitlines() if line and not line.startswith("*** in database "))
-            failure = f"SQLite copy of {src} failed its quick_check: {problem}"
+            counts = table_counts(target)
     except sqlite3.Error as error:
         failure = f"SQLite online backup of {src} to {dest} failed: {error}"
     finally:
