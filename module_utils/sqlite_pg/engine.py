@@ -100,6 +100,7 @@ class Run(Plan, Checks, Load, Keys):
         self.journal = None  # what this run wrote (undo.py), from the first write on
         self.synced = None  # sync()'s result once it ran, or its failure's
         self.background = {}  # checks that run beside the load: {future: (kind, table)}
+        self.checks_started = False
         self.progress = Progress(None if check_mode else progress_file, {})
         self.result = {"changed": False, "status": "failed", "msg": "", "total_tables": 0, "total_rows": 0,
                        "tables": {}, "profile": {}, "post_data": [], "source_id": "", "findings": []}
@@ -137,10 +138,9 @@ class Run(Plan, Checks, Load, Keys):
                     self._decide()
                     if self.check_mode:
                         return self._finish_check()
-                    if not self.preflight:
-                        self._check_foreign_keys_beside_the_load()
                     self.journal = Journal(self.conninfo, self.schema, self.source_id)
                     self._load(counters)
+                    self._start_checks_beside_the_load()  # when no table loaded (the load starts them)
                     # The checks beside the load go on beside the sync's scan: post_data and the sync wait for
                     # them before their first write, and the run does not end before they passed.
                     self._post_data()

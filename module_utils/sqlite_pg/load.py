@@ -162,6 +162,7 @@ class Load:
                     moved = True
             if first_error is not None:
                 queue = []
+            self._start_checks_beside_the_load()  # behind the loads dispatched so far
             if not futures:
                 if queue:
                     raise MigrationError(
