@@ -282,15 +282,15 @@ class ProcessAccount:
         for pid, (parent, _cpu, _rss, _name) in processes.items():
             children.setdefault(parent, []).append(pid)
         rss = pss = pss_all = 0
-        pending, seen = [(pid, self.within is None, self.labels.get(pid, "")) for pid in self.roots], set()
+        pending, seen = [(pid, self.within is None, "") for pid in self.roots], set()
         while pending:
-            pid, counted, role = pending.pop()
+            pid, counted, parent_role = pending.pop()
             if pid in seen or pid not in processes:
                 continue
             seen.add(pid)
             command = command_line(pid)
             counted = counted or self.within in command
-            role = self._note(pid, processes[pid], command, role)
+            role = self._note(pid, processes[pid], command, parent_role)
             size = proportional_set_size(pid)
             pss_all += size
             if counted:
@@ -303,11 +303,14 @@ class ProcessAccount:
         return rss, pss, pss_all
 
     def _note(self, pid, process, command, role) -> str:
-        """Record a sample of one process (``role``: its parent's, or the label of a root); returns its role."""
+        """Record a sample of one process (``role``: its parent's, or its own for a server process); returns
+        its role."""
         _parent, cpu, rss, name = process
         use = self.seen.get(pid)
         if use is None or use.name != name:  # new, or it exec'd another program since (a shell does)
-            if role in ("module", "worker"):
+            if pid in self.labels:
+                role = self.labels[pid]
+            elif role in ("module", "worker"):
                 role = "worker"
             elif b"AnsiballZ_" in command:
                 role = "shell" if name in ("sh", "bash", "dash") else "module"
