@@ -1533,6 +1533,7 @@ def write_scaling(args, stamp: str, samples: list[Sample], results: dict[int, li
                 entry["memory_growth"] = entry["peak_pss_mb"]["growth"]
             scaling[name] = entry
     report = {"started_utc": stamp, "files": [s.files for s in samples], "rows": [s.rows for s in samples],
+              "sample_mb": [round(s.size_bytes / 1e6, 1) for s in samples],
               "data_growth": round(large.rows / small.rows, 2), "systems": scaling}
     out = args.results_dir / f"{stamp}-scaling.json"
     out.write_text(json.dumps(report, indent=2) + "\n")

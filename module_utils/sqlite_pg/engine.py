@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import psycopg2
+from psycopg2 import sql
 
 from . import loader
 from .checks import Checks
@@ -34,6 +35,7 @@ from .target import (
     connect,
     count_rows,
     first_line,
+    sequence_steps,
     server_address,
 )
 from .undo import Journal
@@ -219,8 +221,12 @@ class Run(Plan, Checks, Load, Keys):
             return
         self.progress.phase = "sync"
         self.progress.write(force=True)
+        if loaded:
+            self._record_loaded(loaded)
+        if not to_sync:
+            return
         try:
-            self.synced = sync(self.src, self.conninfo, self.schema, to_sync + loaded, self.jobs,
+            self.synced = sync(self.src, self.conninfo, self.schema, to_sync, self.jobs,
                                self.source_timezone, hold_lock=False, source_id=self.source_id,
                                source_name=self.source_name, before_writes=self._await_background)
         except MigrationError as error:
@@ -237,6 +243,22 @@ class Run(Plan, Checks, Load, Keys):
                     total_rows=count_rows(cursor, self.schema, self.target_names[name]))
                 self.progress.finish(name, "synced", counts["inserted"] + counts["updated"])
         self.pg.commit()
+
+    def _record_loaded(self, names):
+        """The tables this run loaded, each synced from the very snapshot it loaded (no row differs, only its page
+        and cell checksums and its sequences are written), one table per worker, largest first: the workers read
+        their pages side by side, and each holds the records of one table only. The sequences those syncs move
+        are journaled first, so that the undo sets them back too."""
+        with self.pg.cursor() as cursor:
+            for step in sequence_steps(cursor, self.schema, [self.target_names[n] for n in names]):
+                cursor.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(sql.SQL(step.name)))
+                self.journal.sequences.append((step.name, *cursor.fetchone()))
+        self.pg.commit()
+        futures = {self.pool.submit(_record_task, self.src, self.conninfo, self.schema, name, self.source_timezone,
+                                    self.source_id, self.source_name): ("record", name)
+                   for name in sorted(names, key=lambda n: -self.sizes[n])}
+        for _kind, _name, _changed in self._gather(futures):
+            pass
 
     # Results --------------------------------------------------------------------------
 
@@ -296,3 +318,7 @@ class Run(Plan, Checks, Load, Keys):
         return self.result
 
 
+def _record_task(src, conninfo, schema, table, source_timezone, source_id, source_name):
+    """In a worker: the sync of one table from the snapshot the run loaded it from (Run._record_loaded)."""
+    return sync(src, conninfo, schema, [table], 1, source_timezone, hold_lock=False, source_id=source_id,
+                source_name=source_name)["changed"]
