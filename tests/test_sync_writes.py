@@ -474,3 +474,23 @@ def test_a_writer_inside_its_transaction_is_read_past_and_a_hot_journal_refused(
     spilled.wait()
     message = refused(src, conninfo)
     assert f"source {src} has a hot journal" in message, message
+
+
+def test_a_failure_after_the_sync_committed_says_the_sync_stays(app):
+    """The sync commits before post-data: when a new table's unique index then fails (two texts SQLite holds
+    apart, one moment to PostgreSQL), what the run loaded is undone and the message says the sync stays."""
+    src, conninfo = app
+    write(src, "UPDATE files SET download_count = 99 WHERE id = 6",
+          "CREATE TABLE events (id INTEGER PRIMARY KEY, at DATETIME UNIQUE)",
+          "INSERT INTO events VALUES (1, '2024-06-03 10:00:00'), (2, '2024-06-03T10:00:00')")
+    with pytest.raises(MigrationError) as failure:
+        migrate(src, conninfo)
+    message = str(failure.value)
+    assert message.startswith("post-data: unique index ") and " on events could not be built" in message, message
+    assert "; what this run loaded was undone (tables events" in message, message
+    synced = message.split("; the sync of ")[1]
+    assert synced.endswith(" committed before stays (it holds the source's snapshot); a rerun loads it again")
+    assert set(synced.split(" committed")[0].split(", ")) == {"storage_nodes", "files", "tasks", "replication_logs",
+                                                              "folders"}
+    assert execute(conninfo, "SELECT download_count FROM files WHERE id = 6") == [(99,)]
+    assert execute(conninfo, "SELECT to_regclass('events')") == [(None,)]
