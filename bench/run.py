@@ -1391,8 +1391,9 @@ def parse_args(argv):
                         help="jobs option of the module (default 2, the runbook's)")
     parser.add_argument("--module-integrity-check", choices=("full", "quick"), default="quick",
                         help="integrity_check option of the module (default quick, the runbook's)")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="run every system this many times, interleaved, and report the median (default 1)")
+    parser.add_argument("--rounds", default="1",
+                        help="run every system this many times, interleaved, and report the median (default 1); "
+                             "one count per sample size, comma-separated, in the order of --files (e.g. 3,1)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds one system may take (default 3600)")
     parser.add_argument("--lab-port-offset", type=int, default=DEFAULT_LAB_PORT_OFFSET,
                         help=f"runbook: the lab's ports are inventory/lab's plus this "
@@ -1409,13 +1410,21 @@ def parse_args(argv):
     if unknown:
         parser.error(f"unknown system {', '.join(unknown)} in --systems (known: {', '.join(SYSTEMS)})")
     try:
-        args.files = sorted({int(size) for size in args.files.split(",") if size.strip()})
+        given = [int(size) for size in args.files.split(",") if size.strip()]
     except ValueError:
         parser.error(f"--files takes whole numbers separated by commas, got {args.files!r}")
+    args.files = sorted(set(given))
     if not args.files or args.files[0] < 1:
         parser.error("--files must be at least 1")
-    if args.rounds < 1:
-        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    try:
+        rounds = [int(count) for count in args.rounds.split(",")]
+    except ValueError:
+        parser.error(f"--rounds takes whole numbers separated by commas, got {args.rounds!r}")
+    if len(rounds) == 1:
+        rounds *= len(given)
+    if len(rounds) != len(given) or min(rounds) < 1:
+        parser.error(f"--rounds needs one count of at least 1 for every size of --files, got {args.rounds!r}")
+    args.rounds = dict(zip(given, rounds))
     args.systems = [BASELINE] + [name for name in dict.fromkeys(chosen) if name != BASELINE]
     return args
 
@@ -1444,7 +1453,8 @@ def write_report(args, stamp: str, machine: dict, sample: Sample, results: list[
         "sample": {"path": str(sample.path), "files": sample.files, "seed": sample.seed, "rows": sample.rows,
                    "size_bytes": sample.size_bytes, "counts": sample.counts},
         "server": {"initdb": INITDB_OPTIONS, "settings": SERVER_SETTINGS},
-        "baseline": BASELINE, "rounds": args.rounds, "rss_sample_seconds": RSS_SAMPLE_SECONDS, "systems": results,
+        "baseline": BASELINE, "rounds": args.rounds[sample.files], "rss_sample_seconds": RSS_SAMPLE_SECONDS,
+        "systems": results,
     }
     passed = {r["system"]: r for r in results if r["status"] == "passed"}
     if "module" in passed and "pgloader" in passed:
@@ -1464,7 +1474,8 @@ def write_report(args, stamp: str, machine: dict, sample: Sample, results: list[
         if "vs_pipeline_into_leader" in r:
             print(f"{r['system']}: the whole migrate.yml on the lab cluster, {r['wall_s']:.1f} s = "
                   f"{r['vs_pipeline_into_leader']:.2f} x the plain pipeline into the same leader "
-                  f"({r['pipeline_into_leader_wall_s']:.1f} s, load and post-data), medians of {args.rounds}")
+                  f"({r['pipeline_into_leader_wall_s']:.1f} s, load and post-data), "
+                  f"medians of {args.rounds[sample.files]}")
             print(f"  stages from its report, back to back: {stage_line(r['stages_s'])} = {r['report_s']:.1f} s; "
                   f"ansible-playbook start-up and exit around them: {r['outside_report_s']:.1f} s")
         if "validate_vs_migrate" in r:
@@ -1573,7 +1584,7 @@ def main(argv=None) -> int:
         for sample in samples:
             ctx = Context(sample, server, run_dir, args.timeout, 0.0, pre_data, post_data, args.module_jobs,
                           args.module_integrity_check, lab)
-            results[sample.files] = run_systems(ctx, args.systems, args.rounds)
+            results[sample.files] = run_systems(ctx, args.systems, args.rounds[sample.files])
         keep_logs = any(r["status"] == "failed" for size in results.values() for r in size)
     except (BenchError, psycopg2.Error) as error:
         print(f"bench: error: {one_line(error)}", file=sys.stderr)
