@@ -698,7 +698,7 @@ class Sync:
         return self.result
 
 
-_LEFT = "key ranges committed before stay synced, a rerun of the sync compares them again and finishes the rest"
+_LEFT = "a rerun of the sync compares again the key ranges committed before this error and finishes the rest"
 
 
 class Session:
