@@ -90,7 +90,11 @@ def describe_changes(before, after):
     if before.get("wal_index") != after.get("wal_index"):
         if before.get("wal_index") and after.get("wal_index"):
             old, new = (_counter(marks, 8, sys.byteorder) for marks in (before["wal_index"], after["wal_index"]))
-            found.append(f"wal-index change counter {old} -> {new}")
+            if old != new:
+                found.append(f"wal-index change counter {old} -> {new}")
+            else:
+                old, new = (_counter(marks, 16, sys.byteorder) for marks in (before["wal_index"], after["wal_index"]))
+                found.append(f"wal-index frames {old} -> {new}")
         else:
             found.append("the -shm file " + ("appeared" if after.get("wal_index") else "was removed"))
     return "; ".join(found)
