@@ -20,7 +20,7 @@ description:
   - Compares the change marks of O(src) (database file, -wal file, wal-index header) with those the
     sqlite_backup module returned as C(source_marks) when it made O(copy). Equal marks prove that nobody
     committed to O(src) since.
-  - Marks that differ can also come from a checkpoint or from the last connection closing: then a new copy is
+  - Marks that differ can also come from a checkpoint or from the last connection closing; then a new copy is
     made with SQLite's backup API next to O(copy), compared with O(copy) by sha256, and removed.
   - Reads only; never fails because the source was written (see RV(written)).
 options:
