@@ -35,8 +35,16 @@ description:
 - A target table that holds an earlier snapshot of the same source file (its state row names this
   path and another sha256) is synced instead. Rows the source inserted, updated and deleted since
   become inserted, updated and deleted rows of the target, found from checksums of SQLite's pages
-  and of their cells kept in the state table, each key range in its own transaction (a killed sync leaves the target
-  consistent and the next one finishes it), foreign keys checked at every commit.
+  and of their cells kept in the state table, all in one transaction (a sync that fails or is killed
+  leaves the target as it was, and the next one does it all). Changes are applied so that every
+  constraint holds at the commit whatever order the source made them in (a row replaced by
+  C(INSERT OR REPLACE), a unique value moved to another row, keys renumbered, a child moved under a new
+  parent); the foreign keys of a table whose unique values moved between rows are checked at the end of
+  the transaction, which needs the tables' ownership and holds them alone until the commit. An empty
+  target table tied by a foreign key to a synced table is loaded inside the sync, and tables the run
+  creates get their foreign keys after it.
+- Tables migrated from this source that it no longer has are refused before anything is written, naming
+  them, unless O(keep_dropped_tables=true).
 - After the load it builds primary keys, unique and secondary indexes, foreign
   keys and sets identity/serial sequences past C(max(id)), skipping whatever
   already exists.
@@ -164,6 +172,15 @@ options:
     description:
     - Backend process id of the session that holds O(lease_key) (returned by pg_session_lock).
     type: int
+  keep_dropped_tables:
+    description:
+    - Tables migrated from this source before that the source no longer has (dropped by the application)
+      stay in the target as they are, no longer synced; RV(dropped_tables) and RV(sync_notes) name them.
+    - Without it, such a table fails the task before anything is written, naming it; drop it in the target
+      (C(DROP TABLE)) or set this option. A kept table whose foreign keys refer to rows the source deleted
+      fails the sync, with nothing written.
+    type: bool
+    default: false
   target_ddl:
     description:
     - SQL that creates the target tables, the way the load will find them (for example the tables a schema
@@ -246,7 +263,8 @@ tables:
     (also on a rerun that skips the table); C(rejected) rows left out; C(status) V(completed), V(pending)
     (check mode), V(loading) or V(failed); C(action) V(loaded), V(skipped) (already loaded from this
     source), V(synced) (brought up to date from an earlier snapshot; then C(inserted), C(updated) and
-    C(deleted) count its rows), V(load) or V(sync) (check mode); C(seconds) and C(rows_per_second) of
+    C(deleted) count the rows the sync wrote, C(migrated) and C(total_rows) the rows now in the target),
+    V(load) or V(sync) (check mode); C(seconds) and C(rows_per_second) of
     this run's load; for a skipped table C(validated), whether a validation was recorded for it since it
     was loaded. A synced or skipped table has C(changed_keys), C({since, keys}), the source keys that may
     differ from the snapshot C(since) (the sha256 it held before), as C([low, high]) intervals (null for all
@@ -276,6 +294,23 @@ source_id:
   description: sha256 of the source snapshot, the key of the state table's rows.
   returned: when the source could be read
   type: str
+sync_notes:
+  description:
+  - What the sync could not follow row by row, or what may not be the change meant, one line each with what
+    it did about it. A table without a primary key compared by its content, the source's page size,
+    application id or text encoding changed since the last sync, nearly no row of the last sync left
+    unchanged (another database put at the same path?), a table dropped from the source and kept.
+  returned: always
+  type: list
+  elements: str
+  sample: ["the source's page size changed from 4096 to 1024 bytes since the last sync (the file was rebuilt, or
+           another database put at its path): no page matched, every row was compared by its cell digest and only
+           differing rows were written"]
+dropped_tables:
+  description: Target tables migrated from this source that it no longer has, kept as they are (O(keep_dropped_tables)).
+  returned: always
+  type: list
+  elements: str
 findings:
   description:
   - When the profile fails, its first findings (at most 5), one line each naming table, column, row and value;
@@ -314,6 +349,7 @@ def main():
         lease_key=dict(type='int', no_log=False),
         lease_backend_pid=dict(type='int'),
         target_ddl=dict(type='str'),
+        keep_dropped_tables=dict(type='bool', default=False),
     )
     module = AnsibleModule(
         argument_spec=argument_spec,
@@ -336,7 +372,7 @@ def main():
             lease=({'key': params['lease_key'], 'backend_pid': params['lease_backend_pid']}
                    if params['lease_key'] is not None else None),
             target_ddl=params['target_ddl'], datetime_formats=params['datetime_formats'],
-            source_name=params['source_name'],
+            source_name=params['source_name'], keep_dropped_tables=params['keep_dropped_tables'],
         )
     except MigrationError as error:
         result = dict(error.result or {}, status='failed')

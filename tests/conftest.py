@@ -240,6 +240,15 @@ def break_index_page(path, index="sqlite_autoindex_files_1"):
     return page
 
 
+def data_dump(conninfo):
+    """pg_dump --data-only of the database (every row of every table in its physical order, every sequence's
+    value), without the random key of its \\restrict line: equal before and after means nothing was written."""
+    dump = subprocess.run([str(_pg_bin() / "pg_dump"), "--data-only", "-h", conninfo["host"], "-p",
+                           str(conninfo["port"]), "-U", conninfo["user"], conninfo["dbname"]], check=True,
+                          capture_output=True, text=True, env=dict(os.environ, PGPASSWORD=conninfo["password"])).stdout
+    return [line for line in dump.splitlines() if not line.startswith(("\\restrict", "\\unrestrict"))]
+
+
 def target_snapshot(conninfo):
     """Everything user-visible in a database: relations, columns, constraints, and each table's content hash."""
     connection = psycopg2.connect(**conninfo)

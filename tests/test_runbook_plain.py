@@ -25,6 +25,7 @@ from pathlib import Path
 import psycopg2
 import psycopg2.sql
 import pytest
+from conftest import data_dump
 from conftest import execute as run_statement
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,6 +121,11 @@ class Workspace:
 
     def query(self, sql, parameters=None):
         return execute(self.server, self.db, sql, parameters)
+
+    def dump(self):
+        """pg_dump --data-only of the database: equal before and after means nothing was written."""
+        return data_dump({"host": "127.0.0.1", "port": self.server["port"], "user": "postgres", "password": PASSWORD,
+                          "dbname": self.db})
 
     def snapshot(self):
         """Every table of the public schema with its rows, in a comparable form."""
@@ -391,3 +397,41 @@ def test_a_run_after_the_application_wrote_to_the_source_syncs_the_target(worksp
     assert again.returncode == 0, again.stdout[-4000:]
     assert set(recap_changed(again.stdout).values()) == {0}, again.stdout[-3000:]
     assert "no backup needed" in words(again.stdout)
+
+
+def test_another_database_at_the_source_path_is_synced_and_said_in_one_line(workspace):
+    first = workspace.run()
+    assert first.returncode == 0, first.stdout[-4000:]
+    other = workspace.path / "other.db"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_sample_db.py"), "--files", "30", "--seed", "9",
+                    "--out", str(other), "--quiet"], check=True)
+    connection = sqlite3.connect(other)
+    connection.execute("PRAGMA page_size = 1024")  # takes effect with the VACUUM of the same connection
+    connection.execute("VACUUM")
+    connection.close()
+    workspace.source.write_bytes(other.read_bytes())
+    synced = workspace.run()
+    assert synced.returncode == 0, synced.stdout[-4000:]
+    said = [line for line in synced.stdout.splitlines() if "migrate: the sync says: " in line]
+    assert len(said) == 1, synced.stdout[-4000:]
+    assert "the source's page size changed from 4096 to 1024 bytes" in said[0] and "another database" in said[0]
+    assert "Validation status: completed" in printed_summary(synced.stdout)
+
+
+def test_a_table_dropped_from_the_source_stops_the_run_until_the_operator_chooses(workspace):
+    first = workspace.run()
+    assert first.returncode == 0, first.stdout[-4000:]
+    with sqlite3.connect(workspace.source) as connection:
+        connection.execute("DROP TABLE replication_logs")
+    before = workspace.dump()
+    refused = workspace.run()
+    assert refused.returncode != 0
+    assert ("no longer has table replication_logs, migrated from it before: the target still holds "
+            "public.replication_logs (27 rows); drop it in the target (DROP TABLE), or keep it as it is, no longer "
+            "synced, with keep_dropped_tables; nothing was written") in words(refused.stdout), refused.stdout[-4000:]
+    assert workspace.dump() == before
+    kept = workspace.run("-e", "migration_keep_dropped_tables=true")
+    assert kept.returncode == 0, kept.stdout[-4000:]
+    assert ("migrate: the sync says: table replication_logs was dropped from the source: kept in the target as it "
+            "is (public.replication_logs, 27 rows), no longer synced (keep_dropped_tables)") in words(kept.stdout)
+    assert workspace.query("SELECT count(*) FROM replication_logs") == [(27,)]

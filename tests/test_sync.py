@@ -21,6 +21,7 @@ from conftest import (
     assert_same_content,
     break_index_page,
     build_sqlite,
+    data_dump,
     execute,
     file_digests,
     migrate_into_typed_schema,
@@ -199,6 +200,8 @@ def test_a_first_sync_without_checksums_compares_every_row(migrated):
 
 
 def test_a_killed_sync_is_finished_by_the_next(tmp_path, pg_database):
+    """SIGKILL of a sync once it has applied every change, before its commit: the target is as it was, and the
+    next sync does it all."""
     src = tmp_path / "big.db"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "make_sample_db.py"), "--files", "3000", "--out", str(src),
                     "--quiet"], check=True)
@@ -206,23 +209,23 @@ def test_a_killed_sync_is_finished_by_the_next(tmp_path, pg_database):
     forget_page_checksums(pg_database)
     sync(str(src), pg_database, range_keys=SPAN)
     change_rows(str(src), fraction=0.2, seed=3)
-    with sqlite3.connect(src) as connection:
-        expected = connection.execute("SELECT count(*) FROM tasks WHERE status = 'completed' AND "
-                                      "completed_at = '2024-06-02 12:30:00'").fetchone()[0]
-    script = ("import json, sys; sys.path.insert(0, sys.argv[1]); from sqlite_pg.sync import sync; "
-              "sync(sys.argv[2], json.loads(sys.argv[3]), range_keys=8, jobs=1)")
+    before = data_dump(pg_database)
+    applied = tmp_path / "applied"
+    # The child stops once its changes are in the target but not committed, for as long as it takes to kill it.
+    script = ("import json, pathlib, sys, time; sys.path.insert(0, sys.argv[1])\n"
+              "from sqlite_pg.sync import Sync, sync\n"
+              "close = Sync._close_state\n"
+              "def stop(self, cursor):\n"
+              "    close(self, cursor); pathlib.Path(sys.argv[4]).touch(); time.sleep(600)\n"
+              "Sync._close_state = stop; sync(sys.argv[2], json.loads(sys.argv[3]), range_keys=8, jobs=1)")
     runner = subprocess.Popen([sys.executable, "-c", script, str(ROOT / "module_utils"), str(src),
-                               json.dumps(pg_database)])
-
-    def synced_tasks():
-        return execute(pg_database, "SELECT count(*) FROM tasks WHERE completed_at = '2024-06-02 12:30:00+00'")[0][0]
-
+                               json.dumps(pg_database), str(applied)])
     try:
-        assert wait_until(lambda: synced_tasks() > 0, timeout=60, interval=0.005), "the sync never reached tasks"
+        assert wait_until(applied.exists, timeout=60), "the sync never applied its changes"
         runner.send_signal(signal.SIGKILL)
     finally:
         runner.wait()
-    assert 0 < synced_tasks() < expected, "the sync was not killed mid-way"
+    assert data_dump(pg_database) == before
     result = sync(str(src), pg_database, range_keys=SPAN)
     assert result["status"] == "completed" and result["tables"]["tasks"]["updated"]
     assert_equal_content(src, pg_database)
@@ -230,29 +233,29 @@ def test_a_killed_sync_is_finished_by_the_next(tmp_path, pg_database):
 
 
 def test_a_sync_stopped_mid_way_then_the_source_changed_back_ends_exact(migrated, monkeypatch, tmp_path):
-    """Stopped after some of its spans were written, a sync leaves those spans to be compared in full: the next
-    sync finds no change in their pages from the last recorded snapshot, yet the target holds newer rows there."""
+    """Stopped after some of its writes, a sync leaves nothing of them: the next sync, of the recorded snapshot
+    again, finds nothing to do and the target equals it."""
     src, conninfo = migrated
     sync(str(src), conninfo, range_keys=SPAN)
     recorded = tmp_path / "recorded.db"
     shutil.copyfile(src, recorded)
+    before = data_dump(conninfo)
     change_rows(str(src), fraction=0.2, seed=4)
-    upsert, calls = Sync._upsert, []
+    update = Sync._update
 
-    def stop_after_two(self, session, plan, span):
-        if plan.name == "files" and len(calls) == 2:
+    def stop_at_tasks(self, cursor, plan):
+        if plan.name == "tasks":
             raise KeyboardInterrupt
-        counts = upsert(self, session, plan, span)
-        calls.extend([span] if plan.name == "files" and counts.get("updated") else [])
-        return counts
+        update(self, cursor, plan)
 
-    monkeypatch.setattr(Sync, "_upsert", stop_after_two)
+    monkeypatch.setattr(Sync, "_update", stop_at_tasks)
     with pytest.raises(KeyboardInterrupt):
         sync(str(src), conninfo, range_keys=SPAN, jobs=1)
-    monkeypatch.setattr(Sync, "_upsert", upsert)
+    monkeypatch.setattr(Sync, "_update", update)
+    assert data_dump(conninfo) == before
     shutil.copyfile(recorded, src)  # the application undid its changes: the file is the recorded snapshot again
     result = sync(str(src), conninfo, range_keys=SPAN)
-    assert result["tables"]["files"]["updated"], result["tables"]["files"]
+    assert not result["changed"], result["msg"]
     assert_equal_content(src, conninfo)
 
 
@@ -316,21 +319,19 @@ def test_a_table_loaded_from_another_file_is_still_refused(migrated, tmp_path):
         migrate(str(copy), conninfo, create_tables=False)
 
 
-def test_an_invalid_changed_value_stops_its_range_and_names_it(migrated):
+def test_an_invalid_changed_value_stops_the_sync_and_names_it(migrated):
     src, conninfo = migrated
     sync(str(src), conninfo, range_keys=SPAN)
     with sqlite3.connect(src) as connection:
         connection.execute("UPDATE files SET created_at = 'not a date' WHERE id = 20")
         connection.execute("UPDATE files SET download_count = 77 WHERE id = 3")
+    before = data_dump(conninfo)
     with pytest.raises(MigrationError) as failure:
         sync(str(src), conninfo, range_keys=SPAN)
     message = str(failure.value)
     assert "table files, column created_at, id 20" in message and "\n" not in message
-    assert "Error" not in message
-    # No promise that what committed stays: a run's rollback restores the target over it.
-    assert "stay synced" not in message and "a rerun of the sync compares again" in message
-    assert execute(conninfo, "SELECT download_count FROM files WHERE id = 3") == [(77,)]  # its own range committed
-    assert execute(conninfo, "SELECT created_at::text FROM files WHERE id = 20")[0][0].startswith("20")
+    assert "Error" not in message and message.endswith("nothing was written: the target is as it was before the sync")
+    assert data_dump(conninfo) == before
 
 
 def test_dirty_intervals():
@@ -345,21 +346,26 @@ def test_dirty_intervals():
     assert dirty_intervals(0, 99, [], [a]) == [[0, 99]]
 
 
-def test_a_table_without_integer_key_is_replaced_as_a_whole(tmp_path, pg_database):
-    src = build_sqlite(tmp_path / "tags.db", "CREATE TABLE tags (name TEXT NOT NULL, weight REAL);",
-                       {"tags": [("red", 1.5), ("blue", None), ("green", 0.1)]})
+def test_a_table_without_any_key_is_compared_by_content_and_says_so(tmp_path, pg_database):
+    # Named as the sync's own columns of its matching by content: they must not clash.
+    src = build_sqlite(tmp_path / "tags.db", "CREATE TABLE tags (content TEXT NOT NULL, copy REAL);",
+                       {"tags": [("red", 1.5), ("blue", None), ("green", 0.1), ("green", 0.1)]})
     migrate(src, pg_database)  # records the table's digest
     assert not sync(src, pg_database)["changed"]
     with sqlite3.connect(src) as connection:
-        connection.execute("UPDATE tags SET weight = 0.30000000000000004 WHERE name = 'green'")
-        connection.execute("DELETE FROM tags WHERE name = 'red'")
+        connection.execute("UPDATE tags SET copy = 0.30000000000000004 WHERE rowid = 3")
+        connection.execute("DELETE FROM tags WHERE content = 'red'")
         connection.execute("INSERT INTO tags VALUES ('tab\tbed', -0.0)")
     before = execute(pg_database, "SELECT source_id FROM sqlite_to_postgres_state")[0][0]
+    unchanged = execute(pg_database, "SELECT ctid::text FROM tags WHERE content = 'blue'")
     result = sync(src, pg_database)
-    assert result["tables"]["tags"] == {"inserted": 3, "updated": 0, "deleted": 3, "rows_sent": 3,
+    # A changed row is a row deleted and a row inserted: the others stay where they are.
+    assert result["tables"]["tags"] == {"inserted": 2, "updated": 0, "deleted": 2, "rows_sent": 4, "total_rows": 4,
                                         "ranges_checked": 1, "ranges_changed": 1,
                                         "changed_keys": {"since": before, "keys": None}}
-    assert_same_content(src, pg_database, "tags", order_by=["name"])
+    assert execute(pg_database, "SELECT ctid::text FROM tags WHERE content = 'blue'") == unchanged
+    assert [n for n in result["notes"] if n.startswith("table tags has no primary key: ")], result["notes"]
+    assert_same_content(src, pg_database, "tags", order_by=["content", "copy"])
     assert not sync(src, pg_database)["changed"]
 
 

@@ -32,7 +32,6 @@ from .sync import sync
 from .target import (
     APPLICATION_NAME,
     connect,
-    count_rows,
     first_line,
     server_address,
 )
@@ -44,7 +43,7 @@ DEFAULT_JOBS = 2
 def migrate(src, conninfo, schema="public", tables=None, create_tables=True, jobs=DEFAULT_JOBS, on_invalid="fail",
             max_rejects=0, reject_file=None, source_timezone="UTC", progress_file=None, post_data=True,
             integrity="quick", check_mode=False, lease=None, target_ddl=None, preflight=False,
-            datetime_formats=None, source_name=None):
+            datetime_formats=None, source_name=None, keep_dropped_tables=False):
     """Migrate the SQLite database ``src`` into ``schema`` of the PostgreSQL database ``conninfo`` describes.
 
     ``conninfo``: libpq keywords for psycopg2.connect (host, port, user, dbname,
@@ -65,15 +64,17 @@ def migrate(src, conninfo, schema="public", tables=None, create_tables=True, job
     numbers are not to be read by SQLite's 'auto' rule (rules.DATETIME_FORMATS).
     ``source_name``: the path the state table records for the source (default: ``src``'s);
     the live database's when ``src`` is a copy of it, so that a run from a later copy
-    syncs the tables an earlier copy loaded (sync.py).
+    syncs the tables an earlier copy loaded (sync.py). ``keep_dropped_tables``: tables migrated from this
+    source that it no longer has stay in the target as they are, no longer synced; without it the run refuses
+    them before it writes anything.
 
     Returns the result dict (status, changed, msg, total_tables, total_rows,
-    tables, profile, post_data, source_id). Raises MigrationError, whose
+    tables, profile, post_data, source_id, sync_notes, dropped_tables). Raises MigrationError, whose
     ``result`` holds the same dict with status 'failed'.
     """
     run = Run(src, conninfo, schema, tables, create_tables, jobs, on_invalid, max_rejects, reject_file,
               source_timezone, progress_file, post_data, integrity, check_mode, lease, target_ddl, preflight,
-              datetime_formats or {}, source_name)
+              datetime_formats or {}, source_name, keep_dropped_tables)
     return run.execute()
 
 
@@ -82,7 +83,7 @@ class Run(Plan, Checks, Load, Keys):
 
     def __init__(self, src, conninfo, schema, tables, create_tables, jobs, on_invalid, max_rejects, reject_file,
                  source_timezone, progress_file, post_data, integrity, check_mode, lease=None, target_ddl=None,
-                 preflight=False, datetime_formats=None, source_name=None):
+                 preflight=False, datetime_formats=None, source_name=None, keep_dropped_tables=False):
         self.src, self.conninfo, self.schema = src, dict(conninfo), schema
         # Every session of this run carries one name, so that exactly these can be ended (lease.py).
         self.conninfo.setdefault("application_name", f"{APPLICATION_NAME} {secrets.token_hex(4)}")
@@ -93,7 +94,7 @@ class Run(Plan, Checks, Load, Keys):
         self.source_timezone, self.post_data, self.integrity = source_timezone, post_data, integrity
         self.check_mode, self.target_ddl = check_mode, target_ddl
         self.datetime_option = datetime_formats or {}
-        self.source_name = source_name
+        self.source_name, self.keep_dropped = source_name, keep_dropped_tables
         # The full profile before any write: what check mode predicts, and what reject mode needs to leave
         # rows out. Otherwise each table is read once, by its load, which checks every value it streams.
         self.preflight = check_mode or on_invalid == "reject" or bool(preflight)
@@ -102,7 +103,8 @@ class Run(Plan, Checks, Load, Keys):
         self.background = {}  # checks that run beside the load: {future: (kind, table)}
         self.progress = Progress(None if check_mode else progress_file, {})
         self.result = {"changed": False, "status": "failed", "msg": "", "total_tables": 0, "total_rows": 0,
-                       "tables": {}, "profile": {}, "post_data": [], "source_id": "", "findings": []}
+                       "tables": {}, "profile": {}, "post_data": [], "source_id": "", "findings": [],
+                       "sync_notes": [], "dropped_tables": []}
         self.notes = []
 
     # The run ---------------------------------------------------------------------------
@@ -141,10 +143,11 @@ class Run(Plan, Checks, Load, Keys):
                         self._check_foreign_keys_beside_the_load()
                     self.journal = Journal(self.conninfo, self.schema, self.source_id)
                     self._load(counters)
-                    # The checks beside the load go on beside the sync's scan: post_data and the sync wait for
-                    # them before their first write, and the run does not end before they passed.
-                    self._post_data()
+                    # The checks beside the load go on beside the sync's scan: the sync and post_data wait for
+                    # them before their first write, and the run does not end before they passed. The sync
+                    # comes first: a new table's foreign keys are validated against parents already synced.
                     self._sync()
+                    self._post_data()
                     self._await_background()
             finally:
                 gc.unfreeze()  # a caller that runs several migrations collects their garbage again
@@ -178,26 +181,33 @@ class Run(Plan, Checks, Load, Keys):
         """Undo everything this run wrote; the message then says what was undone, or what is left and why."""
         if self.journal is None:
             return message  # failed before the first write
-        if self.journal.empty and self.synced is not None:
-            return message  # the sync says itself what it committed (each key range in its own transaction)
+        # A sync is one transaction: one that failed wrote nothing, one that committed stays (consistent).
+        synced = [n for n in self.order if self.actions.get(n) == "sync"] if self.synced is not None else []
+        kept = (f"; the sync of {', '.join(synced)} committed before stays (it holds the source's snapshot)"
+                if synced and self.synced["changed"] else "")
         if self.journal.empty:
             problem = self.journal.resolve_prepared()  # ranges of a table that failed before anything committed
             if problem:
                 return (f"{message}; the prepared transactions of its ranges could not be rolled back ({problem}): "
                         "they hold locks until the next run, which resolves them first")
-            return message if message.endswith("nothing was written") else message + "; nothing was written"
+            if kept:
+                return message + kept
+            return message if message.endswith(("nothing was written", "as it was before the sync")) \
+                else message + "; nothing was written"
         what = self.journal.what()
         problem = self.journal.undo()
         if not problem:
-            self.result["changed"] = False
+            self.result["changed"] = bool(kept)
             for entry in self.result["tables"].values():
                 if entry.get("action") == "loaded":
                     entry.update(status="pending", action="undone", migrated=0)
-            return (f"{message}; everything this run wrote was undone ({what}): the target is as it was before "
-                    "the run, and a rerun starts again cleanly")
+            if kept:
+                return f"{message}; what this run loaded was undone ({what}){kept}; a rerun loads it again"
+            return (f"{message}; everything this run wrote was undone ({what}): the target is as it was before the "
+                    "run, and a rerun starts again cleanly")
         return (f"{message}; what this run wrote could not be undone ({problem}): {what} are left as loaded "
                 "(each table complete, with its state row); the runbook's rollback restores the backup, and a "
-                "rerun continues with what is missing")
+                f"rerun continues with what is missing{kept}")
 
     def _fail(self, message):
         """Record the failure and raise it (one line; the result dict rides along)."""
@@ -211,8 +221,9 @@ class Run(Plan, Checks, Load, Keys):
 
 
     def _sync(self):
-        """Tables holding an earlier snapshot of this file are brought up to date (sync.py); the tables this
-        run loaded get their page checksums, from which the next sync finds what changed without reading rows."""
+        """Tables holding an earlier snapshot of this file are brought up to date (sync.py), and the empty ones
+        tied to them by foreign keys loaded with them; the tables this run loaded get their page checksums, from
+        which the next sync finds what changed without reading rows."""
         to_sync = [n for n in self.order if self.actions[n] == "sync"]
         loaded = [n for n in self.order if self.result["tables"][n]["action"] == "loaded"]
         if not to_sync and not loaded:
@@ -220,23 +231,23 @@ class Run(Plan, Checks, Load, Keys):
         self.progress.phase = "sync"
         self.progress.write(force=True)
         try:
-            self.synced = sync(self.src, self.conninfo, self.schema, to_sync + loaded, self.jobs,
+            # The tables it keeps although the source dropped them are named too: the sync says so, and names them
+            # when one of their foreign keys stops it.
+            self.synced = sync(self.src, self.conninfo, self.schema, to_sync + loaded + self.kept_dropped, self.jobs,
                                self.source_timezone, hold_lock=False, source_id=self.source_id,
-                               source_name=self.source_name, before_writes=self._await_background)
+                               source_name=self.source_name, before_writes=self._await_background,
+                               keep_dropped_tables=self.keep_dropped)
         except MigrationError as error:
-            # A sync that failed before its first write leaves the message to say that nothing was written.
-            self.synced = error.result if error.result["changed"] else None
+            self.result["sync_notes"] = error.result["notes"]
             raise
-        with self.pg.cursor() as cursor:
-            for name in to_sync:
-                counts = self.synced["tables"][name]
-                self.result["tables"][name].update(
-                    {key: counts[key] for key in ("inserted", "updated", "deleted", "changed_keys")},
-                    status="completed",
-                    action="synced", migrated=counts["inserted"] + counts["updated"],
-                    total_rows=count_rows(cursor, self.schema, self.target_names[name]))
-                self.progress.finish(name, "synced", counts["inserted"] + counts["updated"])
-        self.pg.commit()
+        self.result["sync_notes"] = self.synced["notes"]
+        for name in to_sync:
+            counts = self.synced["tables"][name]
+            # Like a loaded or skipped table's: migrated and total_rows count the rows now in the target.
+            self.result["tables"][name].update(
+                {key: counts[key] for key in ("inserted", "updated", "deleted", "changed_keys")},
+                status="completed", action="synced", migrated=counts["total_rows"], total_rows=counts["total_rows"])
+            self.progress.finish(name, "synced", counts["total_rows"])
 
     # Results --------------------------------------------------------------------------
 

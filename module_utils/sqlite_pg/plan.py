@@ -16,10 +16,12 @@ from .names import pg_name, sqlite_ident
 from .profile import DATE_CATEGORIES, describe_key, display, resolve_datetime_formats
 from .rules import Invalid, check_timezone, rule_for, storage_class_of
 from .source import foreign_key_order, read_schema
+from .sync import dropped_note, dropped_refusal
 from .target import (
     STATE_TABLE,
     count_rows,
     default_literal,
+    dropped_tables,
     has_rows,
     planned_tables,
     read_table,
@@ -71,14 +73,16 @@ class Plan:
         self.notes += notes
         self.datetime_formats = resolve_datetime_formats(self.datetime_option, tables)
         by_name = {t.name: t for t in tables}
+        self.source_targets = {pg_name(t.name) for t in tables}
+        self.missing = []  # requested tables the source lacks: dropped since they were migrated, or unknown
+        self.available = ", ".join(sorted(by_name)) or "none"
         if self.requested:
             selected = []
             for name in self.requested:
                 match = by_name.get(name) or next((t for t in tables if t.name.lower() == str(name).lower()), None)
                 if match is None:
-                    available = ", ".join(sorted(by_name)) or "none"
-                    raise MigrationError(f"table {name} does not exist in source {self.source.path} "
-                                         f"(its tables: {available})")
+                    self.missing.append(str(name))
+                    continue
                 if match not in selected:
                     selected.append(match)
         else:
@@ -118,6 +122,7 @@ class Plan:
         problems = []
         with self.pg.cursor() as cursor:
             self.schema_present = schema_exists(cursor, self.schema)
+            self._dropped(cursor)
             if not self.schema_present and not self.create_tables and not self._uses_target_ddl():
                 raise MigrationError(f"schema {self.schema} does not exist in the target database "
                                      "(and create_tables is false)")
@@ -139,6 +144,46 @@ class Plan:
                                     "timestamp, so a date representation does not apply to it")
         if problems:
             raise MigrationError(problems[0] + self._more(len(problems) - 1, "problem"))
+
+    def _dropped(self, cursor):
+        """Tables migrated from this source that it no longer has (among those requested, when tables are named):
+        refused before anything is written, unless keep_dropped_tables keeps them as they are."""
+        found = dropped_tables(cursor, self.schema, self.source.name, self.source_targets) \
+            if self.schema_present else []
+        if self.requested:
+            named = {pg_name(n) for n in self.missing}
+            found = [(table, rows) for table, rows in found if table in named]
+            unknown = [n for n in self.missing if pg_name(n) not in {table for table, _rows in found}]
+            if unknown:
+                raise MigrationError(f"table {unknown[0]} does not exist in source {self.source.path} "
+                                     f"(its tables: {self.available})")
+        if found and not self.keep_dropped:
+            raise MigrationError(dropped_refusal(self.schema, self.source.path, found))
+        self.kept_dropped = self.result["dropped_tables"] = [table for table, _rows in found]
+        self.result["sync_notes"] = [dropped_note(self.schema, table, rows) for table, rows in found]
+
+    def _load_with_the_sync(self, cursor):
+        """Empty tables tied by a foreign key of the target to a table being synced (either way, or through
+        other such tables) are loaded inside the sync, in one transaction with it: loaded before it, a child
+        would refer to parent rows not synced yet; after it, the sync would wait on the child."""
+        if "sync" not in self.actions.values():
+            return
+        by_target = {self.target_names[n]: n for n in self.order}
+        cursor.execute(
+            "SELECT c.relname, p.relname FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid "
+            "JOIN pg_class p ON p.oid = k.confrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE k.contype = 'f' AND n.nspname = %s AND c.oid <> p.oid", (self.schema,))
+        ties = [(by_target[child], by_target[parent]) for child, parent in cursor.fetchall()
+                if child in by_target and parent in by_target]
+        moved = True
+        while moved:
+            moved = False
+            for pair in ties:
+                for one, other in (pair, pair[::-1]):
+                    if self.actions[one] == "load" and self.actions[other] == "sync":
+                        self.actions[one] = "sync"
+                        self.result["tables"][one]["action"] = "sync"
+                        moved = True
 
     def _uses_target_ddl(self):
         return self.check_mode and bool(self.target_ddl)
@@ -228,6 +273,8 @@ class Plan:
                 problem = self._decide_table(cursor, name, recorded.get(self.target_names[name], []))
                 if problem:
                     problems.append(problem)
+            if not problems:
+                self._load_with_the_sync(cursor)
         self.pg.commit()
         if problems:
             raise MigrationError(problems[0] + self._more(len(problems) - 1, "problem") + "; nothing was written")

@@ -1,8 +1,10 @@
 """The SQLite side: opening the file read-only, its identity, its schema."""
 
+import fcntl
 import hashlib
 import os
 import sqlite3
+import struct
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
@@ -15,6 +17,7 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 HEADER_BYTES = 100
 READ_BLOCK = 4 << 20
 ROWID_ALIASES = ("rowid", "_rowid_", "oid")
+RESERVED_BYTE = 0x40000001  # SQLite's lock bytes: PENDING_BYTE (1 GiB) + 1 (os_unix.c)
 
 
 @dataclass
@@ -108,13 +111,16 @@ class Source:
                 f"source {self.path} is a WAL database with a -wal file but no -shm file: "
                 "open it once with sqlite3 (read-write) to recover it, or copy the -shm file along"
             )
-        if not self.wal_mode and os.path.exists(self.path + "-journal") and os.path.getsize(self.path + "-journal"):
-            hot = self._journal_is_hot()
-            if hot:
-                raise MigrationError(
-                    f"source {self.path} has a hot journal ({self.path}-journal): a writer stopped mid-transaction; "
-                    "open it once with sqlite3 (read-write) to roll it back"
-                )
+        if not self.wal_mode and os.path.exists(self.path + "-journal") and self._journal_has_a_header():
+            # SQLite writes the header (zeros until then, unless synchronous is off) before the file changes:
+            # until the writer's commit ends, or if it died, the file may hold a half-written transaction.
+            if self._reserved_by_a_writer():
+                raise MigrationError(f"source {self.path} is being written: another process is committing a "
+                                     "transaction (or holds one larger than its cache); run again once it ends")
+            raise MigrationError(
+                f"source {self.path} has a hot journal ({self.path}-journal): a writer stopped mid-transaction; "
+                "open it once with sqlite3 (read-write) to roll it back"
+            )
         if not self.wal_mode:
             self.open_mode = "mode=ro"
         elif has_wal:
@@ -144,9 +150,21 @@ class Source:
             raise MigrationError(f"source {path} is truncated: {len(header)} bytes, shorter than a SQLite header")
         return header
 
-    def _journal_is_hot(self):
+    def _journal_has_a_header(self):
+        """A journal whose header is still zero belongs to a transaction that has not touched the file yet (or
+        never will): readers read past it, as SQLite does (fileformat2.html, "hot journal")."""
         with open(self.path + "-journal", "rb") as handle:
-            return handle.read(8) != b"\x00" * 8
+            return handle.read(8) not in (b"", b"\x00" * 8)
+
+    def _reserved_by_a_writer(self):
+        """Whether a process holds SQLite's RESERVED lock on the file (a POSIX lock on byte RESERVED_BYTE). Asked
+        with F_GETLK, which takes no lock: this process's own locks on the file would be dropped with any
+        descriptor of it that it closes. struct flock as Linux lays it out: short, short, off_t, off_t, pid_t."""
+        layout = "hhxxxxqqixxxx"
+        with open(self.path, "rb") as handle:
+            answer = fcntl.fcntl(handle.fileno(), fcntl.F_GETLK,
+                                 struct.pack(layout, fcntl.F_WRLCK, os.SEEK_SET, RESERVED_BYTE, 1, 0))
+        return struct.unpack(layout, answer)[0] != fcntl.F_UNLCK
 
     def _check_length(self, has_wal):
         # The page count in the header is trustworthy when the "version-valid-for"

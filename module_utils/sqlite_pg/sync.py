@@ -8,22 +8,25 @@ intervals not covered by an unchanged page ("dirty") are read from SQLite,
 formatted by the migration's own rules, and applied. Within a changed page,
 the digests of its cells, kept from the last sync too, narrow the dirty
 intervals down to the rows inserted, updated or deleted (pages.Cells), so a
-change of 1 % of the rows sends about 1 % of them:
+change of 1 % of the rows sends about 1 % of them. A table without an integer
+rowid key is compared as a whole: when any of its pages changed, all its rows
+are sent and matched by its primary key (by their content without one).
 
-1. upserts, tables parents first: the dirty rows are copied into a temporary
-   table, rows whose text differs are updated, missing ones inserted;
-2. deletes, tables children first: target rows in the dirty intervals that
-   the source no longer has are deleted.
+The whole sync is one transaction, so a sync that fails or is killed leaves
+the target exactly as it was. The changed rows are staged first (COPY into
+temporary tables), then applied set-wise so that every constraint holds at
+every statement or, where the source moved values between rows, at the
+commit (docs/sync.md, "Applying the changes"):
 
-Each (table, span) step is one transaction and the foreign keys of the target
-hold at every commit. Before the first of them, the dirty spans' checksums
-leave the state table; the new ones (pages and cells) are stored in the sync's
-last transaction. A sync killed at any moment leaves each span either
-recorded and as the last sync left it, or unrecorded: the next sync compares
-the unrecorded spans in full and finishes the job.
+1. rows whose key the source no longer has, and rows whose unique values
+   changed, are found; a table where such a value re-appears in another row
+   is "in conflict": its removals go first, and the foreign keys that
+   reference it are checked at the end of the transaction;
+2. inserts, tables parents first; 3. updates; 4. deletes, children first.
 """
 
 import bisect
+import collections
 import datetime
 import hashlib
 import io
@@ -35,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import psycopg2
+from psycopg2 import errors as pgerrors
 from psycopg2 import sql
 
 from .errors import MigrationError
@@ -45,24 +49,34 @@ from .profile import display
 from .rules import Invalid, check_timezone, rule_for
 from .source import Source, foreign_key_order, read_schema
 from .target import (
+    DDL_LOCK_TIMEOUT,
     STATE_TABLE,
     cells_column_ddl,
     connect,
     count_rows,
+    dropped_tables,
     first_line,
+    foreign_keys_touching,
+    has_rows,
     read_table,
+    record_load,
     sequence_steps,
     state_has_column,
     state_rows,
+    unique_column_sets,
 )
 
-RANGE_KEYS = 65536  # rowids per span: one transaction and one set of stored page checksums each
+RANGE_KEYS = 65536  # rowids per span: one set of stored page checksums each
 MAX_RANGES = 1024  # a table's spans are widened (once, from its key bounds) to stay within this many
 FORMAT = 1  # of key_range_checksums; another one is read as "no checksums"
 LOCK_NAMESPACE = "sqlite_to_postgres:"  # migrate()'s: one run per target schema, whichever it is
 ALL_CLASSES = frozenset({"integer", "real", "text", "blob"})
 ALL_KEYS = [-(1 << 63), (1 << 63) - 1]
 SPECIALS_GLOB = "*[\t\n\r\\]*"  # text holding what COPY must escape (real tab, newline, CR, backslash)
+# Below this share of the rows recorded at the last sync left unchanged, the result says the file may be
+# another database: half the rows updated is an everyday change, none of them kept is not.
+KEPT_SHARE = 0.1
+KEPT_SHARE_MIN_ROWS = 100
 
 
 @dataclass
@@ -71,11 +85,15 @@ class TablePlan:
     target: str  # in PostgreSQL
     key: str  # the rowid alias column in SQLite, "" for a table compared as a whole
     columns: list  # [(SQLite column, target column, TargetType)]
-    state_id: str  # source_id of its state row
+    state_id: str  # source_id of its state row ("" for a table loaded by this sync)
     since: str = ""  # state_id when the sync began: the snapshot its changed keys are relative to
+    match: list = field(default_factory=list)  # target columns rows are matched by; [] for their whole content
+    new: bool = False  # no state row: its empty target table is loaded by this sync
+    rows_before: int = 0  # rows in the target at the last sync (its state row)
+    relation: int = 0  # the target table's oid
     records: dict = field(default_factory=dict)
     pages: list = field(default_factory=list)  # Page records of the source, in key order
-    digest: int = 0  # keyless tables: crc of all pages
+    digest: int = 0  # tables compared as a whole: crc of all pages
     width: int = RANGE_KEYS
     dirty: dict = field(default_factory=dict)  # span -> [[low, high], ...]
     current: dict = field(default_factory=dict)  # span -> [page record, ...]
@@ -83,37 +101,60 @@ class TablePlan:
     fresh: bool = False  # no usable stored checksums (none, other columns, another span width): all spans compared
     rowid: str = ""  # how SQLite addresses the rowid, "" for WITHOUT ROWID tables
     cells: dict = None  # span -> Cells of this snapshot, to store; None: the stored ones stay
+    conflict: bool = False  # a unique value leaves one row for another: removals first, foreign keys deferred
+    removed: int = 0  # rows of the target to remove: deleted ones and those rewritten
+    rewritten: int = 0  # of those, rows the source still has, whose unique values changed
+    total_rows: int = 0
     counts: dict = field(default_factory=lambda: {"inserted": 0, "updated": 0, "deleted": 0, "rows_sent": 0})
 
 
 def sync(src, conninfo, schema="public", tables=None, jobs=2, source_timezone="UTC", range_keys=RANGE_KEYS,
-         hold_lock=True, source_id=None, source_name=None, before_writes=None):
+         hold_lock=True, source_id=None, source_name=None, before_writes=None, keep_dropped_tables=False):
     """Bring ``schema`` (which holds an earlier migration of ``src``) up to date with ``src``.
 
     ``hold_lock``: take migrate()'s advisory lock for the schema (False when the
     caller's session holds it already). ``source_id``: the source's sha256 when the
     caller has hashed it already (migrate() has). ``source_name``: as for migrate(). ``before_writes``: called
     once the changes are found, before the first write (migrate() waits there for the source's checks that ran
-    beside the scan); what it raises fails the sync with nothing written. Returns dict(status, changed, msg,
-    tables={name: inserted, updated, deleted, ranges_checked, ranges_changed},
-    sequences, seconds, source_id); raises MigrationError, whose ``result`` is
+    beside the scan); what it raises fails the sync with nothing written. ``keep_dropped_tables``: tables
+    migrated from this source that it no longer has stay in the target as they are (else the sync refuses
+    them before it writes). Returns dict(status, changed, msg, tables={name: inserted, updated, deleted,
+    total_rows, ...}, notes, sequences, seconds, source_id); raises MigrationError, whose ``result`` is
     the same dict with status 'failed'.
     """
     return Sync(src, conninfo, schema, tables, jobs, source_timezone, range_keys, hold_lock, source_id,
-                source_name, before_writes).execute()
+                source_name, before_writes, keep_dropped_tables).execute()
+
+
+def dropped_refusal(schema, source_path, dropped):
+    """The one-line refusal of tables the source no longer has ([(table, rows)]), with what the operator can do."""
+    named = ", ".join(f"{schema}.{table} ({rows} rows)" for table, rows in dropped)
+    them = "them" if len(dropped) > 1 else "it"
+    return (f"source {source_path} no longer has table{'s' * (len(dropped) > 1)} {', '.join(t for t, _ in dropped)}, "
+            f"migrated from it before: the target still holds {named}; drop {them} in the target (DROP TABLE), "
+            f"or keep {them} as {'they are' if len(dropped) > 1 else 'it is'}, no longer synced, with "
+            "keep_dropped_tables; nothing was written")
+
+
+def dropped_note(schema, table, rows):
+    return (f"table {table} was dropped from the source: kept in the target as it is ({schema}.{table}, {rows} rows), "
+            "no longer synced (keep_dropped_tables)")
 
 
 class Sync:
     def __init__(self, src, conninfo, schema, tables, jobs, source_timezone, range_keys, hold_lock, source_id=None,
-                 source_name=None, before_writes=None):
+                 source_name=None, before_writes=None, keep_dropped_tables=False):
         self.src, self.conninfo, self.schema = src, dict(conninfo), schema
         self.requested, self.jobs, self.timezone = tables, jobs, source_timezone
         self.range_keys, self.hold_lock = range_keys, hold_lock
         self.source_id, self.source_name = source_id or "", source_name
-        self.before_writes = before_writes
+        self.before_writes, self.keep_dropped = before_writes, keep_dropped_tables
+        self.kept = {}  # target tables dropped from the source and kept: {table: rows}
+        self.committed = False
+        self._step = None  # (what the write is doing, its TablePlan or None): what a refusal names
         self.started = time.monotonic()
         self.started_at = datetime.datetime.now(datetime.timezone.utc)
-        self.result = {"status": "failed", "changed": False, "msg": "", "tables": {}, "sequences": [],
+        self.result = {"status": "failed", "changed": False, "msg": "", "tables": {}, "notes": [], "sequences": [],
                        "seconds": 0.0, "source_id": ""}
 
     def execute(self):
@@ -133,7 +174,7 @@ class Sync:
                     self._scan()
                     if self.before_writes:
                         self.before_writes()
-                    self._apply()
+                    self._write()
                     self._sequences()
                 finally:
                     self.pg.close()
@@ -142,7 +183,9 @@ class Sync:
             self.result.update(status="failed", msg=str(error))
             raise MigrationError(str(error), self.result) from None
         except psycopg2.Error as error:
-            message = f"PostgreSQL failed during the sync: {first_line(error, self.conninfo)}; {_LEFT}"
+            message = f"PostgreSQL failed during the sync: {first_line(error, self.conninfo)}; " + (
+                "the rows were synced before, only the sequences were not set: a rerun sets them"
+                if self.committed else _NOTHING)
             self.result.update(status="failed", msg=message)
             raise MigrationError(message, self.result) from None
 
@@ -162,12 +205,11 @@ class Sync:
             found, _notes = read_schema(connection)
         finally:
             connection.close()
+        self.source_targets = {pg_name(t.name) for t in found}
         by_name = {t.name: t for t in found}
+        self.missing = [n for n in self.requested or [] if n not in by_name]
         if self.requested:
-            missing = [n for n in self.requested if n not in by_name]
-            if missing:
-                raise MigrationError(f"table {missing[0]} does not exist in source {self.source.path}")
-            found = [by_name[n] for n in self.requested]
+            found = [by_name[n] for n in self.requested if n in by_name]
         self.order, _notes = foreign_key_order(found)
         self.tables = {t.name: t for t in found}
 
@@ -187,36 +229,72 @@ class Sync:
         with self.pg.cursor() as cursor:
             recorded = state_rows(cursor, self.schema)
             self.cells_column = state_has_column(cursor, self.schema, "cell_checksums")
+            self._dropped(cursor)
             for name in self.order:
-                source, target = self.tables[name], pg_name(name)
-                existing = read_table(cursor, self.schema, target)
-                if existing is None:
-                    raise MigrationError(f"target table {self.schema}.{target} does not exist: "
-                                         "run the migration first, a sync only brings a migrated target up to date")
-                rows = [r for r in recorded.get(target, []) if r[1] == self.source.name]
-                if not rows:
-                    raise MigrationError(f"target table {self.schema}.{target} holds no migration of source "
-                                         f"{self.source.path}: run the migration first")
-                columns = []
-                for column in source.columns:
-                    match = existing.column(column.name)
-                    if match is None:
-                        raise MigrationError(f"table {name}: column {column.name} has no column in target table "
-                                             f"{self.schema}.{target}")
-                    columns.append((column.name, match.name, match.type))
-                plan = TablePlan(name, target, source.rowid_alias, columns, rows[-1][0], rows[-1][0],
-                                 rowid=source.rowid)
-                cursor.execute(sql.SQL("SELECT key_range_checksums FROM {} WHERE source_id = %s AND table_name = %s")
-                               .format(sql.Identifier(self.schema, STATE_TABLE)), (plan.state_id, target))
-                stored = cursor.fetchone()[0] or {}
-                if stored.get("format") == FORMAT and stored.get("signature") == self._signature(plan):
-                    plan.records = stored
-                self.plans[name] = plan
+                self.plans[name] = self._plan(cursor, name, recorded)
         self.pg.commit()
+
+    def _dropped(self, cursor):
+        """Tables migrated from this source that it no longer has: refused before any write, or kept as they are.
+
+        A caller that names its tables answers for the others (migrate() has): then only the named tables the
+        source no longer has count, and it names those it keeps."""
+        dropped = dropped_tables(cursor, self.schema, self.source.name, self.source_targets)
+        if self.requested is not None:
+            named = {pg_name(n) for n in self.missing}
+            dropped = [(table, rows) for table, rows in dropped if table in named]
+            unknown = sorted(named - {table for table, _rows in dropped})
+            if unknown:
+                raise MigrationError(f"table {unknown[0]} does not exist in source {self.source.path}")
+        if dropped and not self.keep_dropped:
+            raise MigrationError(dropped_refusal(self.schema, self.source.path, dropped))
+        self.kept = dict(dropped)
+        self.result["notes"] += [dropped_note(self.schema, table, rows) for table, rows in dropped]
+
+    def _plan(self, cursor, name, recorded):
+        source, target = self.tables[name], pg_name(name)
+        existing = read_table(cursor, self.schema, target)
+        if existing is None:
+            raise MigrationError(f"target table {self.schema}.{target} does not exist: "
+                                 "run the migration first, a sync only brings a migrated target up to date")
+        rows = [r for r in recorded.get(target, []) if r[1] == self.source.name]
+        empty = not has_rows(cursor, self.schema, target)
+        if not rows and not empty:
+            raise MigrationError(f"target table {self.schema}.{target} holds no migration of source "
+                                 f"{self.source.path}: run the migration first")
+        columns = []
+        for column in source.columns:
+            match = existing.column(column.name)
+            if match is None:
+                raise MigrationError(f"table {name}: column {column.name} has no column in target table "
+                                     f"{self.schema}.{target}")
+            columns.append((column.name, match.name, match.type))
+        by_source = {s: t for s, t, _type in columns}
+        state_id = rows[-1][0] if rows else ""
+        plan = TablePlan(name, target, source.rowid_alias, columns, state_id, state_id, rowid=source.rowid,
+                         new=not rows, rows_before=rows[-1][2] if rows else 0)
+        plan.match = ([by_source[source.rowid_alias]] if source.rowid_alias
+                      else [by_source[c] for c in source.primary_key])
+        cursor.execute("SELECT %s::regclass::oid", (sql.Identifier(self.schema, target).as_string(cursor),))
+        plan.relation = cursor.fetchone()[0]
+        if rows and not empty:  # an emptied table is loaded again: its checksums describe rows it lost
+            cursor.execute(sql.SQL("SELECT key_range_checksums FROM {} WHERE source_id = %s AND table_name = %s")
+                           .format(sql.Identifier(self.schema, STATE_TABLE)), (plan.state_id, target))
+            stored = cursor.fetchone()[0] or {}
+            if stored.get("format") == FORMAT and stored.get("signature") == self._signature(plan):
+                plan.records = stored
+        return plan
 
     def _signature(self, plan):
         """What the stored checksums assume: the columns, their target types and the source's time zone."""
         return [self.timezone] + [[s, t, kind.sql] for s, t, kind in plan.columns]
+
+    def _identity(self):
+        """What names the database beside its content: a page size or application id that changes says the file
+        was rebuilt or is another database (fileformat2.html: header offsets 16, 56 and 68)."""
+        header = self.source.header
+        return {"page_size": self.source.page_size, "text_encoding": int.from_bytes(header[56:60], "big"),
+                "application_id": int.from_bytes(header[68:72], "big", signed=True)}
 
     # Finding what changed ------------------------------------------------------------
 
@@ -248,7 +326,8 @@ class Sync:
         self._verify_unchanged()
 
     def _finished(self, plan):
-        """Its state row names this snapshot and holds complete checksums (a killed sync leaves them incomplete)."""
+        """Its state row names this snapshot and holds complete checksums (before syncs were one transaction, a
+        killed sync left them incomplete: the spans it had taken out of them are compared in full)."""
         return plan.state_id == self.source_id and plan.records.get("complete", False)
 
     def _scan_table(self, plan):
@@ -340,7 +419,7 @@ class Sync:
 
     def _target_bounds(self, plan):
         with self.pg.cursor() as cursor:
-            key = sql.Identifier(self._target_key(plan))
+            key = sql.Identifier(plan.match[0])
             cursor.execute(sql.SQL("SELECT min({}), max({}) FROM {}").format(
                 key, key, sql.Identifier(self.schema, plan.target)))
             bounds = cursor.fetchone()
@@ -351,173 +430,297 @@ class Sync:
         low, high = self._target_bounds(plan)
         return set() if low is None else set(range(low // width, high // width + 1))
 
-    @staticmethod
-    def _target_key(plan):
-        return next(target for source, target, _type in plan.columns if source == plan.key)
-
     def _verify_unchanged(self):
         if self.source.fingerprint() != self.fingerprint:
             raise MigrationError(f"source {self.source.path} changed while it was being read (another process wrote "
-                                 f"to it): run the sync again; {_LEFT}")
+                                 f"to it): run the sync again; {_NOTHING}")
 
     # Applying the changes ------------------------------------------------------------
 
-    def _apply(self):
-        work = [(name, span) for name in self.order for span in sorted(self.plans[name].dirty)]
-        if not work:
+    def _write(self):
+        """The rows and the state rows, in one transaction: a sync that stops anywhere wrote nothing."""
+        changed = [self.plans[n] for n in self.order if any(self.plans[n].dirty.values())]
+        recording = any(plan.dirty or plan.baseline or plan.state_id != self.source_id
+                        for plan in self.plans.values())
+        if not recording:
             return
-        sessions, opened = queue.SimpleQueue(), []
+        pg = connect(self.conninfo)
         try:
-            for _ in range(min(self.jobs, len(work))):
-                session = Session(self.source, self.conninfo, self.timezone)
-                opened.append(session)
-                sessions.put(session)
-            self._start_documents()
-            # Upserts parents first: a child's new parent is there before the child points to it.
-            for name in self.order:
-                self._run(sessions, self._upsert, self.plans[name])
-            # Deletes children first: no parent goes while a child still points to it.
-            for name in reversed(self.order):
-                self._run(sessions, self._delete, self.plans[name])
+            with pg.cursor() as cursor:
+                # Naive timestamps are in the source's zone, as in the load. Each statement touches few rows:
+                # compiling it (JIT, which PostgreSQL's estimates of the key intervals would set off) costs more.
+                cursor.execute("SELECT set_config('TimeZone', %s, false), set_config('DateStyle', 'ISO, YMD', false), "
+                               "set_config('jit', 'off', false)", (self.timezone,))
+                if changed:
+                    self._stage(cursor, changed)
+                    for plan in changed:
+                        self._find_removals(cursor, plan)
+                    held = self._hold_foreign_keys(cursor, changed)
+                    self._apply(cursor, changed)
+                    self._release_foreign_keys(cursor, held)
+                self._close_state(cursor)
+            self._verify_unchanged()  # the rows sent and the checksums stored are of the snapshot scanned
+            pg.commit()
+            self.committed = self.result["changed"] = True
+        except psycopg2.Error as error:
+            raise MigrationError(self._refusal(error)) from None
         finally:
-            for session in opened:
-                session.close()
+            pg.close()
 
-    def _start_documents(self):
-        """Before any row is written: the dirty spans' records leave the checksum document, which is marked
-        incomplete. A span it does not name is one whose target rows are not known to match any snapshot (a sync
-        killed from here on may have written some of its rows): the next sync compares it in full."""
-        with self.pg.cursor() as cursor:
-            for plan in self.plans.values():
-                if plan.key and plan.dirty:
-                    kept = {} if plan.fresh else {span: records for span, records in plan.records["ranges"].items()
-                                                  if int(span) not in plan.dirty}
-                    cursor.execute(sql.SQL("UPDATE {} SET key_range_checksums = %s WHERE source_id = %s "
-                                           "AND table_name = %s").format(sql.Identifier(self.schema, STATE_TABLE)),
-                                   (json.dumps(dict(self._document(plan, complete=False), ranges=kept)),
-                                    plan.state_id, plan.target))
-                    self.result["changed"] = True
-        self.pg.commit()
+    def _apply(self, cursor, changed):
+        """Removals of tables in conflict, then inserts, parents first; updates; the other removals, children
+        first. Outside the tables in conflict, each statement leaves every foreign key satisfied: a child's new
+        parent is there before the child points to it, a parent goes only after its children went or moved."""
+        for plan in changed:
+            self._step = ("insert", plan)
+            if plan.conflict:
+                self._remove(cursor, plan)
+            self._insert(cursor, plan)
+        for plan in changed:
+            self._step = ("update", plan)
+            self._update(cursor, plan)
+        for plan in reversed(changed):
+            self._step = ("delete", plan)
+            if not plan.conflict:
+                self._remove(cursor, plan)
+        self._step = None
 
-    def _run(self, sessions, step, plan):
-        def one(span):
-            session = sessions.get()
-            try:
-                return step(session, plan, span)
-            except BaseException:
-                if not session.pg.closed:
-                    session.pg.rollback()
-                raise
-            finally:
-                sessions.put(session)
-
-        with ThreadPoolExecutor(max_workers=self.jobs) as threads:
-            for counts in threads.map(one, sorted(plan.dirty)):
-                for key, value in counts.items():
-                    plan.counts[key] += value
-
-    def _upsert(self, session, plan, span):
+    def _stage(self, cursor, changed):
+        """COPY the source rows of every dirty interval into a temporary table per table, formatted as the load
+        formats them (read from SQLite by ``jobs`` threads, in order, a few intervals ahead)."""
+        units = [(plan, span) for plan in changed for span in sorted(plan.dirty) if plan.dirty[span]]
+        for plan in changed:
+            cursor.execute(sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
+                self._staging(plan), sql.SQL(", ").join(sql.Identifier(t) for _s, t, _k in plan.columns),
+                sql.Identifier(self.schema, plan.target)))
+        readers = queue.SimpleQueue()
+        opened = []
         try:
-            return self._write_rows(session, plan, span)
-        except (psycopg2.DataError, psycopg2.IntegrityError) as error:
-            session.pg.rollback()
-            problem = self._first_invalid(plan, session.lite, plan.dirty[span])
-            raise MigrationError(problem or f"table {plan.name}: PostgreSQL refused the changed rows of key range "
-                                 f"{span}: {first_line(error, self.conninfo)}; {_LEFT}") from None
+            for _ in range(min(self.jobs, len(units)) or 1):
+                opened.append(self.source.connect(text_as_bytes=True))
+                readers.put(opened[-1])
 
-    def _write_rows(self, session, plan, span):
-        intervals = plan.dirty[span]
-        if not intervals:
-            return {}  # pages changed, no row did
-        data, sent, copy_columns = self._copy_text(session, plan, intervals)
-        columns = [target for _source, target, _type in plan.columns]
-        target = sql.Identifier(self.schema, plan.target)
-        temporary = sql.Identifier(f"sqlite_to_postgres_sync_{self.order.index(plan.name)}")
-        names = sql.SQL(", ").join(map(sql.Identifier, columns))
-        copied = sql.SQL(", ").join(map(sql.Identifier, copy_columns))
-        with session.pg.cursor() as cursor:
-            if not plan.key:
-                # No key to match rows by: the table is replaced as a whole, with its digest.
-                cursor.execute(sql.SQL("DELETE FROM {}").format(target))
-                deleted = cursor.rowcount
-                cursor.copy_expert(sql.SQL("COPY {} ({}) FROM STDIN").format(target, copied).as_string(cursor),
-                                   io.BytesIO(data))
-                self._record(cursor, plan)
-                self._commit(session)
-                return {"inserted": sent, "deleted": deleted, "rows_sent": sent}
-            if not sent:
-                return {}
-            counts = {"rows_sent": sent}
-            cursor.execute(sql.SQL("CREATE TEMPORARY TABLE IF NOT EXISTS {} AS SELECT {} FROM {} WITH NO DATA").format(
-                temporary, names, target))
-            cursor.execute(sql.SQL("TRUNCATE {}").format(temporary))
-            cursor.copy_expert(sql.SQL("COPY {} ({}) FROM STDIN").format(temporary, copied).as_string(cursor),
-                               io.BytesIO(data))
-            key = sql.Identifier(self._target_key(plan))
-            others = [c for c in columns if c != self._target_key(plan)]
-            updated = 0
-            if others:
-                # Compared as text, which is exactly what a loaded row would be (numeric scale, -0, jsonb).
-                cursor.execute(sql.SQL(
-                    "UPDATE {target} t SET {assignments} FROM {temporary} s WHERE t.{key} = s.{key} "
-                    "AND ROW({old})::text IS DISTINCT FROM ROW({new})::text").format(
-                    target=target, temporary=temporary, key=key,
-                    assignments=sql.SQL(", ").join(sql.SQL("{} = s.{}").format(sql.Identifier(c), sql.Identifier(c))
-                                                   for c in others),
-                    old=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in others),
-                    new=sql.SQL(", ").join(sql.SQL("s.{}").format(sql.Identifier(c)) for c in others)))
-                updated = cursor.rowcount
+            def read(unit):
+                plan, span = unit
+                lite = readers.get()
+                try:
+                    return self._copy_text(lite, plan, plan.dirty[span])
+                finally:
+                    readers.put(lite)
+
+            with ThreadPoolExecutor(max_workers=len(opened)) as threads:
+                for (plan, span), (data, sent, copy_columns) in zip(units, _in_order(threads, read, units,
+                                                                                     len(opened) + 1)):
+                    if not sent:
+                        continue
+                    try:
+                        cursor.copy_expert(sql.SQL("COPY {} ({}) FROM STDIN").format(
+                            self._staging(plan), sql.SQL(", ").join(map(sql.Identifier, copy_columns)))
+                            .as_string(cursor), io.BytesIO(data))
+                    except psycopg2.DataError as error:
+                        cursor.connection.rollback()
+                        lite = self.source.connect(text_as_bytes=True)  # the readers may still be busy
+                        try:
+                            problem = self._first_invalid(plan, lite, plan.dirty[span])
+                        finally:
+                            lite.close()
+                        raise MigrationError((problem or f"table {plan.name}: PostgreSQL refused a changed row: "
+                                              f"{first_line(error, self.conninfo)}") + f"; {_NOTHING}") from None
+                    plan.counts["rows_sent"] += sent
+        finally:
+            for lite in opened:
+                lite.close()
+
+    def _staging(self, plan):
+        return sql.Identifier(f"sqlite_to_postgres_stage_{self.order.index(plan.name)}")
+
+    def _removal(self, plan):
+        return sql.Identifier(f"sqlite_to_postgres_remove_{self.order.index(plan.name)}")
+
+    def _find_removals(self, cursor, plan):
+        """The target rows to remove: those the source no longer has (in the dirty intervals), and those whose
+        unique values changed (they are inserted again, so that no unique value is held twice at any moment).
+        The table is in conflict when it has such rows, or when a unique value of a row gone is held by a
+        staged row (found on the same pass over the rows gone: a staged row that keeps its key keeps its
+        unique values, so only an inserted one can hold it). The sync's own columns are named NAMES."""
+        target, staging, removal = sql.Identifier(self.schema, plan.target), self._staging(plan), self._removal(plan)
+        sets, opaque = unique_column_sets(cursor, plan.relation)
+        sets = [columns for columns in sets if set(columns) != set(plan.match)]
+        everything = [t for _s, t, _k in plan.columns]
+        if opaque:  # a unique index on expressions or partial: any changed column may change what it holds
+            sets = [tuple(everything)]
+        differs = sql.SQL(" OR ").join(
+            sql.SQL("ROW({})::text IS DISTINCT FROM ROW({})::text").format(_columns("t", c), _columns("s", c))
+            for c in sets) if sets else sql.SQL("false")
+        # A NULL in the list is never equal: NULLs are distinct in unique indexes too.
+        taken = sql.SQL(" OR ").join(
+            sql.SQL("({}) IN (SELECT {} FROM {} s)").format(_columns("t", c), _columns("s", c), staging)
+            for c in sets) if sets else sql.SQL("false")
+        formats = dict(NAMES, removal=removal, target=target, staging=staging, differs=differs, taken=taken)
+        if plan.key:
+            key = sql.Identifier(plan.match[0])
+            intervals = [i for span in sorted(plan.dirty) for i in plan.dirty[span]]
+            # One index range scan per interval for the rows gone (PostgreSQL cannot know how few rows each
+            # interval holds: a join of both sides would hash the target's side), one lookup per staged row
+            # for the rows rewritten.
             cursor.execute(sql.SQL(
-                "INSERT INTO {target} ({names}) OVERRIDING SYSTEM VALUE SELECT {names} FROM {temporary} s "
-                "WHERE NOT EXISTS (SELECT 1 FROM {target} t WHERE t.{key} = s.{key})").format(
-                target=target, names=names, temporary=temporary, key=key))
-            inserted = cursor.rowcount
-        if updated or inserted:
-            self._commit(session)
+                "CREATE TEMPORARY TABLE {removal} ON COMMIT DROP AS "
+                "SELECT t.{key}, true AS {gone}, {taken} AS {held} "
+                "FROM unnest(%s::bigint[], %s::bigint[]) AS span(low, high) "
+                "JOIN {target} t ON t.{key} BETWEEN span.low AND span.high "
+                "WHERE NOT EXISTS (SELECT FROM {staging} s WHERE s.{key} = t.{key}) "
+                "UNION ALL SELECT t.{key}, false, false FROM {staging} s JOIN {target} t ON t.{key} = s.{key} "
+                "WHERE {differs}").format(key=key, **formats),
+                ([low for low, _high in intervals], [high for _low, high in intervals]))
+        elif plan.match:
+            cursor.execute(sql.SQL(
+                "CREATE TEMPORARY TABLE {removal} ON COMMIT DROP AS SELECT {keys}, s.{present} IS NULL AS {gone}, "
+                "s.{present} IS NULL AND ({taken}) AS {held} "
+                "FROM {target} t LEFT JOIN (SELECT *, true AS {present} FROM {staging}) s ON {joined} "
+                "WHERE s.{present} IS NULL OR {differs}").format(
+                keys=_columns("t", plan.match), joined=_joined(plan.match), **formats))
         else:
-            session.pg.rollback()  # nothing differed: leave no transaction behind
-        return dict(counts, inserted=inserted, updated=updated)
-
-    def _delete(self, session, plan, span):
-        if not plan.key:
-            return {}
-        intervals = plan.dirty[span]
-        if not intervals:
-            return {}
-        keys = [row[0] for row in session.lite.execute(
-            f"SELECT src.{sqlite_ident(plan.key)} {key_intervals_join(plan.name, plan.key)}", (json.dumps(intervals),))]  # noqa: S608
-        key = sql.Identifier(self._target_key(plan))
-        with session.pg.cursor() as cursor:
-            # One index range scan per interval (an OR of BETWEENs is tested row by row), and NOT IN a
-            # subquery, which is hashed (NOT (key = ANY(array)) scans the array once per row).
+            # No key: rows are matched by their content, each copy of a row once (row_number among its equals).
+            def numbered(table, extra):
+                return sql.SQL("SELECT {extra}ROW({all})::text AS {content}, row_number() OVER "
+                               "(PARTITION BY ROW({all})::text) AS {copy} FROM {table}").format(
+                    extra=sql.SQL(extra), all=_columns("", everything), table=table, **NAMES)
             cursor.execute(sql.SQL(
-                "DELETE FROM {table} t USING unnest(%s::bigint[], %s::bigint[]) AS span(low, high) "
-                "WHERE t.{key} BETWEEN span.low AND span.high AND t.{key} NOT IN (SELECT unnest(%s::bigint[]))").format(
-                table=sql.Identifier(self.schema, plan.target), key=key),
-                ([low for low, _high in intervals], [high for _low, high in intervals], keys))
-            deleted = cursor.rowcount
-        self._commit(session)
-        return {"deleted": deleted}
+                "CREATE TEMPORARY TABLE {removal} ON COMMIT DROP AS SELECT t.ctid AS {row}, true AS {gone}, "
+                "{taken} AS {held} FROM ({t}) t WHERE NOT EXISTS "
+                "(SELECT FROM ({s}) s WHERE s.{content} = t.{content} AND s.{copy} = t.{copy})").format(
+                t=numbered(target, "ctid, *, "), s=numbered(staging, ""), **formats))
+            # What is left in the staging table is what the target lacks.
+            cursor.execute(sql.SQL(
+                "DELETE FROM {staging} WHERE ctid IN "
+                "(SELECT s.ctid FROM ({s}) s JOIN ({t}) t USING ({content}, {copy}))")
+                .format(staging=staging, s=numbered(staging, "ctid, "), t=numbered(target, ""), **NAMES))
+        cursor.execute(sql.SQL("SELECT count(*), count(*) FILTER (WHERE NOT {gone}), "
+                               "coalesce(bool_or({held}), false) FROM {removal}").format(removal=removal, **NAMES))
+        plan.removed, plan.rewritten, taken = cursor.fetchone()
+        # An index on expressions may make two different rows collide: any removal goes first there.
+        plan.conflict = bool(plan.rewritten or taken or (opaque and plan.removed))
 
-    def _record(self, cursor, plan):
-        """Store a keyless table's digest in its state row, in the transaction that replaced the table."""
-        cursor.execute(sql.SQL("UPDATE {} SET key_range_checksums = %s WHERE source_id = %s AND table_name = %s")
-                       .format(sql.Identifier(self.schema, STATE_TABLE)),
-                       (json.dumps(self._document(plan)), plan.state_id, plan.target))
+    @staticmethod
+    def _removed_row(plan):
+        """Join condition of a removal (alias r) with its target row (alias t)."""
+        if not plan.match:
+            return sql.SQL("t.ctid = r.{}").format(NAMES["row"])
+        return sql.SQL(" AND ").join(sql.SQL("t.{0} = r.{0}").format(sql.Identifier(c)) for c in plan.match)
 
-    def _document(self, plan, complete=True):
-        document = {"format": FORMAT, "signature": self._signature(plan), "complete": complete}
-        if not plan.key:
-            return dict(document, whole=plan.digest)
-        ranges = {str(span): [p.record() for p in pages] for span, pages in plan.current.items()} if complete else {}
-        return dict(document, range_keys=plan.width, ranges=ranges)
+    def _hold_foreign_keys(self, cursor, changed):
+        """Set aside, for this transaction, the checks that cannot hold at every statement.
 
-    def _commit(self, session):
-        self._verify_unchanged()  # the rows sent and the checksums stored are of the snapshot scanned
-        session.pg.commit()
-        self.result["changed"] = True
+        A foreign key referencing a table in conflict is checked at the end of the transaction instead of
+        after each statement (made DEFERRABLE INITIALLY DEFERRED, or SET DEFERRED when it is deferrable), so
+        that a value that left one row for another is found again at the end. So is one the foreign-key
+        order had to break (tables referencing each other). A referential action (CASCADE, SET NULL, SET
+        DEFAULT, RESTRICT) fires at once whatever the deferral: such a key on a table in conflict is dropped
+        for the transaction and added again, validated, before the commit. Returns (altered, dropped).
+        """
+        position = {plan.relation: index for index, plan in enumerate(self.plans[n] for n in self.order)}
+        conflicted = {plan.relation for plan in changed if plan.conflict}
+        written = {plan.relation for plan in changed}
+        altered, dropped = [], []
+        statements = []
+        for key in foreign_keys_touching(cursor, written):
+            back = (key.child != key.parent and key.child in position and key.parent in position
+                    and position[key.child] < position[key.parent])
+            if not (key.parent in conflicted or back):
+                continue
+            table = sql.SQL(key.child_table)  # the server's own quoting (regclass output)
+            if not key.no_action:
+                statements.append(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(table, sql.Identifier(key.name)))
+                dropped.append(key)
+            elif key.deferrable:
+                statements.append(sql.SQL("SET CONSTRAINTS {} DEFERRED").format(
+                    sql.Identifier(key.namespace, key.name)))
+            else:
+                statements.append(sql.SQL("ALTER TABLE {} ALTER CONSTRAINT {} DEFERRABLE INITIALLY DEFERRED").format(
+                    table, sql.Identifier(key.name)))
+                altered.append(key)
+        if not statements:
+            return [], []
+        # These take the child tables' ACCESS EXCLUSIVE lock until the commit: fail soon rather than queue behind
+        # a reader (and have every later one queue behind this sync).
+        cursor.execute("SELECT set_config('lock_timeout', %s, true)", (DDL_LOCK_TIMEOUT,))
+        self._step = ("hold", None)
+        for statement in statements:
+            cursor.execute(statement)
+        cursor.execute("SET LOCAL lock_timeout TO DEFAULT")
+        self._step = None
+        return altered, dropped
 
-    def _copy_text(self, session, plan, intervals):
+    def _release_foreign_keys(self, cursor, held):
+        """Run the deferred checks, then put every foreign key back as it was declared."""
+        altered, dropped = held
+        self._step = ("check", None)
+        cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+        for key in dropped:
+            cursor.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+                sql.SQL(key.child_table), sql.Identifier(key.name), sql.SQL(key.definition)))
+        for key in altered:
+            cursor.execute(sql.SQL("ALTER TABLE {} ALTER CONSTRAINT {} NOT DEFERRABLE INITIALLY IMMEDIATE").format(
+                sql.SQL(key.child_table), sql.Identifier(key.name)))
+        self._step = None
+
+    def _remove(self, cursor, plan):
+        if not plan.removed:
+            return
+        target, removal = sql.Identifier(self.schema, plan.target), self._removal(plan)
+        if plan.match:
+            cursor.execute(sql.SQL("DELETE FROM {} t USING {} r WHERE {}").format(
+                target, removal, self._removed_row(plan)))
+        else:
+            cursor.execute(sql.SQL("DELETE FROM {} WHERE ctid IN (SELECT {} FROM {})").format(
+                target, NAMES["row"], removal))
+        plan.counts["deleted"] += plan.removed - plan.rewritten
+
+    def _insert(self, cursor, plan):
+        names = sql.SQL(", ").join(sql.Identifier(t) for _s, t, _k in plan.columns)
+        missing = sql.SQL("WHERE NOT EXISTS (SELECT FROM {} t WHERE {})").format(
+            sql.Identifier(self.schema, plan.target), _joined(plan.match)) if plan.match else sql.SQL("")
+        cursor.execute(sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {} s {}").format(
+            sql.Identifier(self.schema, plan.target), names, names, self._staging(plan), missing))
+        plan.counts["inserted"] += cursor.rowcount - plan.rewritten
+        plan.counts["updated"] += plan.rewritten
+
+    def _update(self, cursor, plan):
+        others = [t for _s, t, _k in plan.columns if t not in plan.match]
+        if not plan.match or not others:
+            return
+        # Compared as text, which is exactly what a loaded row would be (numeric scale, -0, jsonb).
+        cursor.execute(sql.SQL(
+            "UPDATE {target} t SET {assignments} FROM {staging} s WHERE {joined} "
+            "AND ROW({old})::text IS DISTINCT FROM ROW({new})::text").format(
+            target=sql.Identifier(self.schema, plan.target), staging=self._staging(plan), joined=_joined(plan.match),
+            assignments=sql.SQL(", ").join(sql.SQL("{0} = s.{0}").format(sql.Identifier(c)) for c in others),
+            old=_columns("t", others), new=_columns("s", others)))
+        plan.counts["updated"] += cursor.rowcount
+
+    def _refusal(self, error):
+        """What PostgreSQL refused, as one line naming where; the transaction is rolled back."""
+        step, plan = self._step or (None, None)
+        diag = error.diag
+        detail = f" ({diag.message_detail})" if diag.message_detail else ""
+        if isinstance(error, pgerrors.ForeignKeyViolation) and diag.table_name in self.kept:
+            return (f"table {diag.table_name}, dropped from the source and kept (keep_dropped_tables), references "
+                    f"rows the source no longer has{detail}: drop it in the target, or its foreign key "
+                    f"{diag.constraint_name}, to sync; {_NOTHING}")
+        if isinstance(error, pgerrors.LockNotAvailable) and step == "hold":
+            return (f"a table of the sync is in use by another session: the sync must hold it alone (ACCESS "
+                    f"EXCLUSIVE) to check some of its foreign keys at the commit "
+                    f"({first_line(error, self.conninfo)}); {_NOTHING}; run it again when it is free")
+        if isinstance(error, pgerrors.InsufficientPrivilege) and step == "hold":
+            return (f"the sync must own the tables whose foreign keys it checks at the commit (values moved between "
+                    f"rows): {first_line(error, self.conninfo)}; {_NOTHING}")
+        where = f"table {plan.name}: " if plan is not None else ""
+        what = {"insert": "inserting", "update": "updating", "delete": "deleting", "check": "checking"}.get(
+            step, "writing")
+        return (f"{where}PostgreSQL refused the sync while {what} the source's changes: "
+                f"{first_line(error, self.conninfo)}{detail}; {_NOTHING}")
+
+    def _copy_text(self, lite, plan, intervals):
         """COPY text of the source rows in ``intervals``, formatted as the load formats them.
 
         The storage classes and escaping needs of these rows are read first (the load has
@@ -527,7 +730,6 @@ class Sync:
         Returns (bytes, rows, the target columns in the order of the text's fields).
         """
         join, parameters = self._rows_from(plan, intervals)
-        lite = session.lite
         quoted = [f"src.{sqlite_ident(s)}" for s, _t, _type in plan.columns]
         column_rules = [rule_for(kind, self.timezone) for _s, _t, kind in plan.columns]
         # Looking for characters to escape costs a scan of each text value: only where the rule escapes.
@@ -602,7 +804,7 @@ class Sync:
         source, _target, kind = plan.columns[index]
         if key is None:  # WITHOUT ROWID: no single key to look the row up by
             return (f"table {plan.name}, column {source}: a value cannot become {kind.sql}: {reason}; "
-                    f"nothing of this table was written, {_LEFT}")
+                    f"{_NOTHING}")
         storage, value = lite.execute(
             f"SELECT typeof({sqlite_ident(source)}), {sqlite_ident(source)} FROM {sqlite_ident(plan.name)} "  # noqa: S608
             f"WHERE {sqlite_ident(plan.key) if plan.key else plan.rowid} = ?", (key,)).fetchone()
@@ -613,49 +815,58 @@ class Sync:
             except Invalid as error:
                 reason = str(error)
         return (f"table {plan.name}, column {source}, {plan.key or plan.rowid} {key}: value {display(value)} {reason}; "
-                f"nothing of this key range was written, {_LEFT}")
+                f"{_NOTHING}")
 
     # The end -------------------------------------------------------------------------
 
-    def _sequences(self):
-        with self.pg.cursor() as cursor:
-            self._close_state(cursor)
-            steps = sequence_steps(cursor, self.schema, [self.plans[n].target for n in self.order])
-            for step in steps:
-                cursor.execute(step.statement)
-                self.result["sequences"].append(step.name)
-        self._verify_unchanged()
-        self.pg.commit()
-        if steps:
-            self.result["changed"] = True
-
     def _close_state(self, cursor):
-        """Each table's state row now describes this snapshot: its source_id, row count and complete checksums."""
+        """Each table's state row now describes this snapshot: its source_id, row count and checksums."""
         state = sql.Identifier(self.schema, STATE_TABLE)
         if not self.cells_column and any(plan.cells is not None for plan in self.plans.values()):
             cursor.execute(cells_column_ddl(self.schema))
             self.cells_column = True
         for name in self.order:
             plan = self.plans[name]
-            if plan.state_id == self.source_id and not plan.baseline and not plan.dirty:
-                continue
+            written = bool(plan.dirty or plan.baseline)
             # Only a table that was written to can hold another number of rows.
-            rows = count_rows(cursor, self.schema, plan.target) if plan.dirty or plan.baseline else None
-            if plan.state_id != self.source_id:
+            plan.total_rows = count_rows(cursor, self.schema, plan.target) if written else plan.rows_before
+            if plan.state_id == self.source_id and not written:
+                continue
+            seconds = time.monotonic() - self.started
+            if plan.new:
+                record_load(cursor, self.schema, self.source_id, plan.target, name, self.source.name,
+                            plan.total_rows, 0, self.started_at, seconds)
+            elif plan.state_id != self.source_id:
                 cursor.execute(sql.SQL("DELETE FROM {} WHERE source_id = %s AND table_name = %s").format(state),
                                (self.source_id, plan.target))
-            seconds = time.monotonic() - self.started
-            document = json.dumps(self._document(plan)) if plan.baseline or plan.dirty or not plan.key else None
+            document = json.dumps(self._document(plan)) if written or not plan.key else None
             cells = sql.SQL(", cell_checksums = %s" if plan.cells is not None else "")
             cursor.execute(sql.SQL(
-                "UPDATE {} SET source_id = %s, rows_loaded = coalesce(%s, rows_loaded), rows_rejected = 0, "
-                "started_at = %s, "
+                "UPDATE {} SET source_id = %s, rows_loaded = %s, rows_rejected = 0, started_at = %s, "
                 "loaded_at = now(), seconds = %s, validated_at = NULL, "
                 "key_range_checksums = coalesce(%s::jsonb, key_range_checksums || '{{\"complete\": true}}'){} "
                 "WHERE source_id = %s AND table_name = %s").format(state, cells),
-                (self.source_id, rows, self.started_at, seconds, document)
-                + ((self._cells_blob(plan),) if plan.cells is not None else ()) + (plan.state_id, plan.target))
+                (self.source_id, plan.total_rows, self.started_at, seconds, document)
+                + ((self._cells_blob(plan),) if plan.cells is not None else ())
+                + (self.source_id if plan.new else plan.state_id, plan.target))
             plan.state_id = self.source_id
+
+    def _document(self, plan):
+        document = {"format": FORMAT, "signature": self._signature(plan), "complete": True,
+                    "source": self._identity()}
+        if not plan.key:
+            return dict(document, whole=plan.digest)
+        ranges = {str(span): [p.record() for p in pages] for span, pages in plan.current.items()}
+        return dict(document, range_keys=plan.width, ranges=ranges)
+
+    def _sequences(self):
+        with self.pg.cursor() as cursor:
+            steps = sequence_steps(cursor, self.schema, [self.plans[n].target for n in self.order])
+            for step in steps:
+                cursor.execute(step.statement)
+                self.result["sequences"].append(step.name)
+        self.pg.commit()
+        if steps:
             self.result["changed"] = True
 
     @staticmethod
@@ -667,10 +878,40 @@ class Sync:
     @staticmethod
     def _changed_keys(plan):
         """The source keys that may differ from the snapshot ``since``: those of the dirty intervals (None, all
-        of them, for a keyless table that changed). What a validation after the sync needs to compare."""
+        of them, for a table compared as a whole that changed). What a validation after the sync needs."""
         if not plan.key:
             return {"since": plan.since, "keys": None if plan.dirty else []}
         return {"since": plan.since, "keys": [list(i) for span in sorted(plan.dirty) for i in plan.dirty[span]]}
+
+    def _notes(self):
+        """What the sync could not follow row by row, or what may not be the change meant, and what it did."""
+        notes = []
+        recorded = next((p.records["source"] for p in self.plans.values() if p.records.get("source")), None)
+        now = self._identity()
+        if recorded and recorded["page_size"] != now["page_size"]:
+            notes.append(f"the source's page size changed from {recorded['page_size']} to {now['page_size']} bytes "
+                         "since the last sync (the file was rebuilt, or another database put at its path): no page "
+                         "matched, every row was compared by its cell digest and only differing rows were written")
+        for field_name, what in (("application_id", "application id"), ("text_encoding", "text encoding")):
+            if recorded and recorded.get(field_name) != now[field_name]:
+                notes.append(f"the source's {what} changed from {recorded.get(field_name)} to {now[field_name]} "
+                             "since the last sync: it may be another database put at its path; the target now "
+                             "holds its rows")
+        for name in self.order:
+            plan = self.plans[name]
+            if not plan.match and plan.dirty and not plan.new:
+                counts = plan.counts
+                notes.append(f"table {name} has no primary key: its rows cannot be followed one by one, so the "
+                             f"whole table was compared by content ({counts['rows_sent']} rows sent) and a changed "
+                             f"row counts as deleted and inserted ({counts['deleted']} deleted, {counts['inserted']} "
+                             "inserted)")
+        before = sum(p.rows_before for p in self.plans.values() if not p.new)
+        lost = sum(p.counts["updated"] + p.counts["deleted"] for p in self.plans.values() if not p.new)
+        if before >= KEPT_SHARE_MIN_ROWS and before - lost < KEPT_SHARE * before:
+            notes.append(f"{before - lost} of the {before} rows of the last sync are unchanged in "
+                         f"{self.source.path}: if another database was put at its path, the target now holds its "
+                         "rows (restore the backup to go back)")
+        return notes
 
     def _finish(self):
         totals = {"inserted": 0, "updated": 0, "deleted": 0}
@@ -678,12 +919,13 @@ class Sync:
         for name in self.order:
             plan = self.plans[name]
             spans = len(plan.current) if plan.key else 1
-            entry = dict(plan.counts, ranges_checked=spans, ranges_changed=len(plan.dirty),
+            entry = dict(plan.counts, total_rows=plan.total_rows, ranges_checked=spans, ranges_changed=len(plan.dirty),
                          changed_keys=self._changed_keys(plan))
             self.result["tables"][name] = entry
             checked, changed = checked + spans, changed + len(plan.dirty)
             for key in totals:
                 totals[key] += plan.counts[key]
+        self.result["notes"] += self._notes()
         self.result["seconds"] = round(time.monotonic() - self.started, 3)
         self.result["status"] = "completed"
         if any(totals.values()):
@@ -698,28 +940,37 @@ class Sync:
         return self.result
 
 
-_LEFT = "a rerun of the sync compares again the key ranges committed before this error and finishes the rest"
+_NOTHING = "nothing was written: the target is as it was before the sync"
+# Columns of the sync's own in temporary tables and subqueries beside the table's: names no table has.
+NAMES = {name: sql.Identifier(f"sqlite_to_postgres_{name}") for name in ("gone", "held", "present", "content", "copy",
+                                                                       "row")}
 
 
-class Session:
-    """One parallel worker: a PostgreSQL session and a read-only SQLite connection of its own."""
+def _columns(alias, columns):
+    """``alias.a, alias.b`` (or ``a, b`` without an alias) for target column names."""
+    if not alias:
+        return sql.SQL(", ").join(map(sql.Identifier, columns))
+    return sql.SQL(", ").join(sql.Identifier(alias, c) for c in columns)
 
-    def __init__(self, source, conninfo, timezone):
-        self.lite = source.connect(text_as_bytes=True)
-        try:
-            self.pg = connect(conninfo)
-            with self.pg.cursor() as cursor:
-                # Naive timestamps are in the source's zone, as in the load.
-                cursor.execute("SELECT set_config('TimeZone', %s, false), set_config('DateStyle', 'ISO, YMD', false)",
-                               (timezone,))
-            self.pg.commit()
-        except BaseException:
-            self.lite.close()
-            raise
 
-    def close(self):
-        self.pg.close()
-        self.lite.close()
+def _joined(columns):
+    """t.a = s.a AND t.b = s.b: a target row (alias t) and a staged one (alias s) with the same key."""
+    return sql.SQL(" AND ").join(sql.SQL("t.{0} = s.{0}").format(sql.Identifier(c)) for c in columns)
+
+
+def _in_order(threads, function, items, ahead):
+    """``function`` of each item, in order, computed by ``threads`` at most ``ahead`` items in advance."""
+    pending = collections.deque()
+    try:
+        for item in items:
+            pending.append(threads.submit(function, item))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 def _by_span(pages, width):

@@ -245,6 +245,56 @@ def record_load(cursor, schema, source_id, table_name, source_table, source_path
     )
 
 
+def dropped_tables(cursor, schema, source_name, source_targets):
+    """[(table, rows)] of the target tables whose newest state row names ``source_name`` but whose source table
+    is gone (``source_targets``: the target names of every table the source has now), still in the target."""
+    dropped = []
+    for table, rows in sorted(state_rows(cursor, schema).items()):
+        if table in source_targets or rows[-1][1] != source_name or read_table(cursor, schema, table) is None:
+            continue
+        dropped.append((table, count_rows(cursor, schema, table)))
+    return dropped
+
+
+@dataclass
+class ForeignKey:
+    """A foreign key of the target, as the sync needs it to order, defer or set aside its checks."""
+
+    name: str
+    namespace: str  # of the constraint
+    child: int  # oid
+    parent: int  # oid
+    child_table: str  # regclass text: quoted and qualified as needed
+    deferrable: bool
+    deferred: bool
+    no_action: bool  # ON DELETE NO ACTION: its parent-side check can be deferred, an action (or RESTRICT) cannot
+    definition: str  # pg_get_constraintdef(), to add it again as it was
+
+
+def foreign_keys_touching(cursor, relations):
+    """The foreign keys whose child or parent is one of ``relations`` (oids), wherever their other side is."""
+    cursor.execute(
+        "SELECT k.conname, n.nspname, k.conrelid, k.confrelid, k.conrelid::regclass::text, k.condeferrable, "
+        "k.condeferred, k.confdeltype = 'a', pg_get_constraintdef(k.oid) FROM pg_constraint k "
+        "JOIN pg_namespace n ON n.oid = k.connamespace "
+        "WHERE k.contype = 'f' AND (k.conrelid = ANY(%s::oid[]) OR k.confrelid = ANY(%s::oid[])) ORDER BY k.oid",
+        (list(relations), list(relations)))
+    return [ForeignKey(*row) for row in cursor.fetchall()]
+
+
+def unique_column_sets(cursor, relation):
+    """([columns tuple, ...] of the unique indexes (primary key included) and exclusion constraints of a table
+    (oid), whether one of them is on expressions or partial, so that its columns cannot be listed)."""
+    cursor.execute(
+        "SELECT ARRAY(SELECT a.attname FROM unnest(i.indkey) WITH ORDINALITY k(attnum, n) JOIN pg_attribute a "
+        "ON a.attrelid = i.indrelid AND a.attnum = k.attnum ORDER BY k.n), "
+        "i.indexprs IS NOT NULL OR i.indpred IS NOT NULL OR x.conname IS NOT NULL "
+        "FROM pg_index i LEFT JOIN pg_constraint x ON x.conindid = i.indexrelid AND x.contype = 'x' "
+        "WHERE i.indrelid = %s AND (i.indisunique OR x.conname IS NOT NULL)", (relation,))
+    found = cursor.fetchall()
+    return [tuple(columns) for columns, _opaque in found], any(opaque for _columns, opaque in found)
+
+
 # DDL ------------------------------------------------------------------------------------
 
 def create_table_sql(schema, name, columns):
@@ -427,7 +477,12 @@ def _source_name(source, name):
 
 
 def sequence_steps(cursor, schema, tables):
-    """setval steps for identity and serial columns still behind max(column) (the app's next insert must work)."""
+    """setval steps for identity and serial columns whose sequence would give a value the column already holds.
+
+    The sequence's next value is compared with max(column) (min(column) for a descending one): a sequence
+    that has never been used gives its start value next, so a table whose largest id is 0 or negative needs
+    no step (setval(0) is out of bounds for a sequence starting at 1).
+    """
     steps = []
     for table in tables:
         cursor.execute(
@@ -440,16 +495,19 @@ def sequence_steps(cursor, schema, tables):
         for column, sequence in cursor.fetchall():
             if not sequence:
                 continue
-            cursor.execute(sql.SQL("SELECT max({}) FROM {}").format(sql.Identifier(column),
-                                                                     sql.Identifier(schema, table)))
-            highest = cursor.fetchone()[0]
-            if highest is None:
+            cursor.execute("SELECT seqincrement FROM pg_sequence WHERE seqrelid = %s::regclass", (sequence,))
+            increment = cursor.fetchone()[0]
+            extreme = "max" if increment > 0 else "min"
+            cursor.execute(sql.SQL("SELECT {}({}) FROM {}").format(sql.SQL(extreme), sql.Identifier(column),
+                                                                    sql.Identifier(schema, table)))
+            bound = cursor.fetchone()[0]
+            if bound is None:
                 continue
-            cursor.execute("SELECT last_value FROM pg_sequences WHERE format('%%I.%%I', schemaname, sequencename)"
-                           "::regclass = %s::regclass", (sequence,))
-            last_value = cursor.fetchone()[0]  # NULL until the sequence is first used
-            if last_value is not None and last_value >= highest:
+            cursor.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(sql.SQL(sequence)))
+            last_value, is_called = cursor.fetchone()
+            next_value = last_value + increment if is_called else last_value
+            if (next_value > bound) if increment > 0 else (next_value < bound):
                 continue
             steps.append(Step(4, table, "sequence", sequence, sql.SQL("SELECT setval({}::regclass, {}, true)").format(
-                sql.Literal(sequence), sql.Literal(highest))))
+                sql.Literal(sequence), sql.Literal(bound))))
     return steps

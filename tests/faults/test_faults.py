@@ -364,20 +364,29 @@ def changed_source(lab, big_source, tmp_path):
     return copy, counts, after
 
 
-@pytest.mark.fault(done="`kill -9` of the controller's process group during a sync, once its first key ranges of "
-                        "files committed (the source had inserted, updated and deleted 20 % of its rows)",
-                   checked="the sync stopped, lock released, its state rows still name the earlier snapshot; the "
-                           "rerun finishes the sync (Synced: ...) and validates both sides equal")
+@pytest.mark.fault(done="`kill -9` of the controller's process group during a sync, once the sync's transaction has "
+                        "written to files (the source had inserted, updated and deleted 20 % of its rows)",
+                   checked="the sync stopped, lock released, nothing of it committed (row counts and state rows as "
+                           "before); the rerun finishes the sync (Synced: ...) and validates both sides equal")
 def test_kill_9_of_the_controller_during_a_sync(lab, changed_source):
     source, before, after = changed_source
     source_sha = sha256(source)
     [(earlier,)] = lab.sql("SELECT DISTINCT source_id FROM sqlite_to_postgres_state")
-    run = start_and_wait_for(lab, source, lambda: lab.table_counts()["files"] != before["files"])
+
+    def sync_writing_files():
+        """A sync session holds the lock its inserts, updates and deletes of files take (one transaction)."""
+        rows = lab.try_sql("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                           "WHERE l.relation = to_regclass('files') AND l.mode = 'RowExclusiveLock' "
+                           "AND a.application_name LIKE 'sqlite_to_postgres%%'")
+        return rows and rows[0][0]
+
+    run = start_and_wait_for(lab, source, sync_writing_files)
     run.signal_group(signal.SIGKILL)
     run.wait(timeout=60)
     assert_stopped_within_seconds(lab)
     unfinished = lab.sql("SELECT count(*) FROM sqlite_to_postgres_state WHERE source_id = %s", (earlier,))[0][0]
     assert unfinished > 0, "the sync had finished before the kill: nothing was killed mid-way"
+    assert lab.table_counts() == before, "part of the sync's transaction committed"
     assert sha256(source) == source_sha
     rerun = lab.assert_completes(source, after)
     assert "Synced: " in rerun.output, rerun.last_lines()

@@ -103,7 +103,7 @@ ALTER TABLE replication_logs ADD CONSTRAINT replication_logs_file_id_fkey
     FOREIGN KEY (file_id) REFERENCES files (id);
 
 -- New rows continue after the highest migrated id.
-SELECT setval(pg_get_serial_sequence('storage_nodes', 'id'), coalesce(max(id), 0) + 1, false) FROM storage_nodes;
-SELECT setval(pg_get_serial_sequence('files', 'id'), coalesce(max(id), 0) + 1, false) FROM files;
-SELECT setval(pg_get_serial_sequence('tasks', 'id'), coalesce(max(id), 0) + 1, false) FROM tasks;
-SELECT setval(pg_get_serial_sequence('replication_logs', 'id'), coalesce(max(id), 0) + 1, false) FROM replication_logs;
+SELECT setval(pg_get_serial_sequence('storage_nodes', 'id'), greatest(coalesce(max(id), 0) + 1, 1), false) FROM storage_nodes;
+SELECT setval(pg_get_serial_sequence('files', 'id'), greatest(coalesce(max(id), 0) + 1, 1), false) FROM files;
+SELECT setval(pg_get_serial_sequence('tasks', 'id'), greatest(coalesce(max(id), 0) + 1, 1), false) FROM tasks;
+SELECT setval(pg_get_serial_sequence('replication_logs', 'id'), greatest(coalesce(max(id), 0) + 1, 1), false) FROM replication_logs;
