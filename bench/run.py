@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import datetime
 import functools
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -58,6 +59,7 @@ BASELINE = "pipeline"
 TABLES = ("storage_nodes", "files", "tasks", "replication_logs")
 RSS_SAMPLE_SECONDS = 0.1
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # The benchmark server is configured as a production primary would be, not
 # for speed tricks: durable (fsync, synchronous_commit, full_page_writes),
@@ -117,46 +119,120 @@ class Context:
 
 
 @dataclass
-class Memory:
+class ProcessUse:
+    """One process a system ran (or a PostgreSQL process that worked for it): CPU seconds (user + system)
+    while it was watched and its highest resident memory."""
+
+    pid: int
+    role: str
+    command: str
+    cpu_s: float = 0.0
+    peak_rss_bytes: int = 0
+    name: str = ""  # the program's name (/proc/<pid>/stat), to see an exec
+
+
+# Roles of the server's processes: PostgreSQL's resident memory counts the shared buffers a process
+# touched, so their memory is reported apart from the client's processes.
+SERVER_ROLES = ("postgres backend", "postgres autovacuum", "postgres background")
+
+
+@dataclass
+class Usage:
+    """What a system's processes used (see ProcessAccount): the peak of their summed memory, two ways,
+    and each process's CPU seconds and peak RSS."""
+
     rss_bytes: int = 0
     pss_bytes: int = 0
-    pss_all_bytes: int = 0  # the whole process tree, where only part of it is counted (see PeakRss)
+    pss_all_bytes: int = 0  # the whole process tree, where only part of it is counted (see ProcessAccount)
+    processes: list[ProcessUse] = field(default_factory=list)
 
-    def __or__(self, other: Memory) -> Memory:
-        return Memory(max(self.rss_bytes, other.rss_bytes), max(self.pss_bytes, other.pss_bytes),
-                      max(self.pss_all_bytes, other.pss_all_bytes))
+    def __or__(self, other: Usage) -> Usage:
+        return Usage(max(self.rss_bytes, other.rss_bytes), max(self.pss_bytes, other.pss_bytes),
+                     max(self.pss_all_bytes, other.pss_all_bytes), self.processes + other.processes)
+
+    def by_role(self) -> dict:
+        """{role: processes, CPU seconds summed, the highest peak RSS of one of them}."""
+        roles, pids = {}, {}
+        for process in self.processes:
+            entry = roles.setdefault(process.role, {"processes": 0, "cpu_s": 0.0, "peak_rss_mb": 0.0})
+            pids.setdefault(process.role, set()).add(process.pid)  # a server process is watched by each step
+            entry["processes"] = len(pids[process.role])
+            entry["cpu_s"] = round(entry["cpu_s"] + process.cpu_s, 2)
+            entry["peak_rss_mb"] = max(entry["peak_rss_mb"], round(process.peak_rss_bytes / 1e6, 1))
+        return dict(sorted(roles.items(), key=lambda item: -item[1]["cpu_s"]))
+
+    def cpu(self, server: bool) -> float:
+        return round(sum(p.cpu_s for p in self.processes if (p.role in SERVER_ROLES) == server), 2)
+
+    def largest_client_process(self) -> ProcessUse | None:
+        clients = [p for p in self.processes if p.role not in SERVER_ROLES]
+        return max(clients, key=lambda p: p.peak_rss_bytes) if clients else None
+
+    def figures(self) -> dict:
+        """The per-process figures of a run, as the JSON holds them."""
+        largest = self.largest_client_process()
+        return {"cpu_s": {"client": self.cpu(server=False), "server": self.cpu(server=True)},
+                "processes": self.by_role(),
+                "peak_rss_process_mb": round(largest.peak_rss_bytes / 1e6, 1) if largest else 0.0,
+                "peak_rss_process_role": largest.role if largest else None}
 
 
 @dataclass
 class Outcome:
-    """What a loader reports back: its peak memory (see PeakRss) and how it was run."""
+    """What a loader reports back: what its processes used (see ProcessAccount) and how it was run."""
 
-    peak: Memory
+    usage: Usage
     details: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- measuring
 
 
-class PeakRss:
-    """Highest summed memory of some processes and all their descendants, two ways.
+@dataclass
+class ServerProcesses:
+    """The PostgreSQL server whose processes a measurement also watches, and the database the system loads."""
+
+    postmaster: int
+    database: str
+
+
+class ProcessAccount:
+    """Per process CPU seconds and peak RSS of some processes and all their descendants (and of a PostgreSQL
+    server's processes), and the highest summed memory of the tree, two ways.
 
     Sampled from /proc every RSS_SAMPLE_SECONDS: the kernel here has no
     /proc/<pid>/task/<tid>/children, so the tree is rebuilt from each
     process's parent id. /proc is enough; psutil would add a dependency.
+    A process's CPU is its utime + stime at the last sample that saw it (a
+    server process that existed before: less what it had used by then), so
+    up to one interval of a process that ends is not counted.
     `peak` sums RSS, which counts every page a forked worker shares with its
     parent once per process; `peak_pss` sums PSS (each shared page divided
     among the processes sharing it), the memory the tree really holds.
     With `within`, both count only the processes whose command line holds
     that text, and their descendants; `peak_pss_all` still counts the whole tree.
+    Each process gets a role: `labels` names the roots' roles, descendants inherit
+    theirs, except that an Ansible module (AnsiballZ) is `module`, its forked workers
+    `worker` and the shell that starts it `shell`; the server's processes are
+    `postgres backend` (of `database`, or a parallel worker), `postgres autovacuum`
+    or `postgres background` (writer, checkpointer, ...).
     """
 
-    def __init__(self, roots: list[int], within: str | None = None):
+    def __init__(self, roots: list[int], within: str | None = None, labels: dict[int, str] | None = None,
+                 server: ServerProcesses | None = None):
         self.roots = set(roots)
         self.within = within.encode() if within else None
+        self.labels = labels or {}
+        self.server = server
         self.peak = 0
         self.peak_pss = 0
         self.peak_pss_all = 0
+        self.seen: dict[int, ProcessUse] = {}
+        self.before: dict[int, float] = {}  # CPU of the server's processes when the watch began
+        if server:
+            for pid, (parent, cpu, _rss, _name) in self.read_proc().items():
+                if parent == server.postmaster:
+                    self.before[pid] = cpu
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -167,6 +243,10 @@ class PeakRss:
     def __exit__(self, *exc_info):
         self._stop.set()
         self._thread.join()
+        self.sample()  # the last figures of whatever still runs
+
+    def usage(self) -> Usage:
+        return Usage(self.peak, self.peak_pss, self.peak_pss_all, list(self.seen.values()))
 
     def _run(self):
         while True:
@@ -176,9 +256,10 @@ class PeakRss:
             if self._stop.wait(RSS_SAMPLE_SECONDS):
                 return
 
-    def sample(self) -> tuple[int, int, int]:
-        children: dict[int, list[int]] = {}
-        resident: dict[int, int] = {}
+    @staticmethod
+    def read_proc() -> dict[int, tuple[int, float, int, str]]:
+        """{pid: (parent pid, CPU seconds, RSS bytes, command name)} of every process."""
+        found = {}
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
                 continue
@@ -187,26 +268,67 @@ class PeakRss:
                     text = stat.read()
             except OSError:  # the process ended between listing and reading
                 continue
-            # Fields after the parenthesised command name: state, ppid, ... rss is the 22nd.
+            # Fields after the parenthesised command name: state, ppid, ...; utime, stime are the 12th and 13th,
+            # rss the 22nd.
             fields = text[text.rindex(b")") + 2:].split()
-            pid = int(entry.name)
-            children.setdefault(int(fields[1]), []).append(pid)
-            resident[pid] = int(fields[21]) * PAGE_SIZE
+            name = text[text.index(b"(") + 1:text.rindex(b")")].decode(errors="replace")
+            found[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS,
+                                      int(fields[21]) * PAGE_SIZE, name)
+        return found
+
+    def sample(self) -> tuple[int, int, int]:
+        processes = self.read_proc()
+        children: dict[int, list[int]] = {}
+        for pid, (parent, _cpu, _rss, _name) in processes.items():
+            children.setdefault(parent, []).append(pid)
         rss = pss = pss_all = 0
-        pending, seen = [(pid, self.within is None) for pid in self.roots], set()
+        pending, seen = [(pid, self.within is None, "") for pid in self.roots], set()
         while pending:
-            pid, counted = pending.pop()
-            if pid in seen:
+            pid, counted, parent_role = pending.pop()
+            if pid in seen or pid not in processes:
                 continue
             seen.add(pid)
-            counted = counted or self.within in command_line(pid)
+            command = command_line(pid)
+            counted = counted or self.within in command
+            role = self._note(pid, processes[pid], command, parent_role)
             size = proportional_set_size(pid)
             pss_all += size
             if counted:
-                rss += resident.get(pid, 0)
+                rss += processes[pid][2]
                 pss += size
-            pending.extend((child, counted) for child in children.get(pid, ()))
+            pending.extend((child, counted, role) for child in children.get(pid, ()))
+        if self.server:
+            for pid in children.get(self.server.postmaster, ()):
+                self._note(pid, processes[pid], command_line(pid), self._server_role(command_line(pid)))
         return rss, pss, pss_all
+
+    def _note(self, pid, process, command, role) -> str:
+        """Record a sample of one process (``role``: its parent's, or its own for a server process); returns
+        its role."""
+        _parent, cpu, rss, name = process
+        use = self.seen.get(pid)
+        if use is None or use.name != name:  # new, or it exec'd another program since (a shell does)
+            if pid in self.labels:
+                role = self.labels[pid]
+            elif role in ("module", "worker"):
+                role = "worker"
+            elif b"AnsiballZ_" in command:
+                role = "shell" if name in ("sh", "bash", "dash") else "module"
+            shown = command.replace(b"\0", b" ").decode(errors="replace").strip() or name
+            if use is None:
+                use = self.seen[pid] = ProcessUse(pid, role or name, shown[:200], name=name)
+            else:
+                use.role, use.command, use.name = role or name, shown[:200], name
+        use.cpu_s = round(cpu - self.before.get(pid, 0.0), 2)
+        use.peak_rss_bytes = max(use.peak_rss_bytes, rss)
+        return use.role
+
+    def _server_role(self, command: bytes) -> str:
+        if b"autovacuum" in command:
+            return "postgres autovacuum"
+        if f" {self.server.database} ".encode() in command or b"parallel worker" in command:
+            return "postgres backend"
+        return "postgres background"
 
 
 def command_line(pid: int) -> bytes:
@@ -230,12 +352,15 @@ def proportional_set_size(pid: int) -> int:
 
 
 def run_processes(commands: list[list[str]], log: Path, deadline: float, env: dict[str, str] | None = None,
-                  cwd: Path | None = None, within: str | None = None) -> Memory:
+                  cwd: Path | None = None, within: str | None = None, labels: list[str] | None = None,
+                  server: ServerProcesses | None = None) -> Usage:
     """Run commands as a pipeline (each one's stdout into the next one's stdin),
-    stderr and the last stdout to `log`; return the peak memory of all their trees.
+    stderr and the last stdout to `log`; return what all their trees used (ProcessAccount; `labels`: the
+    commands' roles, by default their program's name; `server`: whose processes are watched too).
     Each process leads its own session, so a timeout or Ctrl-C can stop its whole tree.
     `deadline` is on the time.monotonic() clock."""
     processes: list[subprocess.Popen] = []
+    labels = labels or [Path(command[0]).name for command in commands]
     with open(log, "ab") as log_file:
         try:
             upstream = subprocess.DEVNULL
@@ -247,7 +372,9 @@ def run_processes(commands: list[list[str]], log: Path, deadline: float, env: di
                     upstream.close()  # only the reader holds it now, so the writer sees a closed pipe
                 upstream = process.stdout
                 processes.append(process)
-            with PeakRss([process.pid for process in processes], within) as rss:
+            with ProcessAccount([process.pid for process in processes], within,
+                                {process.pid: label for process, label in zip(processes, labels)},
+                                server) as account:
                 for process in processes:
                     process.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
@@ -261,7 +388,7 @@ def run_processes(commands: list[list[str]], log: Path, deadline: float, env: di
     for command, process in zip(commands, processes):
         if process.returncode != 0:
             raise BenchError(f"{Path(command[0]).name} exited with {process.returncode}: {last_line(log)}")
-    return Memory(rss.peak, rss.peak_pss, rss.peak_pss_all)
+    return account.usage()
 
 
 def last_line(log: Path) -> str:
@@ -311,6 +438,7 @@ class Postgres:
         self.pg_bin = pg_bin
         self.port = port
         self.passfile = passfile
+        self._postmaster = 0
 
     @property
     def env(self) -> dict[str, str]:
@@ -328,6 +456,15 @@ class Postgres:
             yield connection
         finally:
             connection.close()
+
+    def watch(self, database: str) -> ServerProcesses:
+        """This server's processes, for a ProcessAccount: the postmaster is the parent of any backend."""
+        if not self._postmaster:
+            [(backend,)] = self.rows("postgres", "SELECT pg_backend_pid()")
+            with open(f"/proc/{backend}/stat", "rb") as stat:
+                text = stat.read()
+            self._postmaster = int(text[text.rindex(b")") + 2:].split()[1])
+        return ServerProcesses(self._postmaster, database)
 
     def version(self) -> str:
         with self.connection() as connection, connection.cursor() as cursor:
@@ -349,6 +486,16 @@ class Postgres:
         with self.connection(database) as connection, connection.cursor() as cursor:
             cursor.execute(query, params)
             return cursor.fetchall()
+
+    def wal_position(self) -> str:
+        return self.rows("postgres", "SELECT pg_current_wal_lsn()::text")[0][0]
+
+    def wal_since(self, position: str) -> int:
+        """Bytes of WAL the server wrote since ``position`` (pg_current_wal_lsn() then)."""
+        return int(self.rows("postgres", "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", (position,))[0][0])
+
+    def database_size(self, database: str) -> int:
+        return self.rows("postgres", "SELECT pg_database_size(%s)", (database,))[0][0]
 
     def counts(self, database: str) -> dict[str, int]:
         counts = {}
@@ -499,15 +646,15 @@ def load_pipeline(ctx: Context, database: str) -> Outcome:
     """
     env = {**ctx.server.env, "PGDATABASE": database}
     sqlite3_cli, psql = shutil.which("sqlite3"), str(ctx.server.pg_bin / "psql")
-    peak = Memory()
+    usage = Usage()
     for table in TABLES:
         columns = ", ".join(f'"{column}"' for column in ctx.sample.columns[table])
-        peak |= run_processes(
+        usage |= run_processes(
             [[sqlite3_cli, "-readonly", "-csv", str(ctx.sample.path), f'SELECT {columns} FROM "{table}"'],  # noqa: S608
              [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1",
               "-c", f'\\copy "{table}" ({columns}) FROM pstdin WITH (FORMAT csv)']],
-            ctx.run_dir / "pipeline.log", ctx.deadline, env=env)
-    return Outcome(peak, {"conversions": "none"})
+            ctx.run_dir / "pipeline.log", ctx.deadline, env=env, server=ctx.server.watch(database))
+    return Outcome(usage, {"conversions": "none"})
 
 
 def module_missing() -> str | None:
@@ -516,17 +663,19 @@ def module_missing() -> str | None:
     return None
 
 
-def run_module(ctx: Context, module: str, arguments: dict) -> Memory:
+def run_module(ctx: Context, module: str, arguments: dict) -> Usage:
     """One of the runbook's modules, run through Ansible from the repository root so
     ansible.cfg (library, module_utils) applies. Its memory is that of the process
     Ansible starts for it on the host (AnsiballZ) and its workers; the controller
-    (about 90 MB, the same for any task) is in `pss_all_bytes` only."""
+    (about 90 MB, the same for any task) is in `pss_all_bytes` only. The server's
+    processes working for its database are watched too."""
     ansible = Path(sys.executable).with_name("ansible")
     command = [str(ansible) if ansible.exists() else "ansible", "localhost", "-i", "localhost,", "-c", "local",
                "-m", module, "-a", json.dumps(arguments), "-e", f"ansible_python_interpreter={sys.executable}"]
     env = {**ctx.server.env, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCALHOST_WARNING": "false"}
     return run_processes([command], ctx.run_dir / f"{module}.log", ctx.deadline, env=env, cwd=REPO,
-                         within=f"AnsiballZ_{module}")
+                         within=f"AnsiballZ_{module}", labels=["controller"],
+                         server=ctx.server.watch(arguments["login_db"]) if "login_db" in arguments else None)
 
 
 def module_connection(ctx: Context, database: str) -> dict:
@@ -536,21 +685,34 @@ def module_connection(ctx: Context, database: str) -> dict:
 
 def load_module(ctx: Context, database: str) -> Outcome:
     """The runbook's sqlite_to_postgres module into the pre-created tables."""
-    peak = run_module(ctx, "sqlite_to_postgres", {
+    usage = run_module(ctx, "sqlite_to_postgres", {
         **module_connection(ctx, database), "create_tables": False, "jobs": ctx.module_jobs,
         # The schema file's post-data section follows, as for every system.
         "post_data": False, "integrity_check": ctx.module_integrity_check,
     })
-    return Outcome(peak, {"jobs": ctx.module_jobs, "integrity_check": ctx.module_integrity_check,
-                          "with_controller_peak_pss_mb": round(peak.pss_all_bytes / 1e6, 1)})
+    return Outcome(usage, {"jobs": ctx.module_jobs, "integrity_check": ctx.module_integrity_check,
+                           "with_controller_peak_pss_mb": round(usage.pss_all_bytes / 1e6, 1)})
+
+
+def backup_source(ctx: Context) -> dict:
+    """The runbook's backup of the source (migrate.yml's backup stage): a copy with SQLite's backup API,
+    quick-checked, by the sqlite_backup module. Its size and time; the copy is removed afterwards."""
+    copy = ctx.run_dir / "backup" / ctx.sample.path.name
+    copy.parent.mkdir(exist_ok=True)
+    started = time.monotonic()
+    try:
+        usage = run_module(ctx, "sqlite_backup", {"src": str(ctx.sample.path), "dest": str(copy)})
+        return {"seconds": round(time.monotonic() - started, 3), "sqlite_copy_mb": round(copy.stat().st_size / 1e6, 1),
+                **usage.figures()}
+    finally:
+        shutil.rmtree(copy.parent, ignore_errors=True)
 
 
 def validate_module(ctx: Context, database: str) -> Outcome:
     """The runbook's validation after the module's load and the post-data: content
     checksums of every table on both sides, foreign keys and sequences."""
-    peak = run_module(ctx, "sqlite_to_postgres_validate", {**module_connection(ctx, database),
-                                                           "jobs": ctx.module_jobs})
-    return Outcome(peak)
+    return Outcome(run_module(ctx, "sqlite_to_postgres_validate", {**module_connection(ctx, database),
+                                                                   "jobs": ctx.module_jobs}))
 
 
 def pgloader_missing() -> str | None:
@@ -578,9 +740,58 @@ def load_pgloader(ctx: Context, database: str) -> Outcome:
     )
     work = ctx.run_dir / "pgloader"
     work.mkdir(exist_ok=True)
-    peak = run_processes([["pgloader", "--root-dir", str(work), "--on-error-stop", str(command_file)]],
-                         ctx.run_dir / "pgloader.log", ctx.deadline, env=ctx.server.env)
-    return Outcome(peak, {"settings": PGLOADER_SETTINGS})
+    usage = run_processes([["pgloader", "--root-dir", str(work), "--on-error-stop", str(command_file)]],
+                          ctx.run_dir / "pgloader.log", ctx.deadline, env=ctx.server.env,
+                          server=ctx.server.watch(database))
+    return Outcome(usage, {"settings": PGLOADER_SETTINGS})
+
+
+# DuckDB with its sqlite and postgres extensions, as PyPI's duckdb-ext-sqlite and duckdb-ext-postgres ship them
+# (under the duckdb_ext package's extensions/ folder): loaded from there, nothing downloaded. Each table is one
+# INSERT ... SELECT from the attached SQLite file into the attached PostgreSQL database, which DuckDB writes with
+# binary COPY. Arguments: the sample, a libpq connection string, then [[table, [columns]], ...] as JSON.
+DUCKDB_LOAD = """\
+import json, os, sys
+import duckdb, duckdb_ext
+sample, conninfo, tables = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+literal = lambda text: "'" + text.replace("'", "''") + "'"
+db = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+db.execute("SET extension_directory = " + literal(os.path.join(next(iter(duckdb_ext.__path__)), "extensions")))
+db.execute("LOAD sqlite_scanner")
+db.execute("LOAD postgres_scanner")
+db.execute("SET TimeZone = 'UTC'")
+db.execute("ATTACH " + literal(sample) + " AS s (TYPE sqlite, READ_ONLY)")
+db.execute("ATTACH " + literal(conninfo) + " AS p (TYPE postgres)")
+for table, columns in tables:
+    names = ", ".join('"' + column + '"' for column in columns)
+    try:
+        db.execute(f'INSERT INTO p.public."{table}" ({names}) SELECT {names} FROM s."{table}"')
+    except duckdb.Error as error:  # its first line names the column and the value; a hint follows
+        sys.exit(f"table {table}: {str(error).splitlines()[0]}")
+"""
+
+
+def duckdb_missing() -> str | None:
+    for package in ("duckdb", "duckdb_ext"):
+        if importlib.util.find_spec(package) is None:
+            return f"the {package} package is not installed (pip install -r requirements-dev.txt)"
+    return None
+
+
+def load_duckdb(ctx: Context, database: str) -> Outcome:
+    """DuckDB into the same pre-created tables, table after table (parents first): it copies no key, index
+    or sequence, so the same post-data section follows. It reads values by their declared types and stops at
+    the first value whose storage class does not match (a Mismatch Type Error)."""
+    conninfo = f"host=127.0.0.1 port={ctx.server.port} user=postgres dbname={database}"
+    tables = json.dumps([[table, ctx.sample.columns[table]] for table in TABLES])
+    usage = run_processes([[sys.executable, "-c", DUCKDB_LOAD, str(ctx.sample.path), conninfo, tables]],
+                          ctx.run_dir / "duckdb.log", ctx.deadline, env=ctx.server.env, labels=["duckdb"],
+                          server=ctx.server.watch(database))
+    return Outcome(usage, {"version": duckdb_version()})
+
+
+def duckdb_version() -> str | None:
+    return importlib.metadata.version("duckdb") if importlib.util.find_spec("duckdb") else None
 
 
 def runbook_missing() -> str | None:
@@ -723,22 +934,29 @@ def run_sync(ctx: Context) -> dict:
                      "jobs": ctx.module_jobs, "post_data": False, "integrity_check": ctx.module_integrity_check}
         ctx.deadline = time.monotonic() + ctx.timeout
 
-        def timed(step):
-            started = time.monotonic()
-            step()
-            return round(time.monotonic() - started, 3)
+        def timed(key, step, after=None):
+            """``f"{key}_s"``: the seconds of step() (and after()); beside it the CPU and memory of step()'s
+            processes, and the WAL the server wrote."""
+            started, wal = time.monotonic(), ctx.server.wal_position()
+            usage = step()
+            if after:
+                after()
+            result[f"{key}_s"] = round(time.monotonic() - started, 3)
+            figures = usage.figures()
+            result.update({f"{key}_cpu_s": figures["cpu_s"], f"{key}_peak_rss_process_mb": figures[
+                "peak_rss_process_mb"], f"{key}_wal_mb": round(ctx.server.wal_since(wal) / 1e6, 1)})
 
         progress(f"sync: full migration of {ctx.sample.rows:,} rows")
-        result["full_s"] = timed(lambda: (run_module(ctx, "sqlite_to_postgres", arguments),
-                                          ctx.server.execute(SYNC_DATABASE, ctx.post_data)))
+        timed("full", lambda: run_module(ctx, "sqlite_to_postgres", arguments),
+              after=lambda: ctx.server.execute(SYNC_DATABASE, ctx.post_data))
         result["changed_rows"] = change_rows(str(copy), SYNC_FRACTION, seed=len(ctx.run_dir.name))
         progress(f"sync: {sum(result['changed_rows'].values()):,} rows changed; syncing")
-        result["sync_changed_s"] = timed(lambda: run_module(ctx, "sqlite_to_postgres", arguments))
+        timed("sync_changed", lambda: run_module(ctx, "sqlite_to_postgres", arguments))
         touch_without_change(str(copy))
-        result["sync_unchanged_s"] = timed(lambda: run_module(ctx, "sqlite_to_postgres", arguments))
-        result["rerun_same_file_s"] = timed(lambda: run_module(ctx, "sqlite_to_postgres", arguments))
+        timed("sync_unchanged", lambda: run_module(ctx, "sqlite_to_postgres", arguments))
+        timed("rerun_same_file", lambda: run_module(ctx, "sqlite_to_postgres", arguments))
         progress("sync: validating both sides")
-        result["validate_s"] = timed(lambda: run_module(ctx, "sqlite_to_postgres_validate", {
+        timed("validate", lambda: run_module(ctx, "sqlite_to_postgres_validate", {
             **module_connection(ctx, SYNC_DATABASE), "src": str(copy), "jobs": ctx.module_jobs}))
         with sqlite3.connect(f"file:{copy}?mode=ro", uri=True) as source:
             expected = {t: source.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in TABLES}  # noqa: S608
@@ -769,8 +987,13 @@ def summarize_sync(ctx: Context, name: str, runs: list[dict]) -> dict:
     summary, failure = summary_head(name, runs)
     if failure:
         return failure
-    medians = {key: round(statistics.median(run[key] for run in runs), 3)
-               for key in ("full_s", "sync_changed_s", "sync_unchanged_s", "rerun_same_file_s", "validate_s")}
+    steps = ("full", "sync_changed", "sync_unchanged", "rerun_same_file", "validate")
+    medians = {f"{key}_s": round(statistics.median(run[f"{key}_s"] for run in runs), 3) for key in steps}
+    for key in steps:
+        medians[f"{key}_cpu_s"] = {side: round(statistics.median(run[f"{key}_cpu_s"][side] for run in runs), 2)
+                                   for side in ("client", "server")}
+        medians[f"{key}_peak_rss_process_mb"] = max(run[f"{key}_peak_rss_process_mb"] for run in runs)
+        medians[f"{key}_wal_mb"] = round(statistics.median(run[f"{key}_wal_mb"] for run in runs), 1)
     return {**summary, "status": "passed", "wall_s": medians["sync_changed_s"], **medians,
             **{f"{key}_vs_full": round(statistics.median(run[f"{key}_vs_full"] for run in runs), 3)
                for key in ("sync_changed", "sync_unchanged", "rerun_same_file")},
@@ -931,6 +1154,8 @@ SYSTEMS = {
     "pipeline": System(load_pipeline, description="sqlite3 -csv | psql \\copy, table after table (baseline)"),
     "module": System(load_module, module_missing, "the runbook's sqlite_to_postgres module via ansible",
                      validate_module),
+    "duckdb": System(load_duckdb, duckdb_missing, "DuckDB with its sqlite and postgres extensions, "
+                     "INSERT ... SELECT table after table (binary COPY)"),
     "pgloader": System(load_pgloader, pgloader_missing, f"pgloader ({PGLOADER_SETTINGS})"),
     "sync": System(None, module_missing, "the module's sync after 1 % of the rows changed, beside a full migration "
                    "through it", run=run_sync, summarize=summarize_sync, opt_in=True),
@@ -952,13 +1177,15 @@ def run_once(ctx: Context, name: str) -> dict:
     ctx.server.admin(f'CREATE DATABASE "{database}" TEMPLATE template0')
     try:
         ctx.server.execute(database, ctx.pre_data)
+        wal_before = ctx.server.wal_position()
         progress(f"{name}: loading {ctx.sample.rows:,} rows")
         started = time.monotonic()
         ctx.deadline = started + ctx.timeout
         outcome = SYSTEMS[name].load(ctx, database)
         loaded = time.monotonic()
         progress(f"{name}: loaded in {loaded - started:.1f} s; building indexes, keys and sequences")
-        ctx.server.execute(database, ctx.post_data)
+        with ProcessAccount([], server=ctx.server.watch(database)) as post_data:
+            ctx.server.execute(database, ctx.post_data)
         finished = time.monotonic()
         counts = ctx.server.counts(database)
         check = {t: {"sqlite": ctx.sample.counts[t], "postgresql": counts[t]} for t in TABLES}
@@ -966,8 +1193,11 @@ def run_once(ctx: Context, name: str) -> dict:
         result.update({
             "status": "passed" if passed else "failed",
             "wall_s": round(finished - started, 3), "load_s": round(loaded - started, 3),
-            "post_data_s": round(finished - loaded, 3), "peak_rss_mb": round(outcome.peak.rss_bytes / 1e6, 1),
-            "peak_pss_mb": round(outcome.peak.pss_bytes / 1e6, 1),
+            "post_data_s": round(finished - loaded, 3), "peak_rss_mb": round(outcome.usage.rss_bytes / 1e6, 1),
+            "peak_pss_mb": round(outcome.usage.pss_bytes / 1e6, 1), **outcome.usage.figures(),
+            "post_data_cpu_s": post_data.usage().cpu(server=True),
+            "disk_mb": {"target": round(ctx.server.database_size(database) / 1e6, 1),
+                        "wal": round(ctx.server.wal_since(wal_before) / 1e6, 1)},
             "row_check": {"passed": passed, "tables": check}, **outcome.details,
         })
         if not passed:
@@ -977,9 +1207,13 @@ def run_once(ctx: Context, name: str) -> dict:
         elif SYSTEMS[name].validate:
             progress(f"{name}: validating")
             started = time.monotonic()
-            validation = SYSTEMS[name].validate(ctx, database)
+            validation = SYSTEMS[name].validate(ctx, database).usage
             result.update({"validate_s": round(time.monotonic() - started, 3),
-                           "validate_peak_pss_mb": round(validation.peak.pss_bytes / 1e6, 1)})
+                           "validate_peak_pss_mb": round(validation.pss_bytes / 1e6, 1),
+                           **{f"validate_{key}": value for key, value in validation.figures().items()}})
+            if name == "module":
+                progress(f"{name}: the runbook's backup of the source")
+                result["backup"] = backup_source(ctx)
     except (BenchError, psycopg2.Error) as error:
         result.update({"status": "failed", "error": one_line(error)})
     finally:
@@ -1005,12 +1239,38 @@ def summarize(ctx: Context, name: str, runs: list[dict]) -> dict:
         "rows_per_s": round(ctx.sample.rows / wall), "source_mb_per_s": round(ctx.sample.size_bytes / 1e6 / wall, 2),
         "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
         "peak_pss_mb": max(run["peak_pss_mb"] for run in runs),
+        **process_figures(runs),
+        "post_data_cpu_s": round(statistics.median(run["post_data_cpu_s"] for run in runs), 2),
+        "disk_mb": {key: max(run["disk_mb"][key] for run in runs) for key in runs[0]["disk_mb"]},
+        **({"backup": {"seconds": round(statistics.median(run["backup"]["seconds"] for run in runs), 3),
+                       "sqlite_copy_mb": runs[-1]["backup"]["sqlite_copy_mb"],
+                       "peak_rss_process_mb": max(run["backup"]["peak_rss_process_mb"] for run in runs)}}
+           if "backup" in runs[0] else {}),
         "row_check": {"passed": True, "tables": runs[-1]["row_check"]["tables"]},
         **({"validate_s": round(statistics.median(run["validate_s"] for run in runs), 3),
             "validate_vs_migrate": round(statistics.median(run["validate_s"] / run["wall_s"] for run in runs), 2),
-            "validate_peak_pss_mb": max(run["validate_peak_pss_mb"] for run in runs)}
+            "validate_peak_pss_mb": max(run["validate_peak_pss_mb"] for run in runs),
+            **process_figures(runs, "validate_")}
            if "validate_s" in runs[0] else {}),
     }
+
+
+def process_figures(runs: list[dict], prefix: str = "") -> dict:
+    """Usage.figures() over several rounds: CPU seconds as medians, peak memory as the highest of any round."""
+    roles = {role for run in runs for role in run[f"{prefix}processes"]}
+    processes = {}
+    for role in roles:
+        entries = [run[f"{prefix}processes"].get(role) for run in runs]
+        present = [entry for entry in entries if entry]
+        processes[role] = {"processes": max(entry["processes"] for entry in present),
+                           "cpu_s": round(statistics.median(entry["cpu_s"] if entry else 0.0 for entry in entries), 2),
+                           "peak_rss_mb": max(entry["peak_rss_mb"] for entry in present)}
+    largest = max(runs, key=lambda run: run[f"{prefix}peak_rss_process_mb"])
+    return {f"{prefix}cpu_s": {side: round(statistics.median(run[f"{prefix}cpu_s"][side] for run in runs), 2)
+                               for side in ("client", "server")},
+            f"{prefix}processes": dict(sorted(processes.items(), key=lambda item: -item[1]["cpu_s"])),
+            f"{prefix}peak_rss_process_mb": largest[f"{prefix}peak_rss_process_mb"],
+            f"{prefix}peak_rss_process_role": largest[f"{prefix}peak_rss_process_role"]}
 
 
 def run_systems(ctx: Context, names: list[str], rounds: int) -> list[dict]:
@@ -1077,7 +1337,7 @@ def machine_info() -> dict:
 
 def print_table(results: list[dict]):
     header = (f"{'system':<10} {'wall s':>8} {'rows/s':>10} {'MB/s':>7} {'peak RSS MB':>12} {'peak PSS MB':>12} "
-              f"{'vs pipeline':>12}  status")
+              f"{'1 process MB':>13} {'CPU s client':>13} {'CPU s server':>13} {'vs pipeline':>12}  status")
     print(header)
     print("-" * len(header))
     for r in results:
@@ -1092,10 +1352,12 @@ def print_table(results: list[dict]):
             ratio = f"{r['speedup_vs_baseline']:.2f}x" if r.get("speedup_vs_baseline") else "-"
             # The runbook's module runs detached (async), outside any tree measured here: no memory figures.
             rss, pss = (f"{r[key]:>12.1f}" if key in r else f"{'-':>12}" for key in ("peak_rss_mb", "peak_pss_mb"))
+            largest = f"{r['peak_rss_process_mb']:>13.1f}" if "peak_rss_process_mb" in r else f"{'-':>13}"
+            cpu = (f"{r['cpu_s'][side]:>13.1f}" if "cpu_s" in r else f"{'-':>13}" for side in ("client", "server"))
             print(f"{r['system']:<10} {r['wall_s']:>8.1f} {r['rows_per_s']:>10,} {r['source_mb_per_s']:>7.1f} "
-                  f"{rss} {pss} {ratio:>12}  passed")
+                  f"{rss} {pss} {largest} {' '.join(cpu)} {ratio:>12}  passed")
         else:
-            print(f"{r['system']:<10} {'':>8} {'':>10} {'':>7} {'':>12} {'':>12} {'':>12}  "
+            print(f"{r['system']:<10} {'':>8} {'':>10} {'':>7} {'':>12} {'':>12} {'':>13} {'':>13} {'':>13} {'':>12}  "
                   f"{r['status']}: {r.get('error') or r.get('reason')}")
 
 
@@ -1129,8 +1391,9 @@ def parse_args(argv):
                         help="jobs option of the module (default 2, the runbook's)")
     parser.add_argument("--module-integrity-check", choices=("full", "quick"), default="quick",
                         help="integrity_check option of the module (default quick, the runbook's)")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="run every system this many times, interleaved, and report the median (default 1)")
+    parser.add_argument("--rounds", default="1",
+                        help="run every system this many times, interleaved, and report the median (default 1); "
+                             "one count per sample size, comma-separated, in the order of --files (e.g. 3,1)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds one system may take (default 3600)")
     parser.add_argument("--lab-port-offset", type=int, default=DEFAULT_LAB_PORT_OFFSET,
                         help=f"runbook: the lab's ports are inventory/lab's plus this "
@@ -1147,13 +1410,21 @@ def parse_args(argv):
     if unknown:
         parser.error(f"unknown system {', '.join(unknown)} in --systems (known: {', '.join(SYSTEMS)})")
     try:
-        args.files = sorted({int(size) for size in args.files.split(",") if size.strip()})
+        given = [int(size) for size in args.files.split(",") if size.strip()]
     except ValueError:
         parser.error(f"--files takes whole numbers separated by commas, got {args.files!r}")
+    args.files = sorted(set(given))
     if not args.files or args.files[0] < 1:
         parser.error("--files must be at least 1")
-    if args.rounds < 1:
-        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    try:
+        rounds = [int(count) for count in args.rounds.split(",")]
+    except ValueError:
+        parser.error(f"--rounds takes whole numbers separated by commas, got {args.rounds!r}")
+    if len(rounds) == 1:
+        rounds *= len(given)
+    if len(rounds) != len(given) or min(rounds) < 1:
+        parser.error(f"--rounds needs one count of at least 1 for every size of --files, got {args.rounds!r}")
+    args.rounds = dict(zip(given, rounds))
     args.systems = [BASELINE] + [name for name in dict.fromkeys(chosen) if name != BASELINE]
     return args
 
@@ -1182,24 +1453,29 @@ def write_report(args, stamp: str, machine: dict, sample: Sample, results: list[
         "sample": {"path": str(sample.path), "files": sample.files, "seed": sample.seed, "rows": sample.rows,
                    "size_bytes": sample.size_bytes, "counts": sample.counts},
         "server": {"initdb": INITDB_OPTIONS, "settings": SERVER_SETTINGS},
-        "baseline": BASELINE, "rounds": args.rounds, "rss_sample_seconds": RSS_SAMPLE_SECONDS, "systems": results,
+        "baseline": BASELINE, "rounds": args.rounds[sample.files], "rss_sample_seconds": RSS_SAMPLE_SECONDS,
+        "systems": results,
     }
     passed = {r["system"]: r for r in results if r["status"] == "passed"}
     if "module" in passed and "pgloader" in passed:
         report["module_speedup_vs_pgloader"] = round(passed["pgloader"]["wall_s"] / passed["module"]["wall_s"], 2)
+    report["module_ratios"] = module_ratios(passed)
     out = args.results_dir / f"{stamp}-{sample.files}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{sample.rows:,} rows, {sample.size_bytes / 1e6:.0f} MB of SQLite; PostgreSQL {machine['postgresql']}; "
           f"{machine['cores']} cores, load average {machine['load_average_before'][0]:.2f} before, "
           f"{machine['load_average_after'][0]:.2f} after")
     print_table(results)
+    for name, ratio in report["module_ratios"].items():
+        print(f"{name.replace('_', ' ')}: {ratio:.2f} (median of the rounds' ratios)")
     if "module_speedup_vs_pgloader" in report:
         print(f"module vs pgloader: {report['module_speedup_vs_pgloader']:.2f}x")
     for r in results:
         if "vs_pipeline_into_leader" in r:
             print(f"{r['system']}: the whole migrate.yml on the lab cluster, {r['wall_s']:.1f} s = "
                   f"{r['vs_pipeline_into_leader']:.2f} x the plain pipeline into the same leader "
-                  f"({r['pipeline_into_leader_wall_s']:.1f} s, load and post-data), medians of {args.rounds}")
+                  f"({r['pipeline_into_leader_wall_s']:.1f} s, load and post-data), "
+                  f"medians of {args.rounds[sample.files]}")
             print(f"  stages from its report, back to back: {stage_line(r['stages_s'])} = {r['report_s']:.1f} s; "
                   f"ansible-playbook start-up and exit around them: {r['outside_report_s']:.1f} s")
         if "validate_vs_migrate" in r:
@@ -1209,29 +1485,73 @@ def write_report(args, stamp: str, machine: dict, sample: Sample, results: list[
     return out
 
 
+def module_ratios(passed: dict[str, dict]) -> dict:
+    """The module against its peers, each the median of the per-round ratios (rounds interleave the systems):
+    module / pipeline, module / DuckDB, module / the faster of the two in that round, (module + its
+    validation) / pipeline, and its validation / its load."""
+    module = passed.get("module")
+    if not module:
+        return {}
+    peers = {name: passed[name]["runs"] for name in (BASELINE, "duckdb") if name in passed}
+    rounds = range(len(module["runs"]))
+    ratios = {f"module_vs_{name}": [module["runs"][i]["wall_s"] / runs[i]["wall_s"] for i in rounds]
+              for name, runs in peers.items()}
+    if len(peers) == 2:
+        ratios["module_vs_faster_peer"] = [module["runs"][i]["wall_s"] / min(runs[i]["wall_s"] for runs in
+                                                                              peers.values()) for i in rounds]
+    if "validate_s" in module and BASELINE in peers:
+        ratios["module_and_validation_vs_pipeline"] = [
+            (module["runs"][i]["wall_s"] + module["runs"][i]["validate_s"]) / peers[BASELINE][i]["wall_s"]
+            for i in rounds]
+    if "validate_s" in module:
+        ratios["validation_vs_module"] = [run["validate_s"] / run["wall_s"] for run in module["runs"]]
+    return {name: round(statistics.median(values), 2) for name, values in ratios.items()}
+
+
+# The figures whose growth the scaling report gives, where a system has them: times, then memory, CPU and disk.
+SCALING_FIGURES = (
+    "wall_s", "load_s", "post_data_s", "validate_s", "full_s", "sync_changed_s", "sync_unchanged_s",
+    "rerun_same_file_s", "downtime_s", "peak_pss_mb", "peak_rss_process_mb", "validate_peak_rss_process_mb",
+    "sync_changed_peak_rss_process_mb", "cpu_s.client", "cpu_s.server", "validate_cpu_s.client",
+    "validate_cpu_s.server", "post_data_cpu_s", "disk_mb.target", "disk_mb.wal", "backup.sqlite_copy_mb",
+)
+
+
+def figure(entry: dict, path: str):
+    """``entry``'s figure at a dotted path (cpu_s.client), or None."""
+    for key in path.split("."):
+        entry = entry.get(key) if isinstance(entry, dict) else None
+    return entry
+
+
 def write_scaling(args, stamp: str, samples: list[Sample], results: dict[int, list[dict]]) -> Path:
-    """How each system's time and memory grow from the smallest sample to the largest."""
+    """How each system's figures (time, memory, CPU, disk) grow from the smallest sample to the largest."""
     small, large = samples[0], samples[-1]
     by_system = {size: {r["system"]: r for r in runs if r["status"] == "passed"} for size, runs in results.items()}
     scaling = {}
     for name in args.systems:
         if name in by_system[small.files] and name in by_system[large.files]:
-            first, last = by_system[small.files][name], by_system[large.files][name]
             measured = [s.files for s in samples if name in by_system[s.files]]
-            scaling[name] = {
-                "wall_s": {str(files): by_system[files][name]["wall_s"] for files in measured},
-                "time_growth": round(last["wall_s"] / first["wall_s"], 2),
-                "peak_pss_mb": {str(files): by_system[files][name]["peak_pss_mb"] for files in measured},
-                "memory_growth": round(last["peak_pss_mb"] / first["peak_pss_mb"], 2),
-            }
+            entry = {}
+            for path in SCALING_FIGURES:
+                values = {str(files): figure(by_system[files][name], path) for files in measured}
+                first, last = values[str(small.files)], values[str(large.files)]
+                if first is None or last is None:
+                    continue
+                entry[path] = {"values": values, "growth": round(last / first, 2) if first else None}
+            entry["time_growth"] = entry["wall_s"]["growth"]
+            if "peak_pss_mb" in entry:
+                entry["memory_growth"] = entry["peak_pss_mb"]["growth"]
+            scaling[name] = entry
     report = {"started_utc": stamp, "files": [s.files for s in samples], "rows": [s.rows for s in samples],
+              "sample_mb": [round(s.size_bytes / 1e6, 1) for s in samples],
               "data_growth": round(large.rows / small.rows, 2), "systems": scaling}
     out = args.results_dir / f"{stamp}-scaling.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nfrom {small.files:,} to {large.files:,} files ({report['data_growth']}x the rows):")
-    print(f"{'system':<10} {'time growth':>12} {'memory growth (PSS)':>20}")
+    print(f"\nfrom {small.files:,} to {large.files:,} files ({report['data_growth']}x the rows), growth of:")
     for name, entry in scaling.items():
-        print(f"{name:<10} {entry['time_growth']:>11.2f}x {entry['memory_growth']:>19.2f}x")
+        print(f"{name:<10} " + ", ".join(f"{path} {found['growth']:.2f}x" for path, found in entry.items()
+                                        if isinstance(found, dict) and found["growth"] is not None))
     print(f"scaling: {out}")
     return out
 
@@ -1257,13 +1577,14 @@ def main(argv=None) -> int:
         server.start()
         machine["postgresql"] = server.version()
         machine["pgloader"] = command_version(["pgloader", "--version"]) if "pgloader" in args.systems else None
+        machine["duckdb"] = duckdb_version() if "duckdb" in args.systems else None
         if {"runbook", "cutover"} & set(args.systems) and not runbook_missing():
             lab = Lab(run_dir, args.pg_bin, args.lab_port_offset, args.lab_root)
         results = {}
         for sample in samples:
             ctx = Context(sample, server, run_dir, args.timeout, 0.0, pre_data, post_data, args.module_jobs,
                           args.module_integrity_check, lab)
-            results[sample.files] = run_systems(ctx, args.systems, args.rounds)
+            results[sample.files] = run_systems(ctx, args.systems, args.rounds[sample.files])
         keep_logs = any(r["status"] == "failed" for size in results.values() for r in size)
     except (BenchError, psycopg2.Error) as error:
         print(f"bench: error: {one_line(error)}", file=sys.stderr)

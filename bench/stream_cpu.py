@@ -67,19 +67,21 @@ def plans(source, pg_connection):
 
 
 def per_column(source, table_plans, repeat):
-    from sqlite_pg.loader import copy_line_sql
+    from sqlite_pg import loader
     from sqlite_pg.names import sqlite_ident
 
     lite = source.connect(text_as_bytes=True)
     report = {}
     for name, plan in table_plans.items():
+        # the numbers SQL cannot format, formatted as the load formats them
+        lite.create_function(loader.NUMBER_FUNCTION, 2, loader.NumberFormatter(plan))
         table = plan.table_sql
         columns = {}
         for column, field in zip(plan.copy_sources, plan.sql_fields):
             bare = cpu(lite, f"SELECT max(length({sqlite_ident(column)})) FROM {table}", repeat)  # noqa: S608
             full = cpu(lite, f"SELECT max(length({field})) FROM {table}", repeat)  # noqa: S608
             columns[column] = round(full - bare, 3)
-        line = copy_line_sql(plan.sql_fields)  # the line alone, without the fields beside it
+        line = loader.copy_line_sql(plan.sql_fields)  # the line alone, without the fields beside it
         started = time.process_time()
         rows = lite.execute(plan.select_sql)
         while rows.fetchmany(2000):

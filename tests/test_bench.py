@@ -52,7 +52,7 @@ def processes_mentioning(text):
 @pytest.fixture(scope="module")
 def report(data_dir, tmp_path_factory):
     results_dir = tmp_path_factory.mktemp("results")
-    systems = ["pipeline", "module"] + (["pgloader"] if shutil.which("pgloader") else [])
+    systems = ["pipeline", "module", "duckdb"] + (["pgloader"] if shutil.which("pgloader") else [])
     run = bench(data_dir, results_dir, "--files", "200", "--rounds", "2", "--systems", ",".join(systems))
     assert run.returncode == 0, run.stderr
     written = list(results_dir.glob("*-200.json"))
@@ -88,8 +88,16 @@ def assert_loaded_everything(entry, sample_counts):
     for run in entry["runs"]:
         assert {t: c["postgresql"] for t, c in run["row_check"]["tables"].items()} == sample_counts
     for key in ("wall_s", "load_s", "post_data_s", "rows_per_s", "source_mb_per_s", "peak_rss_mb", "peak_pss_mb",
-                "speedup_vs_baseline"):
+                "speedup_vs_baseline", "peak_rss_process_mb"):
         assert isinstance(entry[key], (int, float)) and entry[key] > 0, key
+    for run in entry["runs"]:
+        # Each process's CPU and memory, by role; the server's processes apart from the client's.
+        assert set(run["cpu_s"]) == {"client", "server"}
+        assert run["cpu_s"]["client"] == round(sum(role["cpu_s"] for name, role in run["processes"].items()
+                                                   if not name.startswith("postgres ")), 2)
+        assert run["peak_rss_process_mb"] == max(role["peak_rss_mb"] for name, role in run["processes"].items()
+                                                 if not name.startswith("postgres "))
+        assert run["disk_mb"]["target"] > 0 and run["disk_mb"]["wal"] > 0
 
 
 def test_pipeline_baseline_loads_every_row(report):
@@ -108,10 +116,25 @@ def test_module_is_timed_when_present_and_skipped_with_a_reason_otherwise(report
             # Only the module's own processes count; the controller is reported beside them.
             assert 0 < run["peak_pss_mb"] < run["with_controller_peak_pss_mb"]
             assert run["validate_s"] > 0 and run["validate_peak_pss_mb"] > 0
+            # The process Ansible starts on the host, its two workers, and the controller, each apart.
+            assert run["processes"]["module"]["processes"] == 1 and run["processes"]["worker"]["processes"] == 2
+            assert run["processes"]["controller"]["cpu_s"] > 0 and run["processes"]["module"]["cpu_s"] > 0
+            assert run["validate_processes"]["module"]["processes"] == 1
+            assert run["backup"]["sqlite_copy_mb"] > 0 and run["backup"]["seconds"] > 0
         assert module["validate_vs_migrate"] > 0
+        assert {"module_vs_pipeline", "module_vs_duckdb", "module_vs_faster_peer", "validation_vs_module",
+                "module_and_validation_vs_pipeline"} <= set(data["module_ratios"])
     else:
         assert module["status"] == "skipped"
         assert "library/sqlite_to_postgres.py" in module["reason"]
+
+
+def test_duckdb_loads_every_row(report):
+    data, _ = report
+    duckdb = systems(data)["duckdb"]
+    assert_loaded_everything(duckdb, data["sample"]["counts"])
+    assert data["machine"]["duckdb"] == duckdb["runs"][0]["version"]
+    assert list(duckdb["runs"][0]["processes"])[0] in ("duckdb", "postgres backend")
 
 
 @pytest.mark.skipif(not shutil.which("pgloader"), reason="pgloader is not installed")
@@ -136,9 +159,11 @@ def test_two_sample_sizes_report_how_time_and_memory_grow(data_dir, tmp_path):
     assert scaling["files"] == [200, 400]
     assert scaling["data_growth"] == round(scaling["rows"][1] / scaling["rows"][0], 2)
     pipeline = scaling["systems"]["pipeline"]
-    assert set(pipeline["wall_s"]) == set(pipeline["peak_pss_mb"]) == {"200", "400"}
-    assert pipeline["time_growth"] == round(pipeline["wall_s"]["400"] / pipeline["wall_s"]["200"], 2)
-    assert "time growth" in run.stdout
+    for figure in ("wall_s", "peak_pss_mb", "peak_rss_process_mb", "disk_mb.target", "disk_mb.wal"):
+        assert set(pipeline[figure]["values"]) == {"200", "400"}, figure
+    wall = pipeline["wall_s"]["values"]
+    assert pipeline["time_growth"] == pipeline["wall_s"]["growth"] == round(wall["400"] / wall["200"], 2)
+    assert "wall_s" in run.stdout and "growth of" in run.stdout
 
 
 def test_unknown_system_is_one_line_and_exit_2(data_dir, tmp_path):
@@ -190,7 +215,7 @@ def test_a_system_that_loads_too_little_fails_the_row_check(data_dir):
     def load_storage_nodes_only(ctx, database):
         with ctx.server.connection(database) as connection, connection, connection.cursor() as cursor:
             cursor.execute("INSERT INTO storage_nodes (node_id, hostname) VALUES ('node-01', 'storage-1')")
-        return harness.Outcome(harness.Memory())
+        return harness.Outcome(harness.Usage())
 
     harness.SYSTEMS["short"] = harness.System(load_storage_nodes_only, description="loads one row")
     try:
@@ -210,3 +235,54 @@ def test_runbook_row_is_opt_in():
     harness = load_harness()
     assert "runbook" not in harness.parse_args(["--files", "200"]).systems
     assert harness.parse_args(["--files", "200", "--systems", "runbook"]).systems == ["pipeline", "runbook"]
+
+
+@pytest.fixture(scope="module")
+def bench_server(data_dir):
+    """The benchmark's own server (trust on loopback, as the bench runs it), for the tests that load directly."""
+    harness = load_harness()
+    run_dir = data_dir / "peers"
+    run_dir.mkdir(mode=0o755)
+    server = harness.Server(Path(harness.DEFAULT_PG_BIN), run_dir / "pg", run_dir / "server.log")
+    server.start()
+    try:
+        yield harness, server, run_dir
+    finally:
+        server.stop()
+
+
+def peer_context(harness, server, run_dir, sample):
+    pre_data, post_data = harness.schema_sections()
+    return harness.Context(sample, server, run_dir, 120, 0.0, pre_data, post_data, 2, "quick")
+
+
+def test_duckdb_loads_the_sample_exactly(data_dir, bench_server):
+    # Row counts are the bench's check; here the runbook's own validation compares every value.
+    from sqlite_pg.validate import validate
+
+    harness, server, run_dir = bench_server
+    sample = harness.build_sample(data_dir, 200, harness.sample_script_default_seed())
+    ctx = peer_context(harness, server, run_dir, sample)
+    server.admin('CREATE DATABASE "duckdb_exact" TEMPLATE template0')
+    server.execute("duckdb_exact", ctx.pre_data)
+    ctx.deadline = harness.time.monotonic() + 120
+    harness.load_duckdb(ctx, "duckdb_exact")
+    server.execute("duckdb_exact", ctx.post_data)
+    result = validate(str(sample.path), {"host": "127.0.0.1", "port": server.port, "user": "postgres",
+                                         "dbname": "duckdb_exact"})
+    assert result["status"] == "completed", result["msg"]
+    assert {table: entry["sqlite_rows"] for table, entry in result["tables"].items()} == sample.counts
+
+
+def test_duckdb_stops_at_the_first_value_its_type_does_not_match(data_dir, bench_server):
+    harness, server, run_dir = bench_server
+    sample = harness.build_sample(data_dir, 200, harness.sample_script_default_seed())
+    dirty = run_dir / "dirty.db"
+    shutil.copyfile(sample.path, dirty)
+    with sqlite3.connect(dirty) as db:
+        db.execute("UPDATE files SET size_bytes = 'unknown' WHERE id = 7")  # text in a BIGINT column
+    db.close()
+    ctx = peer_context(harness, server, run_dir, harness.replace(sample, path=dirty))
+    (entry,) = harness.run_systems(ctx, ["duckdb"], rounds=1)
+    assert entry["status"] == "failed"
+    assert "Mismatch Type Error" in entry["error"] and "size_bytes" in entry["error"]

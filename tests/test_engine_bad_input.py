@@ -95,6 +95,29 @@ def test_foreign_key_violations_are_found_however_the_parent_ids_lie(tmp_path, p
     fails_closed(src, pg_database, "table child, column parent_id, rowid 2", "references a row missing from parent")
 
 
+@pytest.mark.parametrize("parents, missing", [
+    ([1, 2, 4, 5], 3),
+    ([10, 11], 12),
+    ([1, 2**40], 7),
+    ([1, 2], "x"),
+    ([1, 2], 2.5),  # a real: SQLite compares it with the parent's key itself
+])
+def test_foreign_key_violations_beside_a_streamed_load_are_found_however_the_child_values_lie(
+        tmp_path, pg_database, parents, missing):
+    # Tables that exist in the target load without a profile: the keys are checked in SQLite beside the load
+    # (post_data false: PostgreSQL builds no foreign key), with nothing known about the child column's values.
+    src = build_sqlite(tmp_path / "fk.db", """
+        CREATE TABLE parent (id INTEGER PRIMARY KEY);
+        CREATE TABLE child (id INTEGER PRIMARY KEY, parent_id REFERENCES parent(id));
+    """, {"parent": [(p,) for p in parents], "child": [(1, parents[0]), (2, missing), (3, None)]})
+    connection = psycopg2.connect(**pg_database)
+    with connection, connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE parent (id bigint PRIMARY KEY); CREATE TABLE child (id bigint, parent_id text)")
+    connection.close()
+    fails_closed(src, pg_database, "table child, column parent_id, rowid 2", "references a row missing from parent",
+                 create_tables=False, post_data=False)
+
+
 def test_null_into_a_not_null_target_column(tmp_path, pg_database):
     src = build_sqlite(tmp_path / "nn.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);",
                        {"t": [(1, "a"), (3, None)]})

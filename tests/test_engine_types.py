@@ -183,6 +183,36 @@ def test_real_values_are_kept_exactly(tmp_path, pg_database):
     assert [struct.pack("<d", g) for g in got] == [struct.pack("<d", d) for d in doubles]
 
 
+def test_real_values_streamed_into_existing_tables_are_kept_exactly(tmp_path, pg_database):
+    # No profile: each REAL is formatted by the rule's Python form called from the streaming query.
+    generator = random.Random(11)
+    doubles = [0.1, 1 / 3, 5e-324, 1.7976931348623157e308, -123456.789] + [
+        struct.unpack("<d", generator.getrandbits(64).to_bytes(8, "little"))[0] for _ in range(3000)]
+    doubles = [d for d in doubles if d == d and abs(d) != float("inf")]
+    src = make_source(tmp_path / "r.db", "CREATE TABLE measures (id INTEGER PRIMARY KEY, value REAL, note TEXT)",
+                      [(i, d, f"row {i}") for i, d in enumerate(doubles)] + [(len(doubles), None, "none")])
+    run_sql(pg_database, "CREATE TABLE measures (id bigint, value double precision, note text)")
+
+    result = migrate(src, pg_database, create_tables=False)
+
+    assert result["profile"]["tables"]["measures"]["columns"]["value"]["conversion"] == "streamed"
+    got = [r[0] for r in fetch(pg_database, "SELECT value FROM measures ORDER BY id")]
+    assert [None if g is None else struct.pack("<d", g) for g in got] == [
+        struct.pack("<d", d) for d in doubles] + [None]
+
+
+def test_a_streamed_real_the_column_cannot_hold_is_named_by_its_rule(tmp_path, pg_database):
+    src = make_source(tmp_path / "r.db", "CREATE TABLE measures (id INTEGER PRIMARY KEY, value REAL)",
+                      [(1, 1.5), (2, 2.5), (3, 1e300), (4, 4.5)])
+    run_sql(pg_database, "CREATE TABLE measures (id bigint, value real)")
+
+    with pytest.raises(MigrationError) as failure:
+        migrate(src, pg_database, create_tables=False)
+
+    assert str(failure.value).startswith("table measures, column value, rowid 3: value 1e+300 is out of range for real")
+    assert fetch(pg_database, "SELECT count(*) FROM measures") == [(0,)]
+
+
 def test_text_round_trips_byte_for_byte(tmp_path, pg_database):
     texts = ["tab\there", "new\nline", "carriage\rreturn", "back\\slash", "\\N", "NULL", "", "'single' \"double\"",
              "\\.", "trailing backslash\\", "ünïcödé ✓ 日本語 🎉", "\\\\t not a tab", " spaces ", "a\r\n\tb\\c"]

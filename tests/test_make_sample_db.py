@@ -80,6 +80,7 @@ CREATE TABLE replication_logs (
 CREATE INDEX ix_replication_logs_file ON replication_logs(file_id);
 """
 TABLES = ("storage_nodes", "files", "tasks", "replication_logs")
+UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 SQLALCHEMY_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{6}$")
 DATETIME_COLUMNS = {
     "storage_nodes": ("last_heartbeat", "created_at"),
@@ -180,6 +181,15 @@ def test_values_look_like_the_applications(thousand):
         assert any(isinstance(v, dict) for m in db.execute("SELECT metadata FROM files WHERE metadata IS NOT NULL")
                    for v in json.loads(m[0]).values()), "some metadata is nested"
         assert one("SELECT count(*) FROM files WHERE size_bytes > 2147483647") > 0
+        uuids = [u for (u,) in db.execute("SELECT file_uuid FROM files UNION ALL SELECT task_uuid FROM tasks")]
+        assert all(UUID4.match(u) for u in uuids) and len(set(uuids)) == len(uuids)
+        hex_digits = [(len(v), set(v) <= set("0123456789abcdef")) for (v,) in db.execute(
+            "SELECT checksum_sha256 FROM files WHERE checksum_sha256 IS NOT NULL "
+            "UNION ALL SELECT share_token FROM files WHERE share_token IS NOT NULL")]
+        assert {length for length, _ in hex_digits} == {32, 64} and all(digits for _, digits in hex_digits)
+        assert one("SELECT count(*) FROM files WHERE filename <> file_uuid || substr(filename, 37)") == 0
+        assert one("SELECT count(*) FROM files WHERE storage_path <> '/data/' || primary_node || '/' || "
+                   "substr(file_uuid, 1, 2) || '/' || substr(file_uuid, 3, 2) || '/' || file_uuid") == 0
         assert one("SELECT count(*) FROM replication_logs WHERE bytes_transferred > 2147483647") > 0
         assert one("SELECT count(*) FROM files WHERE is_deleted NOT IN (0, 1)") == 0
         assert one("SELECT count(*) FROM files WHERE is_deleted = 1") > 0

@@ -68,6 +68,7 @@ class Checks:
         futures = {self.pool.submit(_identity_task, self.source, self.baseline): ("identity", None)}
         created = [n for n in self.order if self.existing[n] is None]
         self._submit_profiles(futures, created)
+        # Beside the sha256, which the loads wait for: the other worker would be idle.
         self.background[self.pool.submit(_integrity_task, self.source, self.integrity == "quick",
                                          self.baseline)] = ("integrity", None)
         self.profiles, self.integrity_problems = {}, []
@@ -85,9 +86,14 @@ class Checks:
         self.result["profile"] = self._profile_summary()
         self.progress.write(force=True)
 
-    def _check_foreign_keys_beside_the_load(self):
-        """SQLite's foreign-key check, beside the load, of the streamed tables whose keys PostgreSQL will not
-        check. A table the run syncs needs none: its target has its keys, checked at every commit."""
+    def _start_checks_beside_the_load(self):
+        """Once, without a profile: SQLite's foreign-key check of the streamed tables whose keys PostgreSQL will
+        not check, queued behind the loads so that it runs while the last loads and the sync's scan leave a
+        worker idle (the workers take tasks in the order they come). A table the run syncs needs none: its
+        target has its keys, checked at every commit."""
+        if self.preflight or self.checks_started:
+            return
+        self.checks_started = True
         for name in self.order:
             if self.actions[name] == "load" and self._checks_foreign_keys_in_sqlite(name):
                 storage = {c.name: STORAGE_CLASSES for c in self.tables[name].columns}

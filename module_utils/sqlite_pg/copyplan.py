@@ -12,10 +12,13 @@ Two kinds of plan:
   What PostgreSQL's input refuses exactly as the rule does (calendar dates,
   the year 0, UUID digits, jsonb syntax, invalid UTF-8) it refuses during COPY,
   and the load maps the COPY line back to its rowid and the rule's reason.
-  Storage classes SQL cannot format exactly (REAL into double precision, text
-  in integer columns, ...) arrive beside the line, NULL for every other row,
-  and are converted by the rule's Python form; a class a column seldom holds
-  (a blob in a text column) is found by its 0x01 and read again by rowid.
+  Numbers SQL cannot format exactly (REAL into double precision or numeric, a
+  number into a timestamp without zone read in another zone) are formatted by
+  the rule's Python form called from the query (loader.NUMBER_FUNCTION): one
+  call per value, no row object. Other classes SQL cannot format (text in
+  integer columns, ...) arrive beside the line, NULL for every other row, and
+  are converted by the rule's Python form; a class a column seldom holds (a
+  blob in a text column) is found by its 0x01 and read again by rowid.
 * **profiled** (check mode, ``on_invalid: reject``, ``preflight``, tables the
   run creates): the profile found each column's storage classes and bad rows,
   so the query formats exactly those classes and leaves out rejected rows.
@@ -23,12 +26,13 @@ Two kinds of plan:
 
 import json
 
-from .loader import LoadPlan, copy_line_sql
+from .loader import NUMBER_FUNCTION, LoadPlan, copy_line_sql
 from .names import sqlite_ident
 from .profile import ColumnProfile, TableProfile
 from .rules import DateRule, TimestampRule, rule_for
 
 STORAGE_CLASSES = ("integer", "real", "text", "blob")
+NUMBER_CLASSES = ("integer", "real")  # what Python gets from SQLite as it is (int, float)
 
 
 def streamed_profile(table, targets, estimated_rows, datetime_formats):
@@ -50,14 +54,16 @@ _USUAL_CLASS = {"integer": "integer", "boolean": "integer", "float": "real", "nu
 _BYTES_CLASSES = ("text", "blob", "zoned text")  # what arrives as bytes (text_factory=bytes)
 
 
-def streamed_field(rule, q, null_allowed=True):
+def streamed_field(rule, q, null_allowed=True, position=None):
     """(SQL of the COPY field, the storage classes Python formats, SQL true for a value of those).
 
     One arm per storage class the rule's SQL formats exactly, the usual class first, each
     behind the rule's stream test (rules.Rule.stream_sql): the field is NULL (then char(1))
     for a value the rule refuses and PostgreSQL would accept silently (a timestamp 'now' or
     'infinity', a number out of a column's range); what PostgreSQL refuses itself it refuses
-    during COPY. The other classes are left to Python (see raw_fields and load_plan).
+    during COPY. Numbers the SQL cannot format go to the rule's Python form through
+    loader.NUMBER_FUNCTION with the field's ``position``; the other classes are left to Python
+    (see raw_fields and load_plan).
     """
     usual = _USUAL_CLASS.get(rule.category, "text")
     order = [usual, "null"] + [c for c in STORAGE_CLASSES if c != usual]
@@ -68,6 +74,10 @@ def streamed_field(rule, q, null_allowed=True):
             branches.append(f"WHEN 'null' THEN {null}")
             continue
         formatted = rule.format_sql(q, {storage_class}, specials=False)
+        if formatted is None and storage_class in NUMBER_CLASSES and position is not None:
+            # The rule's convert() judges the number whole: no SQL test before it.
+            branches.append(f"WHEN '{storage_class}' THEN {NUMBER_FUNCTION}({position}, {q})")
+            continue
         if formatted is None:
             python_classes.append(storage_class)
             continue
@@ -145,7 +155,8 @@ def load_plan(*, index, name, target_table, schema, source, profile, column_name
                         stream_label=(name, column.name) if streamed else None)
         if streamed:
             # A NULL into a NOT NULL column is refused here, by name, before PostgreSQL would refuse it.
-            field, python_classes, condition = streamed_field(rule, q, column.name not in notnull)
+            field, python_classes, condition = streamed_field(rule, q, column.name not in notnull,
+                                                              position=len(sql_fields))
             if python_classes and source.rowid and seldom_in_python(rule, python_classes, column.declared):
                 seldom_types.append((len(sql_fields), column.target, tuple(python_classes)))
             elif python_classes:

@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import psycopg2
+from psycopg2 import sql
 
 from . import loader
 from .checks import Checks
@@ -33,6 +34,7 @@ from .target import (
     APPLICATION_NAME,
     connect,
     first_line,
+    sequence_steps,
     server_address,
 )
 from .undo import Journal
@@ -101,6 +103,7 @@ class Run(Plan, Checks, Load, Keys):
         self.journal = None  # what this run wrote (undo.py), from the first write on
         self.synced = None  # sync()'s result once it ran, or its failure's
         self.background = {}  # checks that run beside the load: {future: (kind, table)}
+        self.checks_started = False
         self.progress = Progress(None if check_mode else progress_file, {})
         self.result = {"changed": False, "status": "failed", "msg": "", "total_tables": 0, "total_rows": 0,
                        "tables": {}, "profile": {}, "post_data": [], "source_id": "", "findings": [],
@@ -139,15 +142,15 @@ class Run(Plan, Checks, Load, Keys):
                     self._decide()
                     if self.check_mode:
                         return self._finish_check()
-                    if not self.preflight:
-                        self._check_foreign_keys_beside_the_load()
                     self.journal = Journal(self.conninfo, self.schema, self.source_id)
                     self._load(counters)
-                    # The checks beside the load go on beside the sync's scan: the sync and post_data wait for
-                    # them before their first write, and the run does not end before they passed. The sync
-                    # comes first: a new table's foreign keys are validated against parents already synced.
+                    self._start_checks_beside_the_load()  # when no table loaded (the load starts them)
+                    # The checks beside the load go on beside the sync, post-data and the records: each waits for
+                    # them before its first write, and the run does not end before they passed. The sync comes
+                    # first: a new table's foreign keys are validated against parents already synced.
                     self._sync()
                     self._post_data()
+                    self._record_loaded()
                     self._await_background()
             finally:
                 gc.unfreeze()  # a caller that runs several migrations collects their garbage again
@@ -219,21 +222,18 @@ class Run(Plan, Checks, Load, Keys):
             pass
         raise MigrationError(message, self.result) from None
 
-
     def _sync(self):
         """Tables holding an earlier snapshot of this file are brought up to date (sync.py), and the empty ones
-        tied to them by foreign keys loaded with them; the tables this run loaded get their page checksums, from
-        which the next sync finds what changed without reading rows."""
+        tied to them by foreign keys loaded with them."""
         to_sync = [n for n in self.order if self.actions[n] == "sync"]
-        loaded = [n for n in self.order if self.result["tables"][n]["action"] == "loaded"]
-        if not to_sync and not loaded:
+        if not to_sync and not self.kept_dropped:
             return
         self.progress.phase = "sync"
         self.progress.write(force=True)
         try:
             # The tables it keeps although the source dropped them are named too: the sync says so, and names them
             # when one of their foreign keys stops it.
-            self.synced = sync(self.src, self.conninfo, self.schema, to_sync + loaded + self.kept_dropped, self.jobs,
+            self.synced = sync(self.src, self.conninfo, self.schema, to_sync + self.kept_dropped, self.jobs,
                                self.source_timezone, hold_lock=False, source_id=self.source_id,
                                source_name=self.source_name, before_writes=self._await_background,
                                keep_dropped_tables=self.keep_dropped)
@@ -248,6 +248,25 @@ class Run(Plan, Checks, Load, Keys):
                 {key: counts[key] for key in ("inserted", "updated", "deleted", "changed_keys")},
                 status="completed", action="synced", migrated=counts["total_rows"], total_rows=counts["total_rows"])
             self.progress.finish(name, "synced", counts["total_rows"])
+
+    def _record_loaded(self):
+        """The tables this run loaded, each synced from the very snapshot it loaded (no row differs, only its page
+        and cell checksums and its sequences are written), one table per worker, largest first: the workers read
+        their pages side by side, and each holds the records of one table only. The sequences those syncs move
+        are journaled first, so that the undo sets them back too."""
+        names = [n for n in self.order if self.result["tables"][n]["action"] == "loaded"]
+        if not names:
+            return
+        with self.pg.cursor() as cursor:
+            for step in sequence_steps(cursor, self.schema, [self.target_names[n] for n in names]):
+                cursor.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(sql.SQL(step.name)))
+                self.journal.sequences.append((step.name, *cursor.fetchone()))
+        self.pg.commit()
+        futures = {self.pool.submit(_record_task, self.src, self.conninfo, self.schema, name, self.source_timezone,
+                                    self.source_id, self.source_name): ("record", name)
+                   for name in sorted(names, key=lambda n: -self.sizes[n])}
+        for _kind, _name, _changed in self._gather(futures):
+            pass
 
     # Results --------------------------------------------------------------------------
 
@@ -307,3 +326,7 @@ class Run(Plan, Checks, Load, Keys):
         return self.result
 
 
+def _record_task(src, conninfo, schema, table, source_timezone, source_id, source_name):
+    """In a worker: the sync of one table from the snapshot the run loaded it from (Run._record_loaded)."""
+    return sync(src, conninfo, schema, [table], 1, source_timezone, hold_lock=False, source_id=source_id,
+                source_name=source_name)["changed"]

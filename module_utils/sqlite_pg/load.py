@@ -54,10 +54,12 @@ class Load:
                               "were rolled back")
 
     def _ranged(self, to_load, plans):
-        """{table: its range LoadPlans} for the tables worth splitting (ranges.RANGE_MIN_ROWS), and how many
-        range transactions may be prepared at once."""
+        """{table: its range LoadPlans} for the tables worth splitting (ranges.RANGE_MIN_ROWS, RANGE_DOMINANCE),
+        and how many range transactions may be prepared at once."""
+        total = sum(self.sizes[n] for n in to_load)
         candidates = [n for n in to_load if self.jobs > 1 and self.actions[n] == "load" and self.tables[n].rowid
-                      and plans[n].expected_rows is None and self.highest[n] >= ranges.RANGE_MIN_ROWS]
+                      and plans[n].expected_rows is None and self.highest[n] >= ranges.RANGE_MIN_ROWS
+                      and self.sizes[n] * self.jobs > ranges.RANGE_DOMINANCE * total]
         if not candidates:
             return {}, 0
         free, limit = ranges.prepared_slots(self.pg)
@@ -160,6 +162,7 @@ class Load:
                     moved = True
             if first_error is not None:
                 queue = []
+            self._start_checks_beside_the_load()  # behind the loads dispatched so far
             if not futures:
                 if queue:
                     raise MigrationError(

@@ -42,6 +42,10 @@ TRUNCATE_LOCK_WAIT = "1s"
 LOST_CAUSES = "server restart, failover or network"
 # What PostgreSQL says when a value is over its limit of 1 GB per field (or the row does not fit in memory).
 TOO_LARGE = ("invalid memory alloc request size", "out of memory")
+# The SQL function a streamed plan calls for numbers its SQL cannot format exactly (copyplan.streamed_field):
+# sqlite_to_postgres_number(field position, value) is the COPY field the column's rule makes of the number in
+# Python, NULL (the field then 0x01) when the rule refuses it. Registered by each load on its own connection.
+NUMBER_FUNCTION = "sqlite_to_postgres_number"
 
 # Rows streamed per table, shared with the parent (which writes the progress file).
 # Set by the engine before the worker processes are forked.
@@ -109,12 +113,37 @@ class ParentGone(Exception):
     pass
 
 
+class NumberFormatter:
+    """NUMBER_FUNCTION of one load: the rule of the field's column formats the number, from SQLite's C loop.
+
+    A REAL has no exact SQL formatting (SQLite prints 15 digits); Python's repr is the
+    shortest text that reads back as the same double. One call per value, no row object.
+    """
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.rules = {}  # field position: its rule, made on first use
+
+    def __call__(self, position, value):
+        rule = self.rules.get(position)
+        if rule is None:
+            plan, column = self.plan, self.plan.copy_sources[position]
+            rule = self.rules[position] = rule_for(plan.field_types[position], plan.source_timezone,
+                                                   plan.datetime_formats.get(column, "auto"),
+                                                   stream_label=(plan.source_table, column))
+        try:
+            return rule.convert(PYTHON_CLASS[type(value)], value).decode()
+        except Invalid:
+            return None  # the field becomes 0x01, and the load names the value with the rule's reason
+
+
 class CopyStream:
     """The file-like object copy_expert reads: each read() returns about CHUNK_BYTES of COPY text."""
 
-    def __init__(self, cursor, plan):
+    def __init__(self, cursor, plan, numbers=None):
         self.cursor = cursor
         self.plan = plan
+        self.numbers = numbers  # the load's NumberFormatter: its rules watch what they formatted
         self.rows = 0
         self.parent = os.getppid()
         self.width = 1 if plan.sql_fields else 0  # the SQL-formatted fields arrive as one value
@@ -258,7 +287,8 @@ class CopyStream:
         storage, value, refused = found[width], found[width + 1], found[width + 2]
         if not refused:
             return None
-        rule = self._rule(plan.field_types[position], plan.copy_sources[position])
+        rule = (self.numbers and self.numbers.rules.get(position)) or self._rule(plan.field_types[position],
+                                                                                  plan.copy_sources[position])
         if value is None:
             return (f"table {plan.source_table}, column {plan.copy_sources[position]}, "
                     f"{describe_key(plan.key_columns, list(found[:width]))}: is NULL but the target column is NOT NULL "
@@ -302,6 +332,8 @@ def load_table(source, conninfo, plan, fingerprint):
     started = time.monotonic()
     started_at = datetime.datetime.now(datetime.timezone.utc)
     lite = source.connect(text_as_bytes=True)
+    numbers = NumberFormatter(plan)
+    lite.create_function(NUMBER_FUNCTION, 2, numbers)
     pg = connect(conninfo)
     target = sql.Identifier(plan.schema, plan.target_table)
     committing = False
@@ -331,7 +363,7 @@ def load_table(source, conninfo, plan, fingerprint):
                 rows = lite.execute(plan.select_sql, plan.parameters)
             except sqlite3.DatabaseError as error:
                 raise MigrationError(f"source table {plan.source_table} cannot be read: {error}") from None
-            stream = CopyStream(rows, plan)
+            stream = CopyStream(rows, plan, numbers)
             try:
                 try:
                     cursor.copy_expert(copy.as_string(cursor), stream, size=CHUNK_BYTES)
@@ -373,13 +405,14 @@ def load_table(source, conninfo, plan, fingerprint):
         pg.close()
         lite.close()
     return {"rows": copied, "seconds": time.monotonic() - started, "started_at": started_at,
-            "dates": _date_kinds(lite, stream)}
+            "dates": _date_kinds(lite, stream, numbers)}
 
 
-def _date_kinds(lite, stream):
+def _date_kinds(lite, stream, numbers):
     """{column label: {is_julian: a value}} the 'auto' date columns' numbers showed in this stream, so that
     the ranges of one table can be compared (each range's connection watches only its own rows)."""
-    rules = [rule for _, _, rule in stream.raw_rules.values()] + [rule for _, rule in stream.seldom.values()]
+    rules = ([rule for _, _, rule in stream.raw_rules.values()] + [rule for _, rule in stream.seldom.values()]
+             + list(numbers.rules.values()))
     watches = [getattr(lite, "date_watch", None)] + [getattr(getattr(rule, "numbers", None), "watch", None)
                                                      for rule in rules]
     kinds = {}

@@ -515,10 +515,13 @@ def _references_resolve(connection, profile, table, rowid_aliases):
 
     The pragma looks every child row's parent up in the parent's b-tree (a few
     seconds per million rows). A single-column key that references a parent's
-    rowid, with only integers (or NULL) in the child column, is checked instead
-    against a bitmap of the parent's rowids: one sequential read of each table.
+    rowid is checked instead against a bitmap of the parent's rowids: one
+    sequential read of each table, as long as the child column holds only
+    integers (or NULL): its first other value (known from the profile, or met
+    in the read of a table loaded without one) ends the bitmap's check.
     False (the pragma runs and names the rows) for any other key, a parent whose
-    rowids are too sparse for a small bitmap, or a reference that does not resolve.
+    rowids are too sparse for a small bitmap, a child value that is not an
+    integer, or a reference that does not resolve.
     """
     if not table.foreign_keys:
         return True
@@ -526,7 +529,10 @@ def _references_resolve(connection, profile, table, rowid_aliases):
     parents = {name.lower(): (name, alias) for name, alias in rowid_aliases.items()}  # SQLite names ignore case
     for fk in table.foreign_keys:
         name, alias = parents.get(fk.parent.lower(), (None, None))
-        if (len(fk.columns) != 1 or alias is None or storage.get(fk.columns[0], {"text"}) - {"integer", "null"}
+        classes = storage.get(fk.columns[0], {"text"})
+        # All of them: a table loaded without a profile, whose values the read below tells.
+        holds_others = classes - {"integer", "null"} and not set(STORAGE_CLASSES) <= classes
+        if (len(fk.columns) != 1 or alias is None or holds_others
                 or (fk.parent_columns and fk.parent_columns[0].lower() != alias.lower())):
             return False
         parent, key = sqlite_ident(name), sqlite_ident(alias)
@@ -541,6 +547,8 @@ def _references_resolve(connection, profile, table, rowid_aliases):
         column = sqlite_ident(fk.columns[0])
         for (value,) in connection.execute(
                 f"SELECT {column} FROM {sqlite_ident(table.name)} WHERE {column} IS NOT NULL"):  # noqa: S608
+            if type(value) is not int:
+                return False  # text, a real or a blob: SQLite's own comparison decides
             offset = value - low
             if offset < 0 or value > high or not present[offset >> 3] & (1 << (offset & 7)):
                 return False
