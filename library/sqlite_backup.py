@@ -8,12 +8,12 @@ application keeps working. No Ansible collection wraps it, hence this module.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sqlite3
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.sqlite_pg.profile import integrity_check
+from ansible.module_utils.sqlite_pg.stillness import change_marks, online_copy, sha256_of, wait_until_quiet
 
 DOCUMENTATION = r"""
 ---
@@ -25,7 +25,9 @@ description:
     while the application writes.
   - Writes to a temporary file next to O(dest) and renames it into place only
     after C(PRAGMA quick_check) passed on the copy (unless O(quick_check=false)).
-  - Returns the sha256 of the copy, its size and the row count of every table.
+  - Returns the sha256 of the copy, its size, the row count of every table and the source's change marks
+    taken just before the copy began (O(source_marks)), which the sqlite_unchanged module compares later.
+  - With O(quiet_seconds), first waits until the source's files have not changed for that long.
   - The source is never written to.
   - In check mode, only checks that the source opens and is a SQLite database.
 options:
@@ -48,6 +50,16 @@ options:
         check itself before its first write (the cutover's copy in the window).
     type: bool
     default: true
+  quiet_seconds:
+    description:
+      - Before copying, wait until the source's files (database, -wal, wal-index header) have not changed for this
+        many seconds. 0 copies at once.
+    type: float
+    default: 0
+  quiet_timeout:
+    description: Fail when the source has not been quiet for O(quiet_seconds) within this many seconds.
+    type: float
+    default: 300
 author:
   - FileShareSystem operations
 """
@@ -57,6 +69,12 @@ EXAMPLES = r"""
   sqlite_backup:
     src: /srv/fileshare/fileshare.db
     dest: /var/backups/fileshare/20240601T030000/fileshare.db
+
+- name: Copy it once the application has been quiet for 5 seconds
+  sqlite_backup:
+    src: /srv/fileshare/fileshare.db
+    dest: /var/backups/fileshare/20240601T030000/final-fileshare.db
+    quiet_seconds: 5
 """
 
 RETURN = r"""
@@ -76,15 +94,13 @@ tables:
   description: Row count of every table in the copy (or of the source in check mode).
   type: dict
   returned: always
+source_marks:
+  description:
+    - The source's change marks (database file, -wal file, wal-index header) taken just before the copy began.
+    - Equal marks later prove that nobody wrote to the source since; see the sqlite_unchanged module.
+  type: dict
+  returned: when not in check mode and the copy was made
 """
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def table_counts(conn):
@@ -114,6 +130,8 @@ def main():
             "dest": {"type": "path", "required": True},
             "mode": {"type": "raw", "default": "0600"},
             "quick_check": {"type": "bool", "default": True},
+            "quiet_seconds": {"type": "float", "default": 0},
+            "quiet_timeout": {"type": "float", "default": 300},
         },
         supports_check_mode=True,
     )
@@ -132,11 +150,21 @@ def main():
         source.close()
         module.exit_json(changed=True, dest=dest, tables=counts)
 
+    source.close()
+    quiet_seconds, quiet_timeout = module.params["quiet_seconds"], module.params["quiet_timeout"]
+    if quiet_seconds > 0:
+        marks, still_changing = wait_until_quiet(src, quiet_seconds, quiet_timeout)
+        if still_changing:
+            module.fail_json(msg=f"SQLite source {src} did not stay unchanged for {quiet_seconds:g} s within "
+                                 f"{quiet_timeout:g} s (last change: {still_changing})", source_marks=marks)
+    else:
+        # Taken before the copy begins: a write after this moment shows in a later comparison.
+        marks = change_marks(src)
+
     partial = f"{dest}.partial"
     target, failure = None, None
     try:
-        target = sqlite3.connect(partial)
-        source.backup(target)
+        target = online_copy(src, partial)
         problems = integrity_check(target, quick=True) if module.params["quick_check"] else []
         if problems:
             failure = f"SQLite copy of {src} failed its quick_check: {'; '.join(problems)}"
@@ -145,7 +173,6 @@ def main():
     except sqlite3.Error as error:
         failure = f"SQLite online backup of {src} to {dest} failed: {error}"
     finally:
-        source.close()
         if target is not None:
             target.close()
     if failure:
@@ -154,7 +181,8 @@ def main():
         module.fail_json(msg=failure)
     module.set_mode_if_different(partial, module.params["mode"], False)
     os.replace(partial, dest)
-    module.exit_json(changed=True, dest=dest, sha256=sha256_of(dest), size_bytes=os.path.getsize(dest), tables=counts)
+    module.exit_json(changed=True, dest=dest, sha256=sha256_of(dest), size_bytes=os.path.getsize(dest), tables=counts,
+                     source_marks=marks)
 
 
 if __name__ == "__main__":

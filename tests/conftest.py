@@ -369,3 +369,62 @@ def assert_same_content(sqlite_path, conninfo, table, target=None, schema="publi
         want = tuple(_expected(v, t) for v, t in zip(source_row, column_types))
         got = tuple(_normalise(v, t) for v, t in zip(loaded_row, column_types))
         assert got == want, f"{table}: PostgreSQL has {got!r}, SQLite gives {want!r}"
+
+
+# docs/RELIABILITY.md ------------------------------------------------------------------------
+# The lab suites mark each case ``fault(done=..., checked=...)``; each test module that has
+# such cases names its section of docs/RELIABILITY.md (RELIABILITY_SECTION: title, then the
+# lines under it). When every marked case of a module ran, its section is rewritten from
+# the results; the other sections are kept as they are.
+
+RELIABILITY = ROOT / "docs" / "RELIABILITY.md"
+_reliability_results = {}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fault(done, checked): a case of a lab suite, for docs/RELIABILITY.md")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    marker = item.get_closest_marker("fault")
+    if marker is None or report.when != "call" and not (report.when == "setup" and report.failed):
+        return
+    _reliability_results.setdefault(item.module, []).append(
+        {"case": item.name.removeprefix("test_").replace("_", " "), **marker.kwargs, "result": report.outcome,
+         "seconds": round(report.duration)})
+
+
+def _marked_cases(module):
+    return [name for name, function in vars(module).items() if name.startswith("test_")
+            and any(mark.name == "fault" for mark in getattr(function, "pytestmark", []))]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("FAULTS_NO_REPORT"):
+        return
+    for module, results in _reliability_results.items():
+        # A partial run (-k, -x, a failure in setup) does not rewrite the record.
+        if len(results) != len(_marked_cases(module)):
+            continue
+        title, *intro = module.RELIABILITY_SECTION
+        lines = [f"## {title}", "", *intro, "", "| case | what was done | what was checked | result | seconds |",
+                 "|---|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['done']} | {r['checked']} | {r['result']} | {r['seconds']} |" for r in results]
+        passed = sum(result["result"] == "passed" for result in results)
+        lines += ["", f"{passed} of {len(results)} cases passed."]
+        _write_reliability_section(title, "\n".join(lines))
+
+
+def _write_reliability_section(title, text):
+    head = ["# Reliability: the lab suites' results", "",
+            "Each section is written by its suite (part of `bash scripts/test.sh`) from that suite's last complete "
+            "run;", "a partial run (`-k`, `-x`, a failure in setup) leaves it as it was.", ""]
+    sections = {}
+    if RELIABILITY.exists():
+        for block in RELIABILITY.read_text().split("\n## ")[1:]:
+            sections[block.split("\n", 1)[0]] = "## " + block.strip()
+    sections[title] = text
+    RELIABILITY.write_text("\n".join(head) + "\n" + "\n\n".join(sections[name] for name in sorted(sections)) + "\n")

@@ -11,10 +11,10 @@ from urllib.parse import quote
 from .errors import MigrationError
 from .names import sqlite_ident
 from .rules import SAME_REPRESENTATION, RepresentationWatch
+from .stillness import change_marks
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 HEADER_BYTES = 100
-WAL_HEADER_BYTES = 32
 READ_BLOCK = 4 << 20
 ROWID_ALIASES = ("rowid", "_rowid_", "oid")
 RESERVED_BYTE = 0x40000001  # SQLite's lock bytes: PENDING_BYTE (1 GiB) + 1 (os_unix.c)
@@ -198,25 +198,13 @@ class Source:
         return connection
 
     def fingerprint(self):
-        """What changes whenever anybody commits to the database.
+        """What changes whenever anybody commits to the database (stillness.change_marks()).
 
         Compared before the first read and after the last one of every task: if it
         is unchanged, every read of the run saw the same bytes, so all workers read
-        one snapshot. The change counter (header bytes 24-27) moves on every commit
-        in rollback mode; a commit in WAL mode appends to the -wal file (size,
-        mtime) or restarts it (salts in its header).
+        one snapshot.
         """
-        parts = []
-        for path, header_bytes in ((self.path, HEADER_BYTES), (self.wal_path, WAL_HEADER_BYTES)):
-            try:
-                status = os.stat(path)
-                with open(path, "rb") as handle:
-                    head = handle.read(header_bytes)
-            except FileNotFoundError:
-                parts.append(None)
-                continue
-            parts.append((status.st_ino, status.st_size, status.st_mtime_ns, head))
-        return tuple(parts)
+        return change_marks(self.path)
 
     def content_id(self):
         """sha256 of the snapshot's bytes: the main file, then the -wal file if there is one."""
