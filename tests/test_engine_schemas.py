@@ -82,6 +82,7 @@ def test_composite_keys_no_key_without_rowid_and_empty_tables(tmp_path, pg_datab
     keys = dict(catalog(pg_database, "SELECT conrelid::regclass::text, pg_get_constraintdef(oid) FROM pg_constraint "
                                      "WHERE contype = 'p' AND connamespace = 'public'::regnamespace"))
     keys.pop("sqlite_to_postgres_state")
+    keys.pop("sqlite_to_postgres_spans")
     assert keys == {"pairs": "PRIMARY KEY (a, b)", "wr": "PRIMARY KEY (k)", "empty_table": "PRIMARY KEY (id)"}
     # an empty table is recorded as loaded too: the rerun skips it
     assert migrate(src, pg_database)["changed"] is False
@@ -215,6 +216,6 @@ def test_another_schema_is_created_and_used(sample_db, pg_database):
     assert result["total_rows"] == 53
     assert_same_content(sample_db, pg_database, "files", schema="Legacy App")
     tables = {r[0] for r in catalog(pg_database, "SELECT tablename FROM pg_tables WHERE schemaname = 'Legacy App'")}
-    assert tables == {"storage_nodes", "files", "sqlite_to_postgres_state"}
+    assert tables == {"storage_nodes", "files", "sqlite_to_postgres_state", "sqlite_to_postgres_spans"}
     assert migrate(str(sample_db), pg_database, schema="Legacy App", tables=["storage_nodes", "files"])[
         "changed"] is False

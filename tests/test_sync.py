@@ -156,18 +156,45 @@ def test_cells_of_another_sync_are_not_used(migrated):
     from two runs): cells that belong to other pages leave the span to its pages, and are read afresh."""
     src, conninfo = migrated
     sync(str(src), conninfo, range_keys=SPAN)
-    stale = execute(conninfo, "SELECT table_name, cell_checksums FROM sqlite_to_postgres_state")
+    stale = execute(conninfo, "SELECT table_name, span, cells FROM sqlite_to_postgres_spans")
     change_rows(str(src), fraction=0.1)
     sync(str(src), conninfo, range_keys=SPAN)
-    for table, cells in stale:
-        execute(conninfo, "UPDATE sqlite_to_postgres_state SET cell_checksums = %s WHERE table_name = %s",
-                (cells, table))
+    for table, span, cells in stale:
+        execute(conninfo, "UPDATE sqlite_to_postgres_spans SET cells = %s WHERE table_name = %s AND span = %s",
+                (cells, table, span))
     change_rows(str(src), fraction=0.1, seed=5)
     result = sync(str(src), conninfo, range_keys=SPAN)
     assert result["tables"]["files"]["rows_sent"] > 10  # whole changed pages, not single rows
     assert_equal_content(src, conninfo)
     change_rows(str(src), fraction=0.02, seed=6)  # the cells that sync read afresh narrow this one
     narrowed = sync(str(src), conninfo, range_keys=SPAN)
+    files = narrowed["tables"]["files"]
+    assert files["rows_sent"] == files["inserted"] + files["updated"]
+    assert_equal_content(src, conninfo)
+
+
+def test_checksums_stored_by_an_earlier_version_are_compared_in_full_once(migrated):
+    """A state table of the format before span rows (one document of every span's page records and one blob of
+    cells per table): not read, its tables' rows compared in full once, and the checksums stored span by span."""
+    src, conninfo = migrated
+    sync(str(src), conninfo, range_keys=SPAN)
+    execute(conninfo, "DROP TABLE sqlite_to_postgres_spans")
+    execute(conninfo, "ALTER TABLE sqlite_to_postgres_state ADD COLUMN cell_checksums bytea")
+    execute(conninfo, "UPDATE sqlite_to_postgres_state SET cell_checksums = '\\x00', key_range_checksums = "
+                      "key_range_checksums || '{\"format\": 1, \"ranges\": {\"0\": [[1, 8, 8, 1]]}}'")
+    change_rows(str(src), fraction=0.1)
+    result = sync(str(src), conninfo, range_keys=SPAN)
+    assert_equal_content(src, conninfo)
+    for table in TABLES:
+        assert any(note.startswith(f"table {table}: its page checksums were stored by an earlier version")
+                   for note in result["notes"]), result["notes"]
+    assert execute(conninfo, "SELECT count(*) FROM sqlite_to_postgres_state WHERE cell_checksums IS NOT NULL") == [
+        (0,)]
+    spans = dict(execute(conninfo, "SELECT table_name, count(*) FROM sqlite_to_postgres_spans GROUP BY table_name"))
+    assert spans == {table: result["tables"][table]["ranges_checked"] for table in TABLES}
+    change_rows(str(src), fraction=0.02, seed=6)  # the span rows just stored narrow this one to single rows
+    narrowed = sync(str(src), conninfo, range_keys=SPAN)
+    assert not narrowed["notes"]
     files = narrowed["tables"]["files"]
     assert files["rows_sent"] == files["inserted"] + files["updated"]
     assert_equal_content(src, conninfo)
@@ -281,7 +308,7 @@ def test_migrate_syncs_a_target_that_holds_an_earlier_snapshot_of_the_same_file(
     src, conninfo = sample_db, pg_database
     migrate_into_typed_schema(src, conninfo)
     # The migration recorded its page checksums: a sync of an unchanged source writes nothing.
-    assert all(execute(conninfo, "SELECT key_range_checksums ? 'ranges' FROM sqlite_to_postgres_state")[0])
+    assert all(execute(conninfo, "SELECT key_range_checksums ? 'range_keys' FROM sqlite_to_postgres_state")[0])
     before = row_versions(conninfo)
     assert sync(str(src), conninfo)["changed"] is False
     assert row_versions(conninfo) == before

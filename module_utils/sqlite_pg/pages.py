@@ -17,7 +17,6 @@ differs, which were inserted and which deleted.
 import array
 import bisect
 import hashlib
-import json
 import os
 import struct
 import sys
@@ -30,6 +29,7 @@ WAL_HEADER_BYTES = 32
 WAL_FRAME_HEADER_BYTES = 24
 SHM_HEADER_BYTES = 48  # one copy of the wal-index header; the -shm file starts with two
 TABLE_LEAF = 13  # b-tree page type byte of a table leaf
+TABLE_INTERIOR = 5
 DIGEST_BYTES = 8  # of a cell: a changed row is missed only if its digest collides with its own old one
 
 
@@ -175,19 +175,19 @@ def _cell_rowid(data, header, cell):
 
 
 def table_pages(connection, reader, table):
-    """The leaf pages of ``table`` in key order, as Page records (an empty table has none).
+    """The leaf pages of ``table`` in key order, as Page records, one at a time (an empty table has none).
 
     ``connection`` must read the same snapshot as ``reader`` (the caller checks the
     source's fingerprint after the last read).
     """
-    pages, current, crc, first, last, cells = [], None, 0, 0, 0, 0
+    current, crc, first, last, cells = None, 0, 0, 0, 0
     for number, kind, count in connection.execute(
             "SELECT pageno, pagetype, ncell FROM dbstat WHERE name = ?", (table,)):
         if kind == "overflow":
             crc = zlib.crc32(reader.page(number), crc)
             continue
         if current is not None:
-            pages.append(Page(first, last, cells, crc, current))
+            yield Page(first, last, cells, crc, current)
             current = None
         if kind != "leaf" or not count:
             continue
@@ -199,8 +199,34 @@ def table_pages(connection, reader, table):
         current, crc, cells = number, zlib.crc32(data), count
         first, last = _cell_rowid(data, header, 0), _cell_rowid(data, header, count - 1)
     if current is not None:
-        pages.append(Page(first, last, cells, crc, current))
-    return pages
+        yield Page(first, last, cells, crc, current)
+
+
+def table_bounds(reader, root):
+    """(lowest, highest) rowid of the table whose b-tree has its root at page ``root``, (None, None) when it is
+    empty: from the leftmost and rightmost leaf, found by a few page reads (no SQL, which reads through indexes
+    that may be broken: the source's checks name those)."""
+    bounds = []
+    for leftmost in (True, False):
+        number = root
+        while True:
+            data = reader.page(number)
+            header = 100 if number == 1 else 0
+            count = (data[header + 3] << 8) | data[header + 4]
+            if data[header] == TABLE_LEAF:
+                if not count:
+                    return None, None
+                bounds.append(_cell_rowid(data, header, 0 if leftmost else count - 1))
+                break
+            if data[header] != TABLE_INTERIOR:
+                raise MigrationError(f"source page {number} is not a table b-tree page; the file changed while it "
+                                     "was being read")
+            if leftmost:
+                pointer = struct.unpack_from(">H", data, header + 12)[0]
+                number = struct.unpack_from(">I", data, pointer)[0]
+            else:
+                number = struct.unpack_from(">I", data, header + 8)[0]
+    return tuple(bounds)
 
 
 def table_digest(connection, reader, table):
@@ -273,35 +299,35 @@ def _changed(old_rowids, old_digests, new_rowids, new_digests):
     return runs
 
 
-def span_link(records):
-    """What ties a span's stored cells to its stored page records: cells of other pages are not used."""
-    return zlib.crc32(json.dumps([list(r) for r in records]).encode())
+PAGE_RECORD = struct.Struct("<qqII")  # first and last rowid, cell count, crc32
 
 
-def encode_cells(width, spans):
-    """{span: (link, Cells)} of a table as compressed bytes (little-endian), for the state table."""
-    parts = [struct.pack("<qI", width, len(spans))]
-    for span in sorted(spans):
-        link, cells = spans[span]
-        rowids = array.array("q", cells.rowids)
-        if sys.byteorder == "big":
-            rowids.byteswap()
-        parts += [struct.pack("<qIq", span, link, len(rowids)), rowids.tobytes(), cells.digests]
-    return zlib.compress(b"".join(parts), 1)
+def pack_pages(records):
+    """A span's page records ([first, last, cells, crc] or Page) as bytes, for the state's span rows."""
+    return b"".join(PAGE_RECORD.pack(*(r.record() if isinstance(r, Page) else r)) for r in records)
 
 
-def decode_cells(blob):
-    """(width, {span: (link, Cells)}) from encode_cells()' bytes."""
+def unpack_pages(data):
+    """[(first, last, cells, crc), ...] from pack_pages()' bytes."""
+    return list(PAGE_RECORD.iter_unpack(data))
+
+
+def encode_cells(pages, cells):
+    """One span's Cells as compressed bytes (little-endian), tied to its packed page records by their crc32:
+    cells stored beside other pages (a state put together from two runs) are not used."""
+    rowids = array.array("q", cells.rowids)
+    if sys.byteorder == "big":
+        rowids.byteswap()
+    return zlib.compress(struct.pack("<I", zlib.crc32(pages)) + rowids.tobytes() + cells.digests, 1)
+
+
+def decode_cells(pages, blob):
+    """The Cells of encode_cells()' bytes, or None when they belong to other page records than ``pages``."""
     data = zlib.decompress(blob)
-    width, count = struct.unpack_from("<qI", data, 0)
-    position, spans = struct.calcsize("<qI"), {}
-    for _ in range(count):
-        span, link, rows = struct.unpack_from("<qIq", data, position)
-        position += struct.calcsize("<qIq")
-        rowids = array.array("q", data[position:position + 8 * rows])
-        if sys.byteorder == "big":
-            rowids.byteswap()
-        position += 8 * rows
-        spans[span] = (link, Cells(rowids, data[position:position + DIGEST_BYTES * rows]))
-        position += DIGEST_BYTES * rows
-    return width, spans
+    if struct.unpack_from("<I", data)[0] != zlib.crc32(pages):
+        return None
+    rows = (len(data) - 4) // (8 + DIGEST_BYTES)
+    rowids = array.array("q", data[4:4 + 8 * rows])
+    if sys.byteorder == "big":
+        rowids.byteswap()
+    return Cells(rowids, data[4 + 8 * rows:])

@@ -18,6 +18,7 @@ from .rules import Invalid, check_timezone, rule_for, storage_class_of
 from .source import foreign_key_order, read_schema
 from .sync import dropped_note, dropped_refusal
 from .target import (
+    SPANS_TABLE,
     STATE_TABLE,
     count_rows,
     default_literal,
@@ -96,8 +97,8 @@ class Plan:
             if target in seen:
                 raise MigrationError(f"tables {seen[target]} and {name} both become {target} in PostgreSQL "
                                      "(names are cut to 63 bytes)")
-            if target == STATE_TABLE:
-                raise MigrationError(f"source table {name} has the name of this module's state table")
+            if target in (STATE_TABLE, SPANS_TABLE):
+                raise MigrationError(f"source table {name} has the name of this module's state table {target}")
             seen[target] = name
             if target != name:
                 self.notes.append(f"table {name} becomes {target} in PostgreSQL (names are cut to 63 bytes)")

@@ -33,6 +33,8 @@ import io
 import json
 import math
 import queue
+import struct
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,14 +46,24 @@ from psycopg2 import sql
 from .errors import MigrationError
 from .loader import STORAGE_CLASS, UNCONVERTED, copy_line_sql
 from .names import key_intervals_join, pg_name, sqlite_ident
-from .pages import Cells, PageReader, decode_cells, encode_cells, span_link, table_digest, table_pages
+from .pages import (
+    Cells,
+    PageReader,
+    decode_cells,
+    encode_cells,
+    pack_pages,
+    table_bounds,
+    table_digest,
+    table_pages,
+    unpack_pages,
+)
 from .profile import display
 from .rules import Invalid, check_timezone, rule_for
 from .source import Source, foreign_key_order, read_schema
 from .target import (
     DDL_LOCK_TIMEOUT,
+    SPANS_TABLE,
     STATE_TABLE,
-    cells_column_ddl,
     connect,
     count_rows,
     dropped_tables,
@@ -61,6 +73,7 @@ from .target import (
     read_table,
     record_load,
     sequence_steps,
+    spans_table_ddl,
     state_has_column,
     state_rows,
     unique_column_sets,
@@ -68,7 +81,7 @@ from .target import (
 
 RANGE_KEYS = 65536  # rowids per span: one set of stored page checksums each
 MAX_RANGES = 1024  # a table's spans are widened (once, from its key bounds) to stay within this many
-FORMAT = 1  # of key_range_checksums; another one is read as "no checksums"
+FORMAT = 2  # of key_range_checksums and the span rows; another one is read as "no checksums"
 LOCK_NAMESPACE = "sqlite_to_postgres:"  # migrate()'s: one run per target schema, whichever it is
 ALL_CLASSES = frozenset({"integer", "real", "text", "blob"})
 ALL_KEYS = [-(1 << 63), (1 << 63) - 1]
@@ -91,16 +104,16 @@ class TablePlan:
     new: bool = False  # no state row: its empty target table is loaded by this sync
     rows_before: int = 0  # rows in the target at the last sync (its state row)
     relation: int = 0  # the target table's oid
-    records: dict = field(default_factory=dict)
-    pages: list = field(default_factory=list)  # Page records of the source, in key order
+    records: dict = field(default_factory=dict)  # the stored key_range_checksums, {} when not usable
+    older_format: bool = False  # the stored checksums are of an earlier version's format
     digest: int = 0  # tables compared as a whole: crc of all pages
     width: int = RANGE_KEYS
-    dirty: dict = field(default_factory=dict)  # span -> [[low, high], ...]
-    current: dict = field(default_factory=dict)  # span -> [page record, ...]
+    dirty: dict = field(default_factory=dict)  # span -> [[low, high], ...]: grows with the changes, not the table
+    spans_checked: int = 0  # spans holding leaf pages now
     baseline: bool = False  # checksums to store although no row changes
     fresh: bool = False  # no usable stored checksums (none, other columns, another span width): all spans compared
     rowid: str = ""  # how SQLite addresses the rowid, "" for WITHOUT ROWID tables
-    cells: dict = None  # span -> Cells of this snapshot, to store; None: the stored ones stay
+    spill: "SpanRows" = None  # the span rows to store (of the dirty spans), as they were found
     conflict: bool = False  # a unique value leaves one row for another: removals first, foreign keys deferred
     removed: int = 0  # rows of the target to remove: deleted ones and those rewritten
     rewritten: int = 0  # of those, rows the source still has, whose unique values changed
@@ -178,6 +191,9 @@ class Sync:
                     self._sequences()
                 finally:
                     self.pg.close()
+                    for plan in getattr(self, "plans", {}).values():
+                        if plan.spill:
+                            plan.spill.close()
             return self._finish()
         except MigrationError as error:
             self.result.update(status="failed", msg=str(error))
@@ -283,6 +299,7 @@ class Sync:
             stored = cursor.fetchone()[0] or {}
             if stored.get("format") == FORMAT and stored.get("signature") == self._signature(plan):
                 plan.records = stored
+            plan.older_format = bool(stored) and stored.get("format") != FORMAT
         return plan
 
     def _signature(self, plan):
@@ -299,120 +316,123 @@ class Sync:
     # Finding what changed ------------------------------------------------------------
 
     def _scan(self):
-        """Read every table's leaf pages (in parallel), then decide which key intervals are dirty."""
+        """Compare every table's leaf pages (tables in parallel, each a span at a time) with the stored ones, and
+        decide which key intervals are dirty."""
         if all(self._finished(plan) for plan in self.plans.values()):
             return  # the last sync finished on this very snapshot: nothing can differ
+        for name in self.order:
+            if self.plans[name].key:
+                self._choose_spans(self.plans[name])
         with ThreadPoolExecutor(max_workers=self.jobs) as threads:
             list(threads.map(self._scan_table, [self.plans[n] for n in self.order]))
         self._verify_unchanged()
         for name in self.order:
             plan = self.plans[name]
-            same_snapshot = plan.state_id == self.source_id
-            if not plan.key:
-                if plan.records.get("whole") != plan.digest:
-                    plan.baseline = same_snapshot  # loaded from this very snapshot: only the digest is missing
-                    if not same_snapshot:
-                        plan.dirty = {0: [ALL_KEYS]}
-                continue
-            self._decide(plan, same_snapshot)
-        reader = PageReader(self.source)
-        try:
-            for name in self.order:
-                plan = self.plans[name]
-                if plan.key and (plan.dirty or plan.baseline):
-                    self._narrow_to_cells(plan, reader)
-        finally:
-            reader.close()
-        self._verify_unchanged()
+            if not plan.key and plan.records.get("whole") != plan.digest:
+                same_snapshot = plan.state_id == self.source_id
+                plan.baseline = same_snapshot  # loaded from this very snapshot: only the digest is missing
+                if not same_snapshot:
+                    plan.dirty = {0: [ALL_KEYS]}
 
     def _finished(self, plan):
         """Its state row names this snapshot and holds complete checksums (before syncs were one transaction, a
         killed sync left them incomplete: the spans it had taken out of them are compared in full)."""
         return plan.state_id == self.source_id and plan.records.get("complete", False)
 
-    def _scan_table(self, plan):
-        connection = self.source.connect()
-        reader = PageReader(self.source)
+    def _choose_spans(self, plan):
+        """The span width, fixed before the pages are read (from the stored checksums, else from the keys'
+        bounds on both sides), and whether stored checksums are compared at all."""
+        connection, reader = self.source.connect(), PageReader(self.source)
         try:
-            if plan.key:
-                plan.pages = table_pages(connection, reader, plan.name)
-            else:
-                plan.digest = table_digest(connection, reader, plan.name)
+            root = connection.execute("SELECT rootpage FROM sqlite_schema WHERE type = 'table' AND name = ?",
+                                      (plan.name,)).fetchone()[0]
+            low, high = table_bounds(reader, root)
         finally:
             reader.close()
             connection.close()
-
-    def _decide(self, plan, same_snapshot):
-        records = plan.records
-        width = records.get("range_keys") or self._width(plan)
-        current = _by_span(plan.pages, width)
-        if current is None:  # keys spread far wider than when the spans were chosen
-            records, width = {}, self._width(plan)
-            current = _by_span(plan.pages, width)
-        plan.width, plan.current = width, current
-        if not records and same_snapshot:
+        width = plan.records.get("range_keys") or self._width(plan, low, high)
+        if low is not None and high // width - low // width >= 4 * MAX_RANGES:
+            plan.records = {}  # keys spread far wider than when the spans were chosen
+            width = self._width(plan, low, high)
+        plan.width = width
+        if not plan.records and plan.state_id == self.source_id:
             plan.baseline = True  # the target holds exactly this snapshot: store its checksums, change nothing
-            return
-        plan.fresh = not records
-        complete = records.get("complete", False)
-        stored = records.get("ranges", {})
-        spans = set(current) | {int(s) for s in stored}
-        if not complete:
-            spans |= self._target_spans(plan, width)
-        for span in sorted(spans):
-            low, high = span * width, span * width + width - 1
-            if str(span) not in stored and not complete:
-                plan.dirty[span] = [[low, high]]
-                continue
-            intervals = dirty_intervals(low, high, current.get(span, []), stored.get(str(span), []))
+        elif not plan.records:
+            # No usable checksums: every span either side holds rows in is compared in full.
+            plan.fresh = True
+            plan.dirty = {span: [[span * width, span * width + width - 1]] for span in self._target_spans(plan, width)}
+
+    def _scan_table(self, plan):
+        connection = self.source.connect()
+        reader = PageReader(self.source)
+        stored = connect(self.conninfo) if plan.key and not (plan.fresh or plan.baseline) else None
+        try:
+            if not plan.key:
+                plan.digest = table_digest(connection, reader, plan.name)
+                return
+            pages = _spans(table_pages(connection, reader, plan.name), plan.width)
+            for span, current, recorded in _merged(pages, self._stored_spans(stored, plan) if stored else ()):
+                self._scan_span(plan, reader, stored, span, current, recorded)
+        finally:
+            reader.close()
+            connection.close()
+            if stored:
+                stored.close()
+
+    def _scan_span(self, plan, reader, stored, span, pages, recorded):
+        """One span: its dirty intervals from its pages, narrowed by its cells to the keys whose cells differ
+        from the stored ones; its new page records and cells are spilled for the write when it is dirty.
+
+        ``recorded``: the span's stored page records, packed, or None. Its stored cells are used only where they
+        belong to those records; a span without them stays dirty as its pages say, and its cells are read afresh.
+        """
+        low, high = span * plan.width, span * plan.width + plan.width - 1
+        plan.spans_checked += bool(pages)
+        if plan.baseline:
+            intervals = []
+        else:
+            intervals = dirty_intervals(low, high, pages, unpack_pages(recorded) if recorded is not None else [])
+            if recorded is not None and not intervals:
+                return  # clean: its stored row stays as it is
+        previous = self._stored_cells(stored, plan, span, recorded) if recorded is not None else None
+        if previous is None:
             if intervals:
                 plan.dirty[span] = intervals
-
-    def _narrow_to_cells(self, plan, reader):
-        """Narrow each dirty span to the keys whose cells differ from the stored ones, and find every span's cells.
-
-        A span's stored cells are used only where they belong to its stored page records;
-        a span without them stays dirty as its pages say, and its cells are read afresh.
-        """
-        width, stored_cells = self._stored_cells(plan)
-        if width != plan.width:
-            stored_cells = {}
-        stored = plan.records.get("ranges", {})
-        plan.cells = {}
-        for span in sorted(set(plan.current) | set(plan.dirty)):
-            low, high = span * plan.width, span * plan.width + plan.width - 1
-            pages = plan.current.get(span, [])
-            link, previous = stored_cells.get(span, (None, None))
-            if previous is None or str(span) not in stored or link != span_link(stored[str(span)]):
-                if pages:
-                    plan.cells[span] = Cells.of(*_read_cells(reader, pages, low, high))
-                continue
-            if span not in plan.dirty:
-                plan.cells[span] = previous
-                continue
+            cells = Cells.of(*_read_cells(reader, pages, low, high))
+        else:
             lasts = [page.last for page in pages]
-            cells, plan.dirty[span] = previous.replace(plan.dirty[span], lambda first, last, pages=pages, lasts=lasts:
-                                                       _read_cells(reader, pages, first, last, lasts=lasts))
-            if cells.rowids:
-                plan.cells[span] = cells
+            cells, plan.dirty[span] = previous.replace(intervals, lambda first, last: _read_cells(
+                reader, pages, first, last, lasts=lasts))
+        if pages:
+            if plan.spill is None:
+                plan.spill = SpanRows(self.source_id, plan.target, plan.width)
+            plan.spill.add(span, pages, cells)
 
-    def _stored_cells(self, plan):
-        """(width, {span: (link, Cells)}) kept by the last sync, (0, {}) without."""
-        if not self.cells_column or plan.fresh or not plan.records:
-            return 0, {}
-        with self.pg.cursor() as cursor:
-            cursor.execute(sql.SQL("SELECT cell_checksums FROM {} WHERE source_id = %s AND table_name = %s")
-                           .format(sql.Identifier(self.schema, STATE_TABLE)), (plan.state_id, plan.target))
-            blob = cursor.fetchone()[0]
-        self.pg.commit()
-        return decode_cells(bytes(blob)) if blob else (0, {})
+    def _stored_spans(self, connection, plan):
+        """(span, packed page records) of the stored spans, in span order, read by a server-side cursor."""
+        with connection.cursor(name="stored_spans") as cursor:
+            cursor.itersize = 64
+            cursor.execute(sql.SQL("SELECT span, pages FROM {} WHERE source_id = %s AND table_name = %s "
+                                   "AND width = %s ORDER BY span").format(sql.Identifier(self.schema, SPANS_TABLE)),
+                           (plan.state_id, plan.target, plan.width))
+            for span, pages in cursor:
+                yield span, bytes(pages)
 
-    def _width(self, plan):
-        """Span width for a table: RANGE_KEYS, or wider so that its keys (both sides) fit MAX_RANGES spans."""
-        low, high = self._target_bounds(plan)
-        if plan.pages:
-            low = min(low, plan.pages[0].first) if low is not None else plan.pages[0].first
-            high = max(high, plan.pages[-1].last) if high is not None else plan.pages[-1].last
+    def _stored_cells(self, connection, plan, span, recorded):
+        """The Cells the last sync kept for ``span``, None without (or when they belong to other page records)."""
+        with connection.cursor() as cursor:
+            cursor.execute(sql.SQL("SELECT cells FROM {} WHERE source_id = %s AND table_name = %s AND span = %s")
+                           .format(sql.Identifier(self.schema, SPANS_TABLE)), (plan.state_id, plan.target, span))
+            found = cursor.fetchone()
+        return decode_cells(recorded, bytes(found[0])) if found else None
+
+    def _width(self, plan, low, high):
+        """Span width for a table: RANGE_KEYS, or wider so that its keys (both sides; ``low`` and ``high``: the
+        source's) fit MAX_RANGES spans."""
+        target_low, target_high = self._target_bounds(plan)
+        if target_low is not None:
+            low = target_low if low is None else min(low, target_low)
+            high = target_high if high is None else max(high, target_high)
         if low is None:
             return self.range_keys
         return max(self.range_keys, math.ceil((high - low + 1) / MAX_RANGES))
@@ -822,9 +842,9 @@ class Sync:
     def _close_state(self, cursor):
         """Each table's state row now describes this snapshot: its source_id, row count and checksums."""
         state = sql.Identifier(self.schema, STATE_TABLE)
-        if not self.cells_column and any(plan.cells is not None for plan in self.plans.values()):
-            cursor.execute(cells_column_ddl(self.schema))
-            self.cells_column = True
+        cursor.execute("SELECT to_regclass(%s)", (sql.Identifier(self.schema, SPANS_TABLE).as_string(cursor),))
+        if cursor.fetchone()[0] is None:  # a state table of a version before the span rows
+            cursor.execute(spans_table_ddl(self.schema))
         for name in self.order:
             plan = self.plans[name]
             written = bool(plan.dirty or plan.baseline)
@@ -839,25 +859,43 @@ class Sync:
             elif plan.state_id != self.source_id:
                 cursor.execute(sql.SQL("DELETE FROM {} WHERE source_id = %s AND table_name = %s").format(state),
                                (self.source_id, plan.target))
+            if plan.key:
+                self._store_spans(cursor, plan)
             document = json.dumps(self._document(plan)) if written or not plan.key else None
-            cells = sql.SQL(", cell_checksums = %s" if plan.cells is not None else "")
+            # A state table of an earlier version holds the cells in one value per table: no longer read.
+            cells = sql.SQL(", cell_checksums = NULL" if self.cells_column else "")
             cursor.execute(sql.SQL(
                 "UPDATE {} SET source_id = %s, rows_loaded = %s, rows_rejected = 0, started_at = %s, "
                 "loaded_at = now(), seconds = %s, validated_at = NULL, "
                 "key_range_checksums = coalesce(%s::jsonb, key_range_checksums || '{{\"complete\": true}}'){} "
                 "WHERE source_id = %s AND table_name = %s").format(state, cells),
-                (self.source_id, plan.total_rows, self.started_at, seconds, document)
-                + ((self._cells_blob(plan),) if plan.cells is not None else ())
-                + (self.source_id if plan.new else plan.state_id, plan.target))
+                (self.source_id, plan.total_rows, self.started_at, seconds, document,
+                 self.source_id if plan.new else plan.state_id, plan.target))
             plan.state_id = self.source_id
 
+    def _store_spans(self, cursor, plan):
+        """The table's span rows now describe this snapshot: those of the dirty spans (all of them, for a table
+        without usable checksums) are replaced by the ones spilled during the scan, the others move to its
+        source_id as they are."""
+        spans = sql.Identifier(self.schema, SPANS_TABLE)
+        everything = plan.baseline or plan.fresh or plan.new
+        cursor.execute(sql.SQL("DELETE FROM {} WHERE table_name = %s AND (source_id = %s AND source_id <> %s "
+                               "OR source_id = %s AND (%s OR width <> %s OR span = ANY(%s)))").format(spans),
+                       (plan.target, self.source_id, plan.state_id, plan.state_id, everything, plan.width,
+                        sorted(plan.dirty)))
+        if plan.state_id != self.source_id:
+            cursor.execute(sql.SQL("UPDATE {} SET source_id = %s WHERE source_id = %s AND table_name = %s")
+                           .format(spans), (self.source_id, plan.state_id, plan.target))
+        if plan.spill is not None:
+            plan.spill.copy_into(cursor, spans)
+
     def _document(self, plan):
+        """What the stored checksums assume; the checksums themselves are the table's span rows."""
         document = {"format": FORMAT, "signature": self._signature(plan), "complete": True,
                     "source": self._identity()}
         if not plan.key:
             return dict(document, whole=plan.digest)
-        ranges = {str(span): [p.record() for p in pages] for span, pages in plan.current.items()}
-        return dict(document, range_keys=plan.width, ranges=ranges)
+        return dict(document, range_keys=plan.width)
 
     def _sequences(self):
         with self.pg.cursor() as cursor:
@@ -868,12 +906,6 @@ class Sync:
         self.pg.commit()
         if steps:
             self.result["changed"] = True
-
-    @staticmethod
-    def _cells_blob(plan):
-        return psycopg2.Binary(encode_cells(plan.width, {
-            span: (span_link([p.record() for p in plan.current.get(span, [])]), cells)
-            for span, cells in plan.cells.items()}))
 
     @staticmethod
     def _changed_keys(plan):
@@ -899,6 +931,9 @@ class Sync:
                              "holds its rows")
         for name in self.order:
             plan = self.plans[name]
+            if plan.older_format and plan.fresh:
+                notes.append(f"table {name}: its page checksums were stored by an earlier version, in a format this "
+                             "one does not read: its rows were compared in full once, and the checksums stored anew")
             if not plan.match and plan.dirty and not plan.new:
                 counts = plan.counts
                 notes.append(f"table {name} has no primary key: its rows cannot be followed one by one, so the "
@@ -918,7 +953,7 @@ class Sync:
         checked = changed = 0
         for name in self.order:
             plan = self.plans[name]
-            spans = len(plan.current) if plan.key else 1
+            spans = plan.spans_checked if plan.key else 1
             entry = dict(plan.counts, total_rows=plan.total_rows, ranges_checked=spans, ranges_changed=len(plan.dirty),
                          changed_keys=self._changed_keys(plan))
             self.result["tables"][name] = entry
@@ -973,16 +1008,71 @@ def _in_order(threads, function, items, ahead):
             future.cancel()
 
 
-def _by_span(pages, width):
-    """{span: [Page, ...]} of the pages that overlap each span, or None when that would be too many spans."""
-    spans = {}
+def _spans(pages, width):
+    """(span, [Page, ...]) of each span the pages (in key order) overlap, in span order: a span's pages at a time."""
+    span, held = None, []
     for page in pages:
-        first, last = page.first // width, page.last // width
-        if last - first > MAX_RANGES:
-            return None
-        for span in range(first, last + 1):
-            spans.setdefault(span, []).append(page)
-    return None if len(spans) > 4 * MAX_RANGES else spans
+        first = page.first // width
+        while held and span < first:
+            yield span, held
+            span += 1
+            held = [p for p in held if p.last // width >= span]
+        if not held:
+            span = first
+        held.append(page)
+    while held:
+        yield span, held
+        span += 1
+        held = [p for p in held if p.last // width >= span]
+
+
+def _merged(current, stored):
+    """(span, [Page, ...] now, stored packed page records or None) for each span of either side, in span order:
+    ``current`` as _spans() yields it, ``stored``: (span, packed page records) in span order."""
+    current, stored = iter(current), iter(stored)
+    now, kept = next(current, None), next(stored, None)
+    while now is not None or kept is not None:
+        if kept is None or (now is not None and now[0] < kept[0]):
+            yield now[0], now[1], None
+            now = next(current, None)
+        elif now is None or kept[0] < now[0]:
+            yield kept[0], [], kept[1]
+            kept = next(stored, None)
+        else:
+            yield now[0], now[1], kept[1]
+            now, kept = next(current, None), next(stored, None)
+
+
+class SpanRows:
+    """The span rows a sync stores for one table, spilled to a temporary file in COPY's binary format as the scan
+    finds them, and copied into the state's span rows in the sync's write transaction: one span in memory."""
+
+    HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+
+    def __init__(self, source_id, table, width):
+        self.file = tempfile.TemporaryFile()
+        self.file.write(self.HEADER)
+        self.prefix = struct.pack(">h", 6) + _field(source_id.encode()) + _field(table.encode())
+        self.width = _field(struct.pack(">q", width))
+
+    def add(self, span, pages, cells):
+        packed = pack_pages(pages)
+        self.file.write(self.prefix + _field(struct.pack(">q", span)) + self.width + _field(packed)
+                        + _field(encode_cells(packed, cells)))
+
+    def copy_into(self, cursor, table):
+        self.file.write(struct.pack(">h", -1))
+        self.file.seek(0)
+        cursor.copy_expert(sql.SQL("COPY {} (source_id, table_name, span, width, pages, cells) FROM STDIN "
+                                   "(FORMAT binary)").format(table).as_string(cursor), self.file)
+
+    def close(self):
+        self.file.close()
+
+
+def _field(data):
+    """One field of a row of COPY's binary format: its length, then its bytes."""
+    return struct.pack(">i", len(data)) + data
 
 
 def _read_cells(reader, pages, low, high, lasts=None):

@@ -10,6 +10,7 @@ from .names import derived_name, pg_name
 from .typemap import from_catalog
 
 STATE_TABLE = "sqlite_to_postgres_state"
+SPANS_TABLE = "sqlite_to_postgres_spans"  # the state's page and cell checksums, one row per span (sync.py)
 APPLICATION_NAME = "sqlite_to_postgres"
 MAINTENANCE_WORK_MEM = "256MB"  # for this run's own index and foreign key builds only (SET, not ALTER SYSTEM)
 # target_ddl runs in check mode on the live target: bounded, so a lock held by the application
@@ -160,11 +161,10 @@ def count_rows(cursor, schema, name):
 def state_table_ddl(schema):
     """One row per (source snapshot, target table) loaded, committed in the same transaction as the rows.
 
-    key_range_checksums holds the source's leaf page checksums per span of
-    rowids, from which the next sync finds what changed (sync.py); a load
-    stores them right after its tables are loaded. cell_checksums holds the
-    digests of the cells of those pages, from which a sync finds which rows
-    of a changed page changed. content_checksum stays
+    key_range_checksums holds what the source's page checksums assume (their
+    format, column signature and span width); the checksums themselves are rows
+    of SPANS_TABLE (spans_table_ddl). A load stores them right after its tables
+    are loaded, every sync replaces those of the spans that changed. content_checksum stays
     NULL (the validation computes content checksums afresh). validated_at is set by the runbook once the
     validation of the whole migration passed, and cleared by every load: a
     run that finds loaded but unvalidated tables knows an earlier run stopped.
@@ -192,17 +192,32 @@ def state_table_ddl(schema):
         ALTER TABLE {0}.{1} ADD COLUMN IF NOT EXISTS validated_at timestamptz;
         ALTER TABLE {0}.{1} ADD COLUMN IF NOT EXISTS prepared_gids text[];
         """
-    ).format(sql.Identifier(schema), sql.Identifier(STATE_TABLE)) + cells_column_ddl(schema)
+    ).format(sql.Identifier(schema), sql.Identifier(STATE_TABLE)) + spans_table_ddl(schema)
 
 
-def cells_column_ddl(schema):
-    """The state table's column for the digests of the source's cells (sync.py), in a table older than it.
+def spans_table_ddl(schema):
+    """The state's checksums of the source, one row per (snapshot, target table, span of rowids): the span's
+    leaf page records and the digests of its cells (sync.py), so that a sync reads and writes them a span at a
+    time, never a whole table's at once. A row is read only with the span width it was written with: the
+    rows of a snapshot describe its pages whichever run wrote them, so a state row put back by an undo
+    (undo.py) reads the rows of its snapshot that are there, and compares the other spans in full.
 
-    Its values come zlib-compressed, so PostgreSQL stores them out of line as they are (STORAGE EXTERNAL):
+    The cells come zlib-compressed, so PostgreSQL stores them out of line as they are (STORAGE EXTERNAL):
     trying to compress them again cost more than writing them (0.2 s against 0.05 s for 1M files)."""
-    return sql.SQL("ALTER TABLE {0}.{1} ADD COLUMN IF NOT EXISTS cell_checksums bytea; "
-                   "ALTER TABLE {0}.{1} ALTER COLUMN cell_checksums SET STORAGE EXTERNAL").format(
-        sql.Identifier(schema), sql.Identifier(STATE_TABLE))
+    return sql.SQL(
+        """
+        CREATE TABLE IF NOT EXISTS {0}.{1} (
+            source_id  text NOT NULL,
+            table_name text NOT NULL,
+            span       bigint NOT NULL,
+            width      bigint NOT NULL,
+            pages      bytea NOT NULL,
+            cells      bytea NOT NULL,
+            PRIMARY KEY (source_id, table_name, span)
+        );
+        ALTER TABLE {0}.{1} ALTER COLUMN cells SET STORAGE EXTERNAL;
+        """
+    ).format(sql.Identifier(schema), sql.Identifier(SPANS_TABLE))
 
 
 def state_has_column(cursor, schema, column):

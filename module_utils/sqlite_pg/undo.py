@@ -20,7 +20,7 @@ import psycopg2
 from psycopg2 import sql
 
 from . import ranges
-from .target import STATE_TABLE, connect
+from .target import SPANS_TABLE, STATE_TABLE, connect
 
 RECONNECT_SECONDS = 30  # how long the undo waits for a server that is restarting or failing over
 RECONNECT_INTERVAL = 1.0
@@ -126,7 +126,8 @@ class Journal:
                     cursor.execute(sql.SQL("INSERT INTO {0} SELECT * FROM jsonb_populate_record(NULL::{0}, %s) "
                                            "ON CONFLICT DO NOTHING").format(state), (json.dumps(row),))
             if self.created_state_table:
-                cursor.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(state))
+                cursor.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}").format(
+                    state, sql.Identifier(self.schema, SPANS_TABLE)))
             if self.created_schema:
                 cursor.execute(sql.SQL("DROP SCHEMA IF EXISTS {}").format(schema))
         connection.commit()
