@@ -24,10 +24,9 @@ import zlib
 from dataclasses import dataclass, field
 
 from .errors import MigrationError
+from .stillness import WAL_HEADER_BYTES, WAL_INDEX_HEADER_BYTES
 
-WAL_HEADER_BYTES = 32
 WAL_FRAME_HEADER_BYTES = 24
-SHM_HEADER_BYTES = 48  # one copy of the wal-index header; the -shm file starts with two
 TABLE_LEAF = 13  # b-tree page type byte of a table leaf
 TABLE_INTERIOR = 5
 DIGEST_BYTES = 8  # of a cell: a changed row is missed only if its digest collides with its own old one
@@ -71,8 +70,9 @@ class PageReader:
     def _read_wal_index(self):
         """Which frames of the -wal file are committed: the -shm header's mxFrame says (what readers use too)."""
         with open(self.source.path + "-shm", "rb") as handle:
-            header = handle.read(2 * SHM_HEADER_BYTES)
-        if len(header) < 2 * SHM_HEADER_BYTES or header[:SHM_HEADER_BYTES] != header[SHM_HEADER_BYTES:]:
+            # The -shm file starts with two copies of the wal-index header; they differ while a writer changes it.
+            header, copy = handle.read(WAL_INDEX_HEADER_BYTES), handle.read(WAL_INDEX_HEADER_BYTES)
+        if len(copy) < WAL_INDEX_HEADER_BYTES or header != copy:
             raise MigrationError(f"source {self.source.path} is being written (its -shm header is changing): "
                                  "stop the application and run again")
         last_frame = struct.unpack("=I", header[16:20])[0]

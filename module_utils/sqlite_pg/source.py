@@ -11,10 +11,9 @@ from urllib.parse import quote
 from .errors import MigrationError
 from .names import sqlite_ident
 from .rules import SAME_REPRESENTATION, RepresentationWatch
-from .stillness import change_marks
+from .stillness import HEADER_BYTES, change_marks
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
-HEADER_BYTES = 100
 READ_BLOCK = 4 << 20
 ROWID_ALIASES = ("rowid", "_rowid_", "oid")
 RESERVED_BYTE = 0x40000001  # SQLite's lock bytes: PENDING_BYTE (1 GiB) + 1 (os_unix.c)
