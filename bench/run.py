@@ -944,7 +944,8 @@ def run_sync(ctx: Context) -> dict:
             result[f"{key}_s"] = round(time.monotonic() - started, 3)
             figures = usage.figures()
             result.update({f"{key}_cpu_s": figures["cpu_s"], f"{key}_peak_rss_process_mb": figures[
-                "peak_rss_process_mb"], f"{key}_wal_mb": round(ctx.server.wal_since(wal) / 1e6, 1)})
+                "peak_rss_process_mb"], f"{key}_peak_rss_process_role": figures["peak_rss_process_role"],
+                f"{key}_wal_mb": round(ctx.server.wal_since(wal) / 1e6, 1)})
 
         progress(f"sync: full migration of {ctx.sample.rows:,} rows")
         timed("full", lambda: run_module(ctx, "sqlite_to_postgres", arguments),
@@ -992,7 +993,9 @@ def summarize_sync(ctx: Context, name: str, runs: list[dict]) -> dict:
     for key in steps:
         medians[f"{key}_cpu_s"] = {side: round(statistics.median(run[f"{key}_cpu_s"][side] for run in runs), 2)
                                    for side in ("client", "server")}
-        medians[f"{key}_peak_rss_process_mb"] = max(run[f"{key}_peak_rss_process_mb"] for run in runs)
+        largest = max(runs, key=lambda run: run[f"{key}_peak_rss_process_mb"])
+        medians[f"{key}_peak_rss_process_mb"] = largest[f"{key}_peak_rss_process_mb"]
+        medians[f"{key}_peak_rss_process_role"] = largest[f"{key}_peak_rss_process_role"]
         medians[f"{key}_wal_mb"] = round(statistics.median(run[f"{key}_wal_mb"] for run in runs), 1)
     return {**summary, "status": "passed", "wall_s": medians["sync_changed_s"], **medians,
             **{f"{key}_vs_full": round(statistics.median(run[f"{key}_vs_full"] for run in runs), 3)
