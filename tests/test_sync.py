@@ -29,6 +29,7 @@ from conftest import (
 )
 from sqlite_pg.engine import migrate
 from sqlite_pg.errors import MigrationError
+from sqlite_pg.names import intervals_from_text, intervals_text
 from sqlite_pg.sync import Sync, dirty_intervals, sync
 from sqlite_pg.validate import validate
 
@@ -119,6 +120,13 @@ def test_a_sync_after_a_sync_writes_nothing(migrated):
     assert not sync(str(src), conninfo, range_keys=SPAN)["changed"]
 
 
+def test_changed_keys_are_written_as_one_string_and_read_back():
+    intervals = [[-5, -3], [0, 0], [7, 12], [2**62, 2**62]]
+    assert intervals_text(intervals) == f"-5:-3,0,7:12,{2**62}"
+    assert intervals_from_text(intervals_text(intervals)) == intervals
+    assert intervals_from_text("") == []
+
+
 def test_only_the_rows_whose_cells_changed_are_sent(migrated):
     src, conninfo = migrated
     sync(str(src), conninfo, range_keys=SPAN)
@@ -131,9 +139,9 @@ def test_only_the_rows_whose_cells_changed_are_sent(migrated):
     files, logs = result["tables"]["files"], result["tables"]["replication_logs"]
     # Every other row of the changed pages has the cell it had: only these rows are read and sent.
     assert (files["rows_sent"], files["updated"], files["inserted"]) == (2, 1, 1)
-    assert files["changed_keys"]["keys"] == [[12, 12], [51, 51]]
-    assert (logs["rows_sent"], logs["deleted"], logs["changed_keys"]["keys"]) == (0, 1, [[7, 7]])
-    assert result["tables"]["tasks"]["changed_keys"]["keys"] == []
+    assert files["changed_keys"]["keys"] == "12,51"
+    assert (logs["rows_sent"], logs["deleted"], logs["changed_keys"]["keys"]) == (0, 1, "7")
+    assert result["tables"]["tasks"]["changed_keys"]["keys"] == ""
     assert_equal_content(src, conninfo)
 
 

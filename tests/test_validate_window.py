@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import execute, migrate_into_typed_schema
 from sqlite_pg.engine import migrate
+from sqlite_pg.names import intervals_from_text
 from sqlite_pg.validate import validate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +73,7 @@ def test_only_the_changed_keys_are_compared_and_found_equal(synced):
 def a_clean_key(synced, table):
     """A key of ``table`` no changed interval covers (the sync did not touch it)."""
     _src, conninfo, _baseline, tables = synced
-    intervals = tables[table]["changed_keys"]["keys"]
+    intervals = intervals_from_text(tables[table]["changed_keys"]["keys"])
     for (key,) in execute(conninfo, f"SELECT id FROM {table} ORDER BY id"):  # noqa: S608
         if not any(low <= key <= high for low, high in intervals):
             return key

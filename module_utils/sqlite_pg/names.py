@@ -20,6 +20,22 @@ def key_intervals_join(table, key):
             "json_extract(span.value, '$[0]') AND json_extract(span.value, '$[1]')")
 
 
+def intervals_text(intervals):
+    """Inclusive key intervals as one string, "3,7:12,40" for [[3, 3], [7, 12], [40, 40]]. A sync's changed keys
+    ride in its result through Ansible, whose controller holds about 1 KB per interval of a list of lists
+    (the 1 % sync of the 1M-file sample: 93 MB) and one byte per character of a string."""
+    return ",".join(str(low) if low == high else f"{low}:{high}" for low, high in intervals)
+
+
+def intervals_from_text(text):
+    """The [low, high] intervals of intervals_text()'s string."""
+    intervals = []
+    for part in filter(None, text.split(",")):
+        low, _colon, high = part.partition(":")
+        intervals.append([int(low), int(high or low)])
+    return intervals
+
+
 def pg_name(name):
     """The name PostgreSQL will actually store for ``name`` (cut to 63 bytes on a character boundary)."""
     encoded = name.encode("utf-8")

@@ -297,7 +297,7 @@ class Plan:
             if present == loaded:
                 # Nothing of it can differ from this snapshot: a validation after it compares no key.
                 entry.update(migrated=present, rejected=rejected, status="completed", action="skipped",
-                             validated=validated, changed_keys={"since": self.source_id, "keys": []})
+                             validated=validated, changed_keys={"since": self.source_id, "keys": ""})
                 self.actions[name] = "skip"
                 self.progress.finish(name, "skipped", present)
                 return ""

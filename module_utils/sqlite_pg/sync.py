@@ -45,7 +45,7 @@ from psycopg2 import sql
 
 from .errors import MigrationError
 from .loader import STORAGE_CLASS, UNCONVERTED, copy_line_sql
-from .names import key_intervals_join, pg_name, sqlite_ident
+from .names import intervals_text, key_intervals_join, pg_name, sqlite_ident
 from .pages import (
     Cells,
     PageReader,
@@ -913,7 +913,7 @@ class Sync:
         of them, for a table compared as a whole that changed). What a validation after the sync needs."""
         if not plan.key:
             return {"since": plan.since, "keys": None if plan.dirty else []}
-        return {"since": plan.since, "keys": [list(i) for span in sorted(plan.dirty) for i in plan.dirty[span]]}
+        return {"since": plan.since, "keys": intervals_text(i for span in sorted(plan.dirty) for i in plan.dirty[span])}
 
     def _notes(self):
         """What the sync could not follow row by row, or what may not be the change meant, and what it did."""

@@ -34,7 +34,7 @@ from psycopg2 import sql
 from .checksum import Checksum, Column, PostgresTable, SqliteTable, TableSpec, comparable_kind
 from .errors import MigrationError, shorten
 from .loader import become_worker
-from .names import pg_name, sqlite_ident
+from .names import intervals_from_text, pg_name, sqlite_ident
 from .rules import check_timezone
 from .source import Source, read_schema
 from .target import connect, first_line
@@ -254,7 +254,7 @@ def changed_since(baseline, changed_keys) -> dict:
     if not baseline or not baseline.get("snapshot") or not baseline.get("source_id"):
         return {}
     known = {table: entry.get("changed_keys") or {} for table, entry in (changed_keys or {}).items()}
-    return {table: keys["keys"] for table, keys in known.items()
+    return {table: intervals_from_text(keys["keys"]) for table, keys in known.items()
             if keys.get("since") == baseline["source_id"] and keys.get("keys") is not None}
 
 
