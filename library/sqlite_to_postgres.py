@@ -269,8 +269,8 @@ tables:
     was loaded. A synced or skipped table has C(changed_keys), C({since, keys}), the source keys that may
     differ from the snapshot C(since) (the sha256 it held before), as one string of inclusive intervals,
     C(3,7:12,40) for keys 3, 7 to 12 and 40 (null for all of them; one string, not a list, so that a large
-    sync's result stays small in the controller); the validation after the sync compares only these when it starts from a validation of
-    C(since).
+    sync's result stays small in the controller); the validation after the sync compares only these when
+    it starts from a validation of C(since).
   returned: always
   type: dict
   sample: {"files": {"total_rows": 50, "migrated": 50, "rejected": 0, "status": "completed",

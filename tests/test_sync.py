@@ -31,7 +31,7 @@ from sqlite_pg.engine import migrate
 from sqlite_pg.errors import MigrationError
 from sqlite_pg.names import intervals_from_text, intervals_text
 from sqlite_pg.sync import Sync, dirty_intervals, sync
-from sqlite_pg.validate import validate
+from sqlite_pg.validate import changed_since, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -401,7 +401,11 @@ def test_a_table_without_any_key_is_compared_by_content_and_says_so(tmp_path, pg
     assert execute(pg_database, "SELECT ctid::text FROM tags WHERE content = 'blue'") == unchanged
     assert [n for n in result["notes"] if n.startswith("table tags has no primary key: ")], result["notes"]
     assert_same_content(src, pg_database, "tags", order_by=["content", "copy"])
-    assert not sync(src, pg_database)["changed"]
+    rerun = sync(src, pg_database)
+    assert not rerun["changed"] and rerun["tables"]["tags"]["changed_keys"]["keys"] == ""
+    # A validation from the snapshot the rerun started on reads that nothing changed.
+    since = rerun["tables"]["tags"]["changed_keys"]["since"]
+    assert changed_since({"snapshot": "1:1:", "source_id": since}, rerun["tables"]) == {"tags": []}
 
 
 def test_a_state_table_made_before_validated_at_still_reads(migrated):

@@ -45,7 +45,7 @@ from psycopg2 import sql
 
 from .errors import MigrationError
 from .loader import STORAGE_CLASS, UNCONVERTED, copy_line_sql
-from .names import intervals_text, key_intervals_join, pg_name, sqlite_ident
+from .names import intervals_from_text, intervals_text, key_intervals_join, pg_name, sqlite_ident
 from .pages import (
     Cells,
     PageReader,
@@ -108,7 +108,9 @@ class TablePlan:
     older_format: bool = False  # the stored checksums are of an earlier version's format
     digest: int = 0  # tables compared as a whole: crc of all pages
     width: int = RANGE_KEYS
-    dirty: dict = field(default_factory=dict)  # span -> [[low, high], ...]: grows with the changes, not the table
+    # span -> its changed key intervals as intervals_text() writes them (a string: a tenth of a list's memory):
+    # grows with the changes, not the table
+    dirty: dict = field(default_factory=dict)
     spans_checked: int = 0  # spans holding leaf pages now
     baseline: bool = False  # checksums to store although no row changes
     fresh: bool = False  # no usable stored checksums (none, other columns, another span width): all spans compared
@@ -332,7 +334,7 @@ class Sync:
                 same_snapshot = plan.state_id == self.source_id
                 plan.baseline = same_snapshot  # loaded from this very snapshot: only the digest is missing
                 if not same_snapshot:
-                    plan.dirty = {0: [ALL_KEYS]}
+                    plan.dirty = {0: intervals_text([ALL_KEYS])}
 
     def _finished(self, plan):
         """Its state row names this snapshot and holds complete checksums (before syncs were one transaction, a
@@ -360,7 +362,8 @@ class Sync:
         elif not plan.records:
             # No usable checksums: every span either side holds rows in is compared in full.
             plan.fresh = True
-            plan.dirty = {span: [[span * width, span * width + width - 1]] for span in self._target_spans(plan, width)}
+            plan.dirty = {span: intervals_text([[span * width, span * width + width - 1]])
+                          for span in self._target_spans(plan, width)}
 
     def _scan_table(self, plan):
         connection = self.source.connect()
@@ -397,12 +400,13 @@ class Sync:
         previous = self._stored_cells(stored, plan, span, recorded) if recorded is not None else None
         if previous is None:
             if intervals:
-                plan.dirty[span] = intervals
+                plan.dirty[span] = intervals_text(intervals)
             cells = Cells.of(*_read_cells(reader, pages, low, high))
         else:
             lasts = [page.last for page in pages]
-            cells, plan.dirty[span] = previous.replace(intervals, lambda first, last: _read_cells(
+            cells, changed = previous.replace(intervals, lambda first, last: _read_cells(
                 reader, pages, first, last, lasts=lasts))
+            plan.dirty[span] = intervals_text(changed)
         if pages:
             if plan.spill is None:
                 plan.spill = SpanRows(self.source_id, plan.target, plan.width)
@@ -524,7 +528,7 @@ class Sync:
                 plan, span = unit
                 lite = readers.get()
                 try:
-                    return self._copy_text(lite, plan, plan.dirty[span])
+                    return self._copy_text(lite, plan, intervals_from_text(plan.dirty[span]))
                 finally:
                     readers.put(lite)
 
@@ -541,7 +545,7 @@ class Sync:
                         cursor.connection.rollback()
                         lite = self.source.connect(text_as_bytes=True)  # the readers may still be busy
                         try:
-                            problem = self._first_invalid(plan, lite, plan.dirty[span])
+                            problem = self._first_invalid(plan, lite, intervals_from_text(plan.dirty[span]))
                         finally:
                             lite.close()
                         raise MigrationError((problem or f"table {plan.name}: PostgreSQL refused a changed row: "
@@ -579,19 +583,20 @@ class Sync:
         formats = dict(NAMES, removal=removal, target=target, staging=staging, differs=differs, taken=taken)
         if plan.key:
             key = sql.Identifier(plan.match[0])
-            intervals = [i for span in sorted(plan.dirty) for i in plan.dirty[span]]
             # One index range scan per interval for the rows gone (PostgreSQL cannot know how few rows each
             # interval holds: a join of both sides would hash the target's side), one lookup per staged row
-            # for the rows rewritten.
+            # for the rows rewritten. The intervals go as their text: the server splits it.
             cursor.execute(sql.SQL(
                 "CREATE TEMPORARY TABLE {removal} ON COMMIT DROP AS "
                 "SELECT t.{key}, true AS {gone}, {taken} AS {held} "
-                "FROM unnest(%s::bigint[], %s::bigint[]) AS span(low, high) "
+                "FROM (SELECT split_part(part, ':', 1)::bigint AS low, "
+                "coalesce(nullif(split_part(part, ':', 2), ''), split_part(part, ':', 1))::bigint AS high "
+                "FROM unnest(string_to_array(%s, ',')) AS part) AS span "
                 "JOIN {target} t ON t.{key} BETWEEN span.low AND span.high "
                 "WHERE NOT EXISTS (SELECT FROM {staging} s WHERE s.{key} = t.{key}) "
                 "UNION ALL SELECT t.{key}, false, false FROM {staging} s JOIN {target} t ON t.{key} = s.{key} "
                 "WHERE {differs}").format(key=key, **formats),
-                ([low for low, _high in intervals], [high for _low, high in intervals]))
+                (self._changed_keys(plan)["keys"],))
         elif plan.match:
             cursor.execute(sql.SQL(
                 "CREATE TEMPORARY TABLE {removal} ON COMMIT DROP AS SELECT {keys}, s.{present} IS NULL AS {gone}, "
@@ -912,8 +917,8 @@ class Sync:
         """The source keys that may differ from the snapshot ``since``: those of the dirty intervals (None, all
         of them, for a table compared as a whole that changed). What a validation after the sync needs."""
         if not plan.key:
-            return {"since": plan.since, "keys": None if plan.dirty else []}
-        return {"since": plan.since, "keys": intervals_text(i for span in sorted(plan.dirty) for i in plan.dirty[span])}
+            return {"since": plan.since, "keys": None if plan.dirty else ""}
+        return {"since": plan.since, "keys": ",".join(filter(None, (plan.dirty[span] for span in sorted(plan.dirty))))}
 
     def _notes(self):
         """What the sync could not follow row by row, or what may not be the change meant, and what it did."""
