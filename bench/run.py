@@ -1004,6 +1004,9 @@ def summarize_sync(ctx: Context, name: str, runs: list[dict]) -> dict:
 
 
 CUTOVER_DATABASE = "bench_cutover"
+# Disk the cutover's night takes, in sample sizes: the source's copy, its backup and its copy at rest, and on
+# each of the lab's three nodes the target with its indexes (1.05 x) and its WAL (1.1 x), as measured at 10M.
+CUTOVER_DISK_SAMPLES = 3 + 3 * (1.05 + 1.1)
 # The maintenance-on hook: the application stops writing. It waits until the stand-in application (a thread of
 # this process, which writes 1 % of the rows once the pre-sync has committed, while cutover.yml validates) has
 # made its last write, and fails if the stand-in failed. So the final sync carries 1 % of the rows, written while
@@ -1040,6 +1043,10 @@ def run_cutover(ctx: Context) -> dict:
     work = ctx.run_dir / "cutover"
     leader = None
     try:
+        needed, free = CUTOVER_DISK_SAMPLES * ctx.sample.path.stat().st_size, shutil.disk_usage(ctx.run_dir).free
+        if needed > free:
+            raise BenchError(f"not run: the lab's three nodes and the source's copies need about {needed / 1e9:.0f} "
+                             f"GB of disk, {free / 1e9:.0f} GB are free")
         if not ctx.lab.started:
             progress(f"cutover: bringing up the lab cluster in {ctx.lab.root}")
             ctx.lab.up(time.monotonic() + ctx.timeout)

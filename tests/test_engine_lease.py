@@ -5,6 +5,7 @@ ansible-playbook is killed): the load must stop within seconds, leave each
 table loaded or as it was, and a rerun must complete the migration.
 """
 
+import re
 import threading
 import time
 
@@ -53,7 +54,9 @@ def test_load_stops_when_the_runs_lock_session_ends_and_a_rerun_completes(tmp_pa
     assert "error" in outcome, "the load went on after its run was gone"
     message = str(outcome["error"])
     assert message.startswith("load stopped: the run that started this load is gone"), message
-    assert "everything this run wrote was undone (tables alpha)" in message, message
+    # Alpha has committed; on a busy machine zeta (and its sequences) may commit before the lease's next
+    # check: either way all of it must be undone.
+    assert re.search(r"everything this run wrote was undone \(tables alpha(, zeta[^)]*)?\)", message), message
     assert stopped_after < 10, f"the load took {stopped_after:.1f} s to stop"
     assert wait_until(lambda: migration_sessions(pg_database) == 0, timeout=10) is not None
 

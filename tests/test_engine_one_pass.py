@@ -216,7 +216,7 @@ def test_an_orphan_found_when_the_foreign_key_is_built_is_named_from_the_target(
     execute(pg_database, "ALTER TABLE child ADD PRIMARY KEY (id)")
     fails_and_puts_back(src, pg_database, postgres_server,
                         "table child, column parent_id, key (id=333): value 77 references a row missing from parent",
-                        UNDONE, "tables parent, child")
+                        UNDONE, "tables child, parent")
 
 
 def test_an_orphan_is_found_in_sqlite_when_the_keys_are_built_elsewhere(tmp_path, pg_database, postgres_server):

@@ -51,8 +51,8 @@ class Journal:
         self.recorded.append(table)
 
     def what(self):
-        """The run's writes as an operator reads them: 'tables a, b'."""
-        tables = self.created + self.filled
+        """The run's writes as an operator reads them: 'tables a, b' (by name: parallel loads commit in any order)."""
+        tables = sorted(self.created + self.filled)
         parts = [f"tables {', '.join(tables)}" if tables else "",
                  f"{len(self.objects)} keys and indexes" if self.objects else "",
                  f"{len(self.sequences)} sequences" if self.sequences else ""]
