@@ -19,10 +19,9 @@ from concurrent.futures.process import BrokenProcessPool
 import psycopg2
 from psycopg2 import sql
 
-from . import loader
+from . import keys, loader
 from .checks import Checks
 from .errors import MigrationError
-from .keys import Keys
 from .lease import Lease
 from .load import Load
 from .loader import LOST_CAUSES, become_worker
@@ -80,7 +79,7 @@ def migrate(src, conninfo, schema="public", tables=None, create_tables=True, job
     return run.execute()
 
 
-class Run(Plan, Checks, Load, Keys):
+class Run(Plan, Checks, Load):
     """One run, its stages in the order execute() calls them: plan, checks, load, keys; finish or undo."""
 
     def __init__(self, src, conninfo, schema, tables, create_tables, jobs, on_invalid, max_rejects, reject_file,
@@ -249,6 +248,28 @@ class Run(Plan, Checks, Load, Keys):
                 status="completed", action="synced", migrated=counts["total_rows"], total_rows=counts["total_rows"])
             self.progress.finish(name, "synced", counts["total_rows"])
 
+    def _post_data_plan(self):
+        """The post-data steps and notes (keys.plan) for the tables in the target, or that the load creates."""
+        present = [n for n in self.order if self.existing[n] is not None or not self.check_mode]
+        tables = [{"source": self.tables[n], "name": self.target_names[n], "columns": self.column_names[n],
+                   "exists": n in present} for n in self.order]
+        return keys.plan(self.pg, self.schema, tables, [self.target_names[n] for n in present])
+
+    def _post_data(self):
+        if not self.post_data:
+            return
+        self.progress.phase = "post_data"
+        self.progress.write(force=True)
+        steps, notes = self._post_data_plan()
+        self.result["profile"]["notes"] += notes
+        if not steps:
+            return
+        self._await_background()
+        self.result["changed"] = True
+        created = {self.target_names[n] for n in self.order if self.actions[n] == "create"}
+        keys.build(self.conninfo, self.schema, self.jobs, steps, self.journal, self.result["post_data"],
+                   self.progress, created)
+
     def _record_loaded(self):
         """The tables this run loaded, each synced from the very snapshot it loaded (no row differs, only its page
         and cell checksums and its sequences are written), one table per worker, largest first: the workers read
@@ -277,7 +298,7 @@ class Run(Plan, Checks, Load, Keys):
         self.result["total_rows"] = sum(t["migrated"] for t in done)
 
     def _finish_check(self):
-        steps, notes = self._post_data_steps() if self.post_data else ([], [])
+        steps, notes = self._post_data_plan() if self.post_data else ([], [])
         self.result["profile"]["notes"] += notes
         pending = [n for n in self.order if self.actions[n] in ("load", "create")]
         to_sync = [n for n in self.order if self.actions[n] == "sync"]
