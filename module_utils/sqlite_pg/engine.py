@@ -19,12 +19,10 @@ from concurrent.futures.process import BrokenProcessPool
 import psycopg2
 from psycopg2 import sql
 
-from . import loader
+from . import keys, load, loader
 from .checks import Checks
 from .errors import MigrationError
-from .keys import Keys
 from .lease import Lease
-from .load import Load
 from .loader import LOST_CAUSES, become_worker
 from .plan import Plan
 from .progress import Progress
@@ -80,8 +78,11 @@ def migrate(src, conninfo, schema="public", tables=None, create_tables=True, job
     return run.execute()
 
 
-class Run(Plan, Checks, Load, Keys):
-    """One run, its stages in the order execute() calls them: plan, checks, load, keys; finish or undo."""
+class Run(Plan, Checks):
+    """One run, its stages in the order execute() calls them: plan, checks, load, keys; finish or undo.
+
+    The plan and the checks are mixins sharing this object's fields; the load (load.Load) and the keys
+    (keys.plan, keys.build) are handed what they need as arguments and return what they produced."""
 
     def __init__(self, src, conninfo, schema, tables, create_tables, jobs, on_invalid, max_rejects, reject_file,
                  source_timezone, progress_file, post_data, integrity, check_mode, lease=None, target_ddl=None,
@@ -125,7 +126,7 @@ class Run(Plan, Checks, Load, Keys):
                     if self.lease.lost:
                         raise MigrationError(self.lease.lost)
                 self._lock()
-                self._resolve_interrupted()
+                self.notes += load.resolve_interrupted(self.pg, self.schema, self.check_mode)
                 self._read_target()
                 # One slot per table, then one per range of a table loaded in ranges (load.py).
                 counters = multiprocessing.get_context("fork").Array("q", len(self.order) * (1 + self.jobs),
@@ -143,14 +144,14 @@ class Run(Plan, Checks, Load, Keys):
                     if self.check_mode:
                         return self._finish_check()
                     self.journal = Journal(self.conninfo, self.schema, self.source_id)
-                    self._load(counters)
+                    loaded = self._load(counters)
                     self._start_checks_beside_the_load()  # when no table loaded (the load starts them)
                     # The checks beside the load go on beside the sync, post-data and the records: each waits for
                     # them before its first write, and the run does not end before they passed. The sync comes
                     # first: a new table's foreign keys are validated against parents already synced.
                     self._sync()
                     self._post_data()
-                    self._record_loaded()
+                    self._record_loaded(loaded)
                     self._await_background()
             finally:
                 gc.unfreeze()  # a caller that runs several migrations collects their garbage again
@@ -249,12 +250,53 @@ class Run(Plan, Checks, Load, Keys):
                 status="completed", action="synced", migrated=counts["total_rows"], total_rows=counts["total_rows"])
             self.progress.finish(name, "synced", counts["total_rows"])
 
-    def _record_loaded(self):
-        """The tables this run loaded, each synced from the very snapshot it loaded (no row differs, only its page
-        and cell checksums and its sequences are written), one table per worker, largest first: the workers read
-        their pages side by side, and each holds the records of one table only. The sequences those syncs move
-        are journaled first, so that the undo sets them back too."""
-        names = [n for n in self.order if self.result["tables"][n]["action"] == "loaded"]
+    def _load(self, counters):
+        """Stage 3 (load.py): the target made ready, then the tables to load streamed; returns those loaded."""
+        self.progress.phase = "load"
+        self.progress.write(force=True)
+        to_load = [name for name in self.order if self.actions[name] in ("load", "create")]
+        if not to_load:
+            return []
+        load.prepare_target(self.pg, self.schema, self.schema_present, self.source_id,
+                            [self.target_names[n] for n in to_load], self.journal)
+        self.result["changed"] = True
+        stage = load.Load(
+            pool=self.pool, pg=self.pg, conninfo=self.conninfo, schema=self.schema, jobs=self.jobs,
+            source=self.source, baseline=self.baseline, source_id=self.source_id,
+            source_timezone=self.source_timezone, order=self.order, tables=self.tables, actions=self.actions,
+            target_names=self.target_names, column_names=self.column_names, notnull=self.notnull,
+            profiles=self.profiles, sizes=self.sizes, highest=self.highest, column_ddl=self._column_ddl,
+            journal=self.journal, entries=self.result["tables"], progress=self.progress, counters=counters,
+            note=self._note, start_checks=self._start_checks_beside_the_load, lease=self.lease)
+        return stage.run(to_load)
+
+    def _post_data_plan(self):
+        """The post-data steps and notes (keys.plan) for the tables in the target, or that the load creates."""
+        present = [n for n in self.order if self.existing[n] is not None or not self.check_mode]
+        tables = [{"source": self.tables[n], "name": self.target_names[n], "columns": self.column_names[n],
+                   "exists": n in present} for n in self.order]
+        return keys.plan(self.pg, self.schema, tables, [self.target_names[n] for n in present])
+
+    def _post_data(self):
+        if not self.post_data:
+            return
+        self.progress.phase = "post_data"
+        self.progress.write(force=True)
+        steps, notes = self._post_data_plan()
+        self.result["profile"]["notes"] += notes
+        if not steps:
+            return
+        self._await_background()
+        self.result["changed"] = True
+        created = {self.target_names[n] for n in self.order if self.actions[n] == "create"}
+        keys.build(self.conninfo, self.schema, self.jobs, steps, self.journal, self.result["post_data"],
+                   self.progress, created)
+
+    def _record_loaded(self, names):
+        """The tables this run loaded (``names``, the load's result), each synced from the very snapshot it loaded
+        (no row differs, only its page and cell checksums and its sequences are written), one table per worker,
+        largest first: the workers read their pages side by side, and each holds the records of one table only.
+        The sequences those syncs move are journaled first, so that the undo sets them back too."""
         if not names:
             return
         with self.pg.cursor() as cursor:
@@ -277,7 +319,7 @@ class Run(Plan, Checks, Load, Keys):
         self.result["total_rows"] = sum(t["migrated"] for t in done)
 
     def _finish_check(self):
-        steps, notes = self._post_data_steps() if self.post_data else ([], [])
+        steps, notes = self._post_data_plan() if self.post_data else ([], [])
         self.result["profile"]["notes"] += notes
         pending = [n for n in self.order if self.actions[n] in ("load", "create")]
         to_sync = [n for n in self.order if self.actions[n] == "sync"]

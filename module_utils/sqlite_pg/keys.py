@@ -118,32 +118,11 @@ def _orphan(connection, schema, step):
             "validated")
 
 
-class Keys:
-    """Post-data after the load (a stage of engine.Run)."""
-
-    def _post_data_entries(self):
-        return [{"source": self.tables[name], "name": self.target_names[name], "columns": self.column_names[name],
-                 "exists": self.existing[name] is not None or not self.check_mode} for name in self.order]
-
-    def _post_data_steps(self):
-        with self.pg.cursor() as cursor:
-            steps, notes = plan_post_data(cursor, self.schema, self._post_data_entries())
-            existing = [self.target_names[n] for n in self.order if self.existing[n] is not None or not self.check_mode]
-            steps += sequence_steps(cursor, self.schema, existing)
-        self.pg.commit()
-        return steps, notes
-
-    def _post_data(self):
-        if not self.post_data:
-            return
-        self.progress.phase = "post_data"
-        self.progress.write(force=True)
-        steps, notes = self._post_data_steps()
-        self.result["profile"]["notes"] += notes
-        if not steps:
-            return
-        self._await_background()
-        self.result["changed"] = True
-        created = {self.target_names[n] for n in self.order if self.actions[n] == "create"}
-        build(self.conninfo, self.schema, self.jobs, steps, self.journal, self.result["post_data"],
-                   self.progress, created)
+def plan(pg, schema, tables, sequences_of):
+    """The post-data steps for ``tables`` (dicts of target.plan_post_data) and the sequences of the target tables
+    ``sequences_of``, with the notes on what cannot be built; read in ``pg``'s session."""
+    with pg.cursor() as cursor:
+        steps, notes = plan_post_data(cursor, schema, tables)
+        steps += sequence_steps(cursor, schema, sequences_of)
+    pg.commit()
+    return steps, notes

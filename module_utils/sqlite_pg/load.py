@@ -22,13 +22,79 @@ from .loader import load_table
 from .target import STATE_TABLE, create_table_sql, record_load, state_table_ddl
 
 
+def resolve_interrupted(pg, schema, check_mode):
+    """Prepared range transactions an interrupted run left hold locks on their tables: resolved first (in check
+    mode only named). Returns the notes saying what was found."""
+    if check_mode:
+        tables = ranges.pending(pg, schema)
+        return [f"prepared transactions of an interrupted run hold locks on tables {', '.join(tables)}; the next "
+                "run resolves them before it loads"] if tables else []
+    committed, rolled_back = ranges.resolve(pg, schema, ranges.schema_prefix(schema))
+    notes = []
+    if committed:
+        notes.append(f"tables {', '.join(committed)}: the ranges an interrupted run had decided to commit were "
+                     "committed")
+    if rolled_back:
+        notes.append(f"tables {', '.join(rolled_back)}: the ranges an interrupted run had left prepared were "
+                     "rolled back")
+    return notes
+
+
+def prepare_target(pg, schema, schema_present, source_id, targets, journal):
+    """Before the first table loads: the schema and the state table created where missing, and the state rows of
+    ``targets`` (target tables) a reload replaces read; all journaled, so that the undo puts them back."""
+    state = sql.Identifier(schema, STATE_TABLE)
+    with pg.cursor() as cursor:
+        cursor.execute("SELECT to_regclass(%s)", (state.as_string(cursor),))
+        state_existed = cursor.fetchone()[0] is not None
+        if state_existed:
+            # A table loaded again replaces its state row: the undo puts the old one back.
+            cursor.execute(sql.SQL("SELECT to_jsonb(s) FROM {} s WHERE source_id = %s AND table_name = ANY(%s)")
+                           .format(state), (source_id, targets))
+            journal.replaced_state = [row[0] for row in cursor.fetchall()]
+        if not schema_present:
+            cursor.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        cursor.execute(state_table_ddl(schema))
+    pg.commit()
+    journal.created_schema = not schema_present
+    journal.created_state_table = not state_existed
+
+
 class Load:
-    """Dispatching the tables' loads to the workers (a stage of engine.Run)."""
+    """The tables' loads dispatched to the workers, parents first, largest first (stage 3 of engine.Run).
+
+    Everything it reads or writes comes in as an argument: the run's session ``pg`` and worker ``pool``; the
+    plan (``order``, per table ``tables``, ``actions``, ``target_names``, ``column_names``, ``notnull``,
+    ``profiles``, ``sizes``, ``highest``, and ``column_ddl(name)`` for a table it creates); where it reports
+    (``entries``: the result's table entries, updated as tables start and end; ``progress`` and its
+    ``counters``; ``note(text)``) and what it writes into (``journal``). ``start_checks()`` queues the checks
+    beside the load behind the loads dispatched so far; ``lease``, when lost, stops the load.
+    """
+
+    def __init__(self, *, pool, pg, conninfo, schema, jobs, source, baseline, source_id, source_timezone, order,
+                 tables, actions, target_names, column_names, notnull, profiles, sizes, highest, column_ddl, journal,
+                 entries, progress, counters, note, start_checks, lease):
+        self.pool, self.pg, self.conninfo, self.schema, self.jobs = pool, pg, conninfo, schema, jobs
+        self.source, self.baseline, self.source_id = source, baseline, source_id
+        self.source_timezone = source_timezone
+        self.order, self.tables, self.actions, self.target_names = order, tables, actions, target_names
+        self.column_names, self.notnull, self.profiles = column_names, notnull, profiles
+        self.sizes, self.highest, self.column_ddl = sizes, highest, column_ddl
+        self.journal, self.entries, self.progress, self.counters = journal, entries, progress, counters
+        self.note, self.start_checks, self.lease = note, start_checks, lease
+        # Tables loading in ranges, until decided: their pieces, the ranges' outcomes, how many still run.
+        self._ranged_tables = {}
+
+    def run(self, to_load):
+        """Load the tables ``to_load`` (in the run's order); returns those loaded, in that order. Raises the first
+        failure once the loads running beside it ended."""
+        done = self._stream(to_load)
+        return [name for name in to_load if name in done]
 
     def _plan(self, name):
         create = ""
         if self.actions[name] == "create":
-            create = create_table_sql(self.schema, self.target_names[name], self._column_ddl(name)).as_string(self.pg)
+            create = create_table_sql(self.schema, self.target_names[name], self.column_ddl(name)).as_string(self.pg)
         profile = self.profiles[name]
         return load_plan(index=self.order.index(name), name=name, target_table=self.target_names[name],
                          schema=self.schema, source=self.tables[name], profile=profile,
@@ -36,22 +102,6 @@ class Load:
                          source_timezone=self.source_timezone, source_id=self.source_id,
                          streamed=profile.columns[0].conversion == "streamed" if profile.columns else False,
                          notnull=self.notnull[name])
-
-    def _resolve_interrupted(self):
-        """Prepared range transactions an interrupted run left hold locks on their tables: resolve them first."""
-        if self.check_mode:
-            tables = ranges.pending(self.pg, self.schema)
-            if tables:
-                self.notes.append(f"prepared transactions of an interrupted run hold locks on tables "
-                                  f"{', '.join(tables)}; the next run resolves them before it loads")
-            return
-        committed, rolled_back = ranges.resolve(self.pg, self.schema, ranges.schema_prefix(self.schema))
-        if committed:
-            self.notes.append(f"tables {', '.join(committed)}: the ranges an interrupted run had decided to commit "
-                              "were committed")
-        if rolled_back:
-            self.notes.append(f"tables {', '.join(rolled_back)}: the ranges an interrupted run had left prepared "
-                              "were rolled back")
 
     def _ranged(self, to_load, plans):
         """{table: its range LoadPlans} for the tables worth splitting (ranges.RANGE_MIN_ROWS, RANGE_DOMINANCE),
@@ -64,10 +114,10 @@ class Load:
             return {}, 0
         free, limit = ranges.prepared_slots(self.pg)
         if free < self.jobs:
-            self._note(f"tables {', '.join(candidates)} load in one session each, not in {self.jobs} rowid ranges: "
-                       f"the server's max_prepared_transactions is {limit}"
-                       + (f" ({limit - free} in use)" if free < limit else "")
-                       + f"; ranges need at least {self.jobs} (one prepared transaction per range)")
+            self.note(f"tables {', '.join(candidates)} load in one session each, not in {self.jobs} rowid ranges: "
+                      f"the server's max_prepared_transactions is {limit}"
+                      + (f" ({limit - free} in use)" if free < limit else "")
+                      + f"; ranges need at least {self.jobs} (one prepared transaction per range)")
             return {}, 0
         self.journal.prefix = f"{ranges.schema_prefix(self.schema)}{secrets.token_hex(4)} "
         lite = self.source.connect()
@@ -104,38 +154,13 @@ class Load:
         ranges.finish(self.pg, gids, commit=True)
         return {"rows": rows, "seconds": time.monotonic() - started}
 
-    def _load(self, counters):
-        self.progress.phase = "load"
-        self.progress.write(force=True)
-        to_load = [name for name in self.order if self.actions[name] in ("load", "create")]
-        if not to_load:
-            return
-        state = sql.Identifier(self.schema, STATE_TABLE)
-        with self.pg.cursor() as cursor:
-            cursor.execute("SELECT to_regclass(%s)", (state.as_string(cursor),))
-            state_existed = cursor.fetchone()[0] is not None
-            if state_existed:
-                # A table loaded again replaces its state row: the undo puts the old one back.
-                cursor.execute(sql.SQL("SELECT to_jsonb(s) FROM {} s WHERE source_id = %s AND table_name = ANY(%s)")
-                               .format(state), (self.source_id, [self.target_names[n] for n in to_load]))
-                self.journal.replaced_state = [row[0] for row in cursor.fetchall()]
-            if not self.schema_present:
-                cursor.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
-            cursor.execute(state_table_ddl(self.schema))
-        self.pg.commit()
-        self.journal.created_schema = not self.schema_present
-        self.journal.created_state_table = not state_existed
-        self.result["changed"] = True
-        self._stream(to_load, counters)
-
-    def _stream(self, to_load, counters):
+    def _stream(self, to_load):
         plans = {name: self._plan(name) for name in to_load}
         split, prepared_free = self._ranged(to_load, plans)
         waits_for = self._existing_dependencies(to_load)
         parents = self._earlier_parents(to_load)
         futures, done, submitted, first_error = {}, set(), set(), None
-        # Tables loading in ranges, until decided: their pieces, the ranges' outcomes, how many still run.
-        ranged = self._ranged_tables = {}
+        ranged = self._ranged_tables
         # Parents before children (FK order), larger tables first among those free to go.
         queue = sorted(to_load, key=lambda n: -self.sizes[n])
         while queue or futures:
@@ -158,11 +183,11 @@ class Load:
                                         "started": time.monotonic(),
                                         "started_at": datetime.datetime.now(datetime.timezone.utc)}
                     self.progress.start(name)
-                    self.result["tables"][name]["status"] = "loading"
+                    self.entries[name]["status"] = "loading"
                     moved = True
             if first_error is not None:
                 queue = []
-            self._start_checks_beside_the_load()  # behind the loads dispatched so far
+            self.start_checks()  # behind the loads dispatched so far
             if not futures:
                 if queue:
                     raise MigrationError(
@@ -177,7 +202,7 @@ class Load:
                     future.cancel()
             for future in finished:
                 name, number = futures.pop(future)
-                entry = self.result["tables"][name]
+                entry = self.entries[name]
                 outcome = None
                 if not future.cancelled():
                     try:
@@ -213,15 +238,16 @@ class Load:
                 self.progress.finish(name, "completed", outcome["rows"])
             for name, _ in set(futures.values()):
                 slots = [p.index for p in split.get(name, [plans[name]])]
-                self.progress.update(name, sum(counters[slot] for slot in slots))
+                self.progress.update(name, sum(self.counters[slot] for slot in slots))
             self.progress.write(force=bool(finished))  # a table's end shows at once
         if first_error is not None:
             raise first_error
+        return done
 
     def _range_done(self, name, number, outcome, first_error):
         """One range of ``name`` ended (outcome None: failed or cancelled). Once all have, the table is decided
         (returns its outcome) or, when a range or anything else of the run failed, its ranges rolled back."""
-        table = self.result["tables"][name]
+        table = self.entries[name]
         state = self._ranged_tables[name]
         state["open"] -= 1
         if outcome is None:
