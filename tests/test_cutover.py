@@ -14,6 +14,7 @@ from the database the application ends on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -271,10 +272,13 @@ class StandIn:
         assert [process.returncode for process in self.processes] == [0] * len(self.processes), \
             (self.lab.workdir / "standin.log").read_text()[-2000:]
 
+    def commits(self):
+        return [json.loads(line) for line in (self.lab.state / "commits.jsonl").read_text().splitlines()]
+
     def assert_no_commit_lost(self, ends_on):
         """Every commit the stand-in logged is in the database it ends on (``ends_on``)."""
         assert self.backend() == ends_on
-        commits = [json.loads(line) for line in (self.lab.state / "commits.jsonl").read_text().splitlines()]
+        commits = self.commits()
         assert any(commit["backend"] == "sqlite" for commit in commits)
         if ends_on == "sqlite":
             missing = missing_commits(self.lab.state, sqlite_reader(str(self.lab.source)))
@@ -286,7 +290,28 @@ class StandIn:
             finally:
                 connection.close()
         assert missing == [], f"{len(missing)} logged rows missing from {ends_on}, first: {missing[:5]}"
-        return commits
+
+
+@contextlib.contextmanager
+def application_writing(lab, ends_on, serve=False, answer_500=()):
+    """The stand-in writing to SQLite while the case's runs go on (the body of the ``with``).
+
+    The application must end out of maintenance on ``ends_on`` and writing there; once it is stopped,
+    every commit it logged must be in that database and, when it ends on SQLite, the target must equal
+    its dump from before the runs.
+    """
+    app = StandIn(lab, serve=serve, answer_500=answer_500)
+    try:
+        assert app.writing("sqlite", 30), "the stand-in does not write"
+        before = lab.dump() if ends_on == "sqlite" else None
+        yield app
+        assert not app.in_maintenance() and app.backend() == ends_on, (app.in_maintenance(), app.backend())
+        assert app.writing(ends_on, app.writes(ends_on)), f"the stand-in did not go on writing to {ends_on}"
+    finally:
+        app.stop()
+    app.assert_no_commit_lost(ends_on)
+    if before is not None:
+        assert lab.dump() == before
 
 
 def closing_lines(result):
@@ -370,24 +395,14 @@ def test_drift_names_what_the_live_source_changed_and_writes_nothing(fresh):
                            "shows the restored counts; no \"CHANGED DURING THE RUN\"")
 def test_a_cutover_whose_validation_fails_leaves_the_application_on_sqlite_and_postgresql_as_before(fresh):
     lab = fresh
-    app = StandIn(lab)
-    try:
-        assert app.writing("sqlite", 30), "the stand-in does not write"
-        before = lab.dump()
+    with application_writing(lab, ends_on="sqlite") as app:
         [(files_before,)] = lab.sql("SELECT count(*) FROM files")
         # A second instance already on PostgreSQL changes a row there once maintenance begins:
         # the final validation must see it and the cutover must not switch.
         result, report = lab.cutover(hooks=lab.hooks(
             cutover_maintenance_on_command=lab.hook("maintenance", "on", "--also-write-postgresql")))
         assert result.returncode != 0, result.stdout[-4000:]
-        # back on SQLite, out of maintenance, and writing there again
-        assert not app.in_maintenance() and app.backend() == "sqlite"
-        assert app.writing("sqlite", app.writes("sqlite")), "the stand-in did not resume on SQLite"
-    finally:
-        app.stop()
-    app.assert_no_commit_lost("sqlite")
     assert app.writes("postgresql") == 0
-    assert lab.dump() == before
     assert lab.recorded() is None, "a cutover that ended on SQLite out of maintenance left its record"
     assert report["status"] == "failed"
     assert report["failure"]["stage"] == "validate", report["failure"]
@@ -419,15 +434,9 @@ def test_a_cutover_whose_validation_fails_leaves_the_application_on_sqlite_and_p
                            "migrate.yml refuses and leaves the target as it was")
 def test_a_cutover_with_the_application_writing_ends_on_postgresql(fresh):
     lab = fresh
-    app = StandIn(lab)
-    try:
-        assert app.writing("sqlite", 30), "the stand-in does not write"
+    with application_writing(lab, ends_on="postgresql") as app:
         result, report = lab.cutover()
         assert result.returncode == 0, result.stdout[-4000:]
-        assert app.writing("postgresql"), "the stand-in does not write to PostgreSQL"
-    finally:
-        app.stop()
-    app.assert_no_commit_lost("postgresql")
     stats = app.stats()
     assert stats["backend"] == "postgresql" and stats["maintenance_seen"] == 1
     cutover = report["cutover"]
@@ -474,20 +483,12 @@ def test_a_cutover_with_the_application_writing_ends_on_postgresql(fresh):
                            "logged commit; target equal to its dump from before; exit code")
 def test_a_switch_url_that_answers_500_fails_and_the_application_stays_on_sqlite(fresh):
     lab = fresh
-    app = StandIn(lab, serve=True, answer_500=["/switch/postgresql"])
-    try:
-        assert app.writing("sqlite", 30), "the stand-in does not write"
-        before = lab.dump()
+    with application_writing(lab, ends_on="sqlite", serve=True, answer_500=["/switch/postgresql"]) as app:
         result, report = lab.cutover(hooks=lab.hooks(cutover_switch_command=None,
                                                      cutover_switch_url=app.url("/switch/postgresql"),
                                                      cutover_switch_back_command=None,
                                                      cutover_switch_back_url=app.url("/switch/sqlite")))
         assert result.returncode != 0, result.stdout[-4000:]
-        assert app.writing("sqlite", app.writes("sqlite")), "the stand-in did not resume on SQLite"
-    finally:
-        app.stop()
-    app.assert_no_commit_lost("sqlite")
-    assert lab.dump() == before
     cutover = report["cutover"]
     switch = cutover["hooks"]["switch"]
     assert switch["status"] == 500 and "answered HTTP 500" in switch["error"], switch
@@ -509,18 +510,11 @@ def test_a_switch_url_that_answers_500_fails_and_the_application_stays_on_sqlite
                            "target equal to its dump from before; exit code")
 def test_a_maintenance_url_that_answers_500_fails_before_anything_is_switched(fresh):
     lab = fresh
-    app = StandIn(lab, serve=True, answer_500=["/maintenance/on"])
-    try:
-        assert app.writing("sqlite", 30), "the stand-in does not write"
-        before = lab.dump()
+    with application_writing(lab, ends_on="sqlite", serve=True, answer_500=["/maintenance/on"]) as app:
         result, report = lab.cutover(hooks=lab.hooks(cutover_maintenance_on_command=None,
                                                      cutover_maintenance_on_url=app.url("/maintenance/on")))
         assert result.returncode != 0, result.stdout[-4000:]
-    finally:
-        app.stop()
-    app.assert_no_commit_lost("sqlite")
     assert app.stats()["maintenance_seen"] == 0
-    assert lab.dump() == before
     cutover = report["cutover"]
     assert cutover["hooks"]["maintenance_on"]["status"] == 500
     assert report["failure"]["stage"] == "maintenance_on", report["failure"]
@@ -540,19 +534,11 @@ def test_a_maintenance_url_that_answers_500_fails_before_anything_is_switched(fr
                            "with every logged commit (the late ones included); target equal to its dump from before")
 def test_a_maintenance_hook_that_returns_before_the_application_stopped_is_caught(fresh):
     lab = fresh
-    app = StandIn(lab)
-    try:
-        assert app.writing("sqlite", 30), "the stand-in does not write"
-        before = lab.dump()
-        lying = lab.hook("maintenance", "on", "--lie-until-copy", str(lab.backups / "*" / "final-fileshare.db"))
+    lying = lab.hook("maintenance", "on", "--lie-until-copy", str(lab.backups / "*" / "final-fileshare.db"))
+    with application_writing(lab, ends_on="sqlite") as app:
         result, report = lab.cutover(hooks=lab.hooks(cutover_maintenance_on_command=lying))
         assert result.returncode != 0, result.stdout[-4000:]
-        assert app.writing("sqlite", app.writes("sqlite")), "the stand-in did not resume on SQLite"
-    finally:
-        app.stop()
-    app.assert_no_commit_lost("sqlite")
     assert app.stats()["maintenance_seen"] == 1, "the stand-in never noticed maintenance: the lie was not tested"
-    assert lab.dump() == before
     cutover = report["cutover"]
     assert cutover["source_written_after_copy"] is True
     assert "switch" not in cutover["hooks"], "the application was switched"
@@ -573,9 +559,7 @@ def test_a_maintenance_hook_that_returns_before_the_application_stopped_is_caugh
                            "PostgreSQL")
 def test_a_failing_maintenance_off_after_the_switch_keeps_the_application_and_its_writes_on_postgresql(fresh):
     lab = fresh
-    app = StandIn(lab)
-    try:
-        assert app.writing("sqlite", 30), "the stand-in does not write"
+    with application_writing(lab, ends_on="postgresql") as app:
         result, report = lab.cutover("-e", "cutover_maintenance_off_retries=1", "-e", "cutover_hook_retry_delay=1",
                                      hooks=lab.hooks(cutover_maintenance_off_command=lab.hook(
                                          "maintenance", "off", "--then-fail")))
@@ -586,12 +570,6 @@ def test_a_failing_maintenance_off_after_the_switch_keeps_the_application_and_it
         # Going back: maintenance first, then the rows the application wrote to PostgreSQL are found.
         refused, switchback = lab.run("switchback.yml")
         assert refused.returncode != 0, refused.stdout[-4000:]
-        assert app.backend() == "postgresql" and not app.in_maintenance()
-        written = app.writes("postgresql")
-        assert app.writing("postgresql", written), "the stand-in did not go on on PostgreSQL"
-    finally:
-        app.stop()
-    commits = app.assert_no_commit_lost("postgresql")
     assert report["rollback"] is None, "a rollback ran after the switch"
     cutover = report["cutover"]
     assert cutover["application_on"] == "postgresql" and cutover["maintenance"] == "unknown"
@@ -604,7 +582,7 @@ def test_a_failing_maintenance_off_after_the_switch_keeps_the_application_and_it
     assert [call["step"] for call in app.hooks_called()] == [
         "maintenance on", "switch postgresql", "maintenance off", "maintenance off",  # the cutover, one retry
         "maintenance on", "maintenance off"]  # switchback.yml: maintenance first; refused, back in service
-    first_on_postgresql = next(op[1] for commit in commits if commit["backend"] == "postgresql"
+    first_on_postgresql = next(op[1] for commit in app.commits() if commit["backend"] == "postgresql"
                                for op in commit["ops"] if op[0] == "files")
     message = switchback["failure"]["message"]
     assert "the application wrote to PostgreSQL since the switch" in message, message
@@ -639,16 +617,10 @@ def kill_in_the_final_sync(lab, app):
                            "application on PostgreSQL with every logged commit")
 def test_a_cutover_killed_in_the_final_sync_is_finished_by_the_next_run(fresh):
     lab = fresh
-    app = StandIn(lab)
-    try:
-        assert app.writing("sqlite", 30), "the stand-in does not write"
+    with application_writing(lab, ends_on="postgresql") as app:
         recorded = kill_in_the_final_sync(lab, app)
         result, report = lab.cutover()
         assert result.returncode == 0, result.stdout[-4000:]
-        assert app.writing("postgresql"), "the stand-in does not write to PostgreSQL"
-    finally:
-        app.stop()
-    app.assert_no_commit_lost("postgresql")
     said = next(line for line in result.stdout.splitlines() if "cutover: " in line)
     assert "a cutover was interrupted at stage final_sync" in said, said
     assert f"maintenance on since {recorded['maintenance_since_at']}" in said, said
@@ -668,19 +640,10 @@ def test_a_cutover_killed_in_the_final_sync_is_finished_by_the_next_run(fresh):
                            "restored to its dump from before the cutover, the record removed")
 def test_a_cutover_killed_in_the_final_sync_is_undone_by_switchback(fresh):
     lab = fresh
-    app = StandIn(lab)
-    try:
-        assert app.writing("sqlite", 30), "the stand-in does not write"
-        before = lab.dump()
+    with application_writing(lab, ends_on="sqlite") as app:
         kill_in_the_final_sync(lab, app)
         result, report = lab.run("switchback.yml")
         assert result.returncode == 0, result.stdout[-4000:]
-        assert not app.in_maintenance() and app.backend() == "sqlite"
-        assert app.writing("sqlite", app.writes("sqlite")), "the stand-in did not resume on SQLite"
-    finally:
-        app.stop()
-    app.assert_no_commit_lost("sqlite")
-    assert lab.dump() == before
     assert lab.recorded() is None
     assert "a cutover was interrupted at stage final_sync" in result.stdout
     assert report["status"] == "completed"
@@ -698,23 +661,15 @@ def test_a_check_mode_cutover_while_the_application_writes_calls_no_hook_and_wri
     lab = fresh
     secrets = {"argument": "s3cret-argument", "password": "s3cret-password", "query": "s3cret-query",
                "header": "s3cret-header"}
-    app = StandIn(lab)
-    try:
-        assert app.writing("sqlite", 30), "the stand-in does not write"
-        before = lab.dump()
+    maintenance_on = lab.hook("maintenance", "on", "--token", secrets["argument"])
+    switch_back = f"http://admin:{secrets['password']}@127.0.0.1:9/switch/sqlite?token={secrets['query']}&x=1"
+    with application_writing(lab, ends_on="sqlite") as app:
         backups = set(lab.backups.iterdir())
-        maintenance_on = lab.hook("maintenance", "on", "--token", secrets["argument"])
-        switch_back = f"http://admin:{secrets['password']}@127.0.0.1:9/switch/sqlite?token={secrets['query']}&x=1"
         result, report = lab.cutover("--check", hooks=lab.hooks(
             cutover_maintenance_on_command=maintenance_on, cutover_switch_back_command=None,
             cutover_switch_back_url=switch_back, cutover_hook_headers={"Authorization": f"Bearer {secrets['header']}"}))
         assert result.returncode == 0, result.stdout[-4000:]
-        assert app.writing("sqlite", app.writes("sqlite")), "the stand-in stopped writing"
-    finally:
-        app.stop()
-    app.assert_no_commit_lost("sqlite")
     assert app.hooks_called() == [] and app.stats()["maintenance_seen"] == 0
-    assert lab.dump() == before
     assert set(lab.backups.iterdir()) == backups
     assert lab.recorded() is None
     assert "cutover: check mode: would back up the target" in result.stdout
