@@ -460,9 +460,11 @@ class Postgres:
     def watch(self, database: str) -> ServerProcesses:
         """This server's processes, for a ProcessAccount: the postmaster is the parent of any backend."""
         if not self._postmaster:
-            [(backend,)] = self.rows("postgres", "SELECT pg_backend_pid()")
-            with open(f"/proc/{backend}/stat", "rb") as stat:
-                text = stat.read()
+            # Read while the session lives: its backend's /proc entry goes when it disconnects.
+            with self.connection() as connection, connection.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                with open(f"/proc/{cursor.fetchone()[0]}/stat", "rb") as stat:
+                    text = stat.read()
             self._postmaster = int(text[text.rindex(b")") + 2:].split()[1])
         return ServerProcesses(self._postmaster, database)
 
