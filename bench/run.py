@@ -1597,6 +1597,9 @@ def main(argv=None) -> int:
             ctx = Context(sample, server, run_dir, args.timeout, 0.0, pre_data, post_data, args.module_jobs,
                           args.module_integrity_check, lab)
             results[sample.files] = run_systems(ctx, args.systems, args.rounds[sample.files])
+            # Each size's report as soon as it is measured: a larger size that fails keeps the smaller's.
+            machine["load_average_after"] = os.getloadavg()
+            write_report(args, stamp, machine, sample, results[sample.files])
         keep_logs = any(r["status"] == "failed" for size in results.values() for r in size)
     except (BenchError, psycopg2.Error) as error:
         print(f"bench: error: {one_line(error)}", file=sys.stderr)
@@ -1620,9 +1623,6 @@ def main(argv=None) -> int:
                 print(f"bench: logs kept in {run_dir}", file=sys.stderr)
             else:
                 shutil.rmtree(run_dir, ignore_errors=True)
-    machine["load_average_after"] = os.getloadavg()
-    for sample in samples:
-        write_report(args, stamp, machine, sample, results[sample.files])
     if len(samples) > 1:
         write_scaling(args, stamp, samples, results)
     return 1 if keep_logs else 0

@@ -197,6 +197,28 @@ def test_interrupt_stops_the_server(data_dir, tmp_path):
     assert list(tmp_path.glob("*.json")) == []
 
 
+def test_a_larger_size_interrupted_keeps_the_smaller_sizes_report(data_dir, tmp_path):
+    process = subprocess.Popen([sys.executable, str(HARNESS), "--data-dir", str(data_dir), "--results-dir",
+                                str(tmp_path), "--files", "20000,40000", "--rounds", "1,1", "--systems", "pipeline"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        loads = []
+        for line in process.stderr:
+            loads += ["pipeline: loading" in line]
+            if sum(loads) == 2:  # the second size has started
+                break
+        assert sum(loads) == 2
+        process.send_signal(signal.SIGTERM)
+        rest = process.stderr.read()
+        assert process.wait(timeout=120) == 130, rest
+    finally:
+        if process.poll() is None:
+            process.kill()
+    [report] = tmp_path.glob("*.json")
+    assert report.name.endswith("-20000.json")
+    assert json.loads(report.read_text())["systems"][0]["status"] == "passed"
+
+
 def load_harness():
     spec = importlib.util.spec_from_file_location("bench_run", HARNESS)
     harness = importlib.util.module_from_spec(spec)
