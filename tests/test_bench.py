@@ -173,25 +173,36 @@ def test_unknown_system_is_one_line_and_exit_2(data_dir, tmp_path):
     assert run.stderr.count("\n") == 1 and "bogus" in run.stderr
 
 
-def test_interrupt_stops_the_server(data_dir, tmp_path):
-    data_dir = data_dir / "interrupted"
-    process = subprocess.Popen([sys.executable, str(HARNESS), "--data-dir", str(data_dir),
-                                "--results-dir", str(tmp_path), "--files", "20000", "--systems", "pipeline"],
+def interrupted_at_load(data_dir, results_dir, loads, *args, while_loading=lambda: None):
+    """The harness stopped by SIGTERM once its ``loads``-th pipeline load began (``while_loading()`` checked
+    then); it must exit 130. Returns what it printed to stderr afterwards."""
+    process = subprocess.Popen([sys.executable, str(HARNESS), "--data-dir", str(data_dir), "--results-dir",
+                                str(results_dir), *args, "--systems", "pipeline"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         lines = []
         for line in process.stderr:
             lines.append(line)
-            if "pipeline: loading" in line:
+            if sum("pipeline: loading" in seen for seen in lines) == loads:
                 break
         assert lines and "pipeline: loading" in lines[-1], "".join(lines)
-        assert processes_mentioning(str(data_dir)), "the server should be running while loading"
+        while_loading()
         process.send_signal(signal.SIGTERM)
         rest = process.stderr.read()
         assert process.wait(timeout=120) == 130, rest
     finally:
         if process.poll() is None:
             process.kill()
+    return rest
+
+
+def test_interrupt_stops_the_server(data_dir, tmp_path):
+    data_dir = data_dir / "interrupted"
+
+    def server_running():
+        assert processes_mentioning(str(data_dir)), "the server should be running while loading"
+
+    rest = interrupted_at_load(data_dir, tmp_path, 1, "--files", "20000", while_loading=server_running)
     assert "interrupted" in rest
     assert processes_mentioning(str(data_dir)) == []
     assert list(data_dir.glob("run-*")) == []
@@ -199,22 +210,7 @@ def test_interrupt_stops_the_server(data_dir, tmp_path):
 
 
 def test_a_larger_size_interrupted_keeps_the_smaller_sizes_report(data_dir, tmp_path):
-    process = subprocess.Popen([sys.executable, str(HARNESS), "--data-dir", str(data_dir), "--results-dir",
-                                str(tmp_path), "--files", "20000,40000", "--rounds", "1,1", "--systems", "pipeline"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        loads = []
-        for line in process.stderr:
-            loads += ["pipeline: loading" in line]
-            if sum(loads) == 2:  # the second size has started
-                break
-        assert sum(loads) == 2
-        process.send_signal(signal.SIGTERM)
-        rest = process.stderr.read()
-        assert process.wait(timeout=120) == 130, rest
-    finally:
-        if process.poll() is None:
-            process.kill()
+    interrupted_at_load(data_dir, tmp_path, 2, "--files", "20000,40000", "--rounds", "1,1")  # in the second size
     [report] = tmp_path.glob("*.json")
     assert report.name.endswith("-20000.json")
     assert json.loads(report.read_text())["systems"][0]["status"] == "passed"
