@@ -380,10 +380,20 @@ def test_kill_9_of_the_controller_during_a_sync(lab, changed_source):
                            "AND a.application_name LIKE 'sqlite_to_postgres%%'")
         return rows and rows[0][0]
 
-    run = start_and_wait_for(lab, source, sync_writing_files)
-    run.signal_group(signal.SIGKILL)
-    run.wait(timeout=60)
-    assert_stopped_within_seconds(lab)
+    # The sync writes its state rows last, in the transaction that wrote files: a session holding the state table
+    # in SHARE mode keeps that transaction open until the run is gone, so the kill always lands mid-way (without
+    # it, the sync could commit in the second the lease takes to notice).
+    holder = lab.connect()
+    holder.autocommit = False
+    holder.cursor().execute("LOCK TABLE sqlite_to_postgres_state IN SHARE MODE")
+    try:
+        run = start_and_wait_for(lab, source, sync_writing_files)
+        run.signal_group(signal.SIGKILL)
+        run.wait(timeout=60)
+        assert_stopped_within_seconds(lab)
+    finally:
+        holder.rollback()
+        holder.close()
     unfinished = lab.sql("SELECT count(*) FROM sqlite_to_postgres_state WHERE source_id = %s", (earlier,))[0][0]
     assert unfinished > 0, "the sync had finished before the kill: nothing was killed mid-way"
     assert lab.table_counts() == before, "part of the sync's transaction committed"
