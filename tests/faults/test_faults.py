@@ -365,7 +365,8 @@ def changed_source(lab, big_source, tmp_path):
 
 
 @pytest.mark.fault(done="`kill -9` of the controller's process group during a sync, once the sync's transaction has "
-                        "written to files (the source had inserted, updated and deleted 20 % of its rows)",
+                        "written to files, while another session holds the state table in SHARE mode so that the "
+                        "transaction is still open (the source had inserted, updated and deleted 20 % of its rows)",
                    checked="the sync stopped, lock released, nothing of it committed (row counts and state rows as "
                            "before); the rerun finishes the sync (Synced: ...) and validates both sides equal")
 def test_kill_9_of_the_controller_during_a_sync(lab, changed_source):
