@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import urllib.request
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -1298,7 +1299,16 @@ def run_systems(ctx: Context, names: list[str], rounds: int) -> list[dict]:
         if rounds > 1:
             progress(f"round {round_number} of {rounds}")
         for name in runs:
-            runs[name].append(run_once(ctx, name))
+            try:
+                result = run_once(ctx, name)
+            # An error no system foresaw (a bug, an OSError) fails this round, not the hours of the whole run:
+            # the round's own finally has already dropped its database and stopped its processes. Ctrl-C and
+            # SIGTERM (KeyboardInterrupt, no Exception) still stop the run.
+            except Exception as error:  # noqa: BLE001
+                traceback.print_exc()
+                result = {"status": "failed", "error": f"{type(error).__name__}: {one_line(error)}"}
+                progress(f"{name}: FAILED: {result['error']}")
+            runs[name].append(result)
     return [skipped[name] if name in skipped else (SYSTEMS[name].summarize or summarize)(ctx, name, runs[name])
             for name in names]
 

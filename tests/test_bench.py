@@ -249,6 +249,31 @@ def test_a_system_that_loads_too_little_fails_the_row_check(data_dir):
     assert entry["runs"][0]["row_check"]["passed"] is False
 
 
+def test_an_unexpected_error_in_one_system_fails_its_round_and_the_run_goes_on(data_dir, tmp_path):
+    harness = load_harness()
+    data_dir = data_dir / "unexpected"
+
+    def load_from_a_missing_file(ctx, database):  # an OSError that no system catches
+        (ctx.run_dir / "absent.csv").read_text()
+
+    harness.SYSTEMS["broken"] = harness.System(load_from_a_missing_file, description="reads a file that is absent")
+    terminate = signal.getsignal(signal.SIGTERM)
+    try:
+        # Two rounds: the pipeline's second round runs after the broken system's first failed.
+        code = harness.main(["--data-dir", str(data_dir), "--results-dir", str(tmp_path), "--files", "200",
+                             "--rounds", "2", "--systems", "pipeline,broken"])
+    finally:
+        signal.signal(signal.SIGTERM, terminate)  # main() points SIGTERM at KeyboardInterrupt
+    assert code == 1  # a failed system fails the run, as a failed row check does
+    [report] = tmp_path.glob("*-200.json")
+    entries = systems(json.loads(report.read_text()))
+    assert entries["broken"]["status"] == "failed"
+    assert entries["broken"]["error"].startswith("FileNotFoundError: [Errno 2] No such file or directory")
+    assert [run["status"] for run in entries["broken"]["runs"]] == ["failed", "failed"]
+    assert entries["pipeline"]["status"] == "passed" and len(entries["pipeline"]["runs"]) == 2
+    assert processes_mentioning(str(data_dir)) == []  # the server stopped all the same
+
+
 def test_runbook_row_is_opt_in():
     # The runbook row brings up a lab cluster (root, Patroni, etcd, PgBouncer): only when named.
     harness = load_harness()
