@@ -37,18 +37,18 @@ class Checks:
         # the file and is the longest; a quick one and the hash fill the gaps at the end.
         if self.integrity == "full":
             integrity()
-        self._submit_profiles(futures, self.order)
+        self._submit_profiles(futures, self.plan.order)
         if self.integrity == "quick":
             integrity()
         futures[self.pool.submit(_identity_task, self.source, self.baseline)] = ("identity", None)
-        self.profiles, self.integrity_problems = {}, []
+        self.plan.profiles, self.integrity_problems = {}, []
         for kind, name, value in self._gather(futures):
             if kind == "identity":
                 self.source_id = value
             elif kind == "integrity":
                 self.integrity_problems = value
             else:
-                self.profiles[name] = value
+                self.plan.profiles[name] = value
                 self.progress.set_total(name, value.rows)
         self.result["source_id"] = self.source_id
         self.result["profile"] = self._profile_summary()
@@ -58,30 +58,31 @@ class Checks:
         """Profile ``names`` in the workers, largest first, into ``futures`` ({future: ("profile", table)})."""
         options = {"on_invalid": self.on_invalid, "max_rejects": self.max_rejects, "rowid_aliases": self.rowid_aliases,
                    "source_timezone": self.source_timezone}
-        for name in sorted(names, key=lambda n: -self.sizes[n]):
-            table_options = dict(options, notnull=self.notnull[name],
+        for name in sorted(names, key=lambda n: -self.plan.sizes[n]):
+            table_options = dict(options, notnull=self.plan.notnull[name],
                                  datetime_formats=self.datetime_formats.get(name, {}))
-            futures[self.pool.submit(_table_task, self.source, self.tables[name], self.baseline, profile_table,
-                                     self.targets[name], table_options)] = ("profile", name)
+            futures[self.pool.submit(_table_task, self.source, self.plan.tables[name], self.baseline, profile_table,
+                                     self.plan.targets[name], table_options)] = ("profile", name)
 
     def _profile_for_stream(self):
         futures = {self.pool.submit(_identity_task, self.source, self.baseline): ("identity", None)}
-        created = [n for n in self.order if self.existing[n] is None]
+        created = [n for n in self.plan.order if self.plan.existing[n] is None]
         self._submit_profiles(futures, created)
         # Beside the sha256, which the loads wait for: the other worker would be idle.
         self.background[self.pool.submit(_integrity_task, self.source, self.integrity == "quick",
                                          self.baseline)] = ("integrity", None)
-        self.profiles, self.integrity_problems = {}, []
+        self.plan.profiles, self.integrity_problems = {}, []
         for kind, name, value in self._gather(futures):
             if kind == "identity":
                 self.source_id = value
             else:
-                self.profiles[name] = value
-        for name in self.order:
-            if name not in self.profiles:
-                self.profiles[name] = streamed_profile(self.tables[name], self.targets[name], self.highest[name],
-                                                       self.datetime_formats.get(name, {}))
-            self.progress.set_total(name, self.profiles[name].rows)
+                self.plan.profiles[name] = value
+        for name in self.plan.order:
+            if name not in self.plan.profiles:
+                self.plan.profiles[name] = streamed_profile(self.plan.tables[name], self.plan.targets[name],
+                                                            self.plan.highest[name],
+                                                            self.datetime_formats.get(name, {}))
+            self.progress.set_total(name, self.plan.profiles[name].rows)
         self.result["source_id"] = self.source_id
         self.result["profile"] = self._profile_summary()
         self.progress.write(force=True)
@@ -94,18 +95,19 @@ class Checks:
         if self.preflight or self.checks_started:
             return
         self.checks_started = True
-        for name in self.order:
-            if self.actions[name] == "load" and self._checks_foreign_keys_in_sqlite(name):
-                storage = {c.name: STORAGE_CLASSES for c in self.tables[name].columns}
-                self.background[self.pool.submit(_table_task, self.source, self.tables[name], self.baseline,
+        for name in self.plan.order:
+            if self.plan.actions[name] == "load" and self._checks_foreign_keys_in_sqlite(name):
+                storage = {c.name: STORAGE_CLASSES for c in self.plan.tables[name].columns}
+                self.background[self.pool.submit(_table_task, self.source, self.plan.tables[name], self.baseline,
                                                  foreign_key_findings, storage, self.rowid_aliases)] = (
                     "foreign keys", name)
 
     def _checks_foreign_keys_in_sqlite(self, name):
         """Whether a streamed table's foreign keys need SQLite's check: PostgreSQL checks them only when
         post-data builds them, which needs the parent migrated by this run."""
-        migrated = {n.lower() for n in self.order}
-        return any(not self.post_data or fk.parent.lower() not in migrated for fk in self.tables[name].foreign_keys)
+        migrated = {n.lower() for n in self.plan.order}
+        return any(not self.post_data or fk.parent.lower() not in migrated
+                   for fk in self.plan.tables[name].foreign_keys)
 
     def _await_background(self):
         """The checks that ran beside the load (integrity, foreign keys in SQLite): any finding fails the run."""
@@ -147,8 +149,9 @@ class Checks:
                        "journal": "wal" if self.source.wal_mode else "rollback", "open": self.source.open_mode,
                        "integrity_check": "; ".join(self.integrity_problems) or "ok",
                        "integrity_mode": self.integrity},
-            "tables": {name: self.profiles[name].summary() for name in self.order if name in self.profiles},
-            "notes": self.notes + [n for p in self.profiles.values() for n in p.notes],
+            "tables": {name: self.plan.profiles[name].summary() for name in self.plan.order
+                       if name in self.plan.profiles},
+            "notes": self.notes + [n for p in self.plan.profiles.values() for n in p.notes],
         }
 
 

@@ -81,8 +81,9 @@ def migrate(src, conninfo, schema="public", tables=None, create_tables=True, job
 class Run(Plan, Checks):
     """One run, its stages in the order execute() calls them: plan, checks, load, keys; finish or undo.
 
-    The plan and the checks are mixins sharing this object's fields; the load (load.Load) and the keys
-    (keys.plan, keys.build) are handed what they need as arguments and return what they produced."""
+    The plan and the checks are mixins sharing this object's fields; what they decide per table is one object,
+    ``self.plan`` (plan.TablesPlan), which the load (load.Load) and the keys (keys.plan, keys.build) are handed
+    with the rest of what they need as arguments; they return what they produced."""
 
     def __init__(self, src, conninfo, schema, tables, create_tables, jobs, on_invalid, max_rejects, reject_file,
                  source_timezone, progress_file, post_data, integrity, check_mode, lease=None, target_ddl=None,
@@ -129,10 +130,10 @@ class Run(Plan, Checks):
                 self.notes += load.resolve_interrupted(self.pg, self.schema, self.check_mode)
                 self._read_target()
                 # One slot per table, then one per range of a table loaded in ranges (load.py).
-                counters = multiprocessing.get_context("fork").Array("q", len(self.order) * (1 + self.jobs),
+                counters = multiprocessing.get_context("fork").Array("q", len(self.plan.order) * (1 + self.jobs),
                                                                      lock=False)
                 loader.progress_counters = counters
-                self.progress.add_tables(self.order)
+                self.progress.add_tables(self.plan.order)
                 # Objects the workers inherit stay untouched by their garbage collector, so the pages
                 # holding them stay shared with this process instead of being copied into each worker.
                 gc.freeze()
@@ -186,7 +187,7 @@ class Run(Plan, Checks):
         if self.journal is None:
             return message  # failed before the first write
         # A sync is one transaction: one that failed wrote nothing, one that committed stays (consistent).
-        synced = [n for n in self.order if self.actions.get(n) == "sync"] if self.synced is not None else []
+        synced = [n for n in self.plan.order if self.plan.actions.get(n) == "sync"] if self.synced is not None else []
         kept = (f"; the sync of {', '.join(synced)} committed before stays (it holds the source's snapshot)"
                 if synced and self.synced["changed"] else "")
         if self.journal.empty:
@@ -226,7 +227,7 @@ class Run(Plan, Checks):
     def _sync(self):
         """Tables holding an earlier snapshot of this file are brought up to date (sync.py), and the empty ones
         tied to them by foreign keys loaded with them."""
-        to_sync = [n for n in self.order if self.actions[n] == "sync"]
+        to_sync = [n for n in self.plan.order if self.plan.actions[n] == "sync"]
         if not to_sync and not self.kept_dropped:
             return
         self.progress.phase = "sync"
@@ -254,28 +255,28 @@ class Run(Plan, Checks):
         """Stage 3 (load.py): the target made ready, then the tables to load streamed; returns those loaded."""
         self.progress.phase = "load"
         self.progress.write(force=True)
-        to_load = [name for name in self.order if self.actions[name] in ("load", "create")]
+        to_load = [name for name in self.plan.order if self.plan.actions[name] in ("load", "create")]
         if not to_load:
             return []
         load.prepare_target(self.pg, self.schema, self.schema_present, self.source_id,
-                            [self.target_names[n] for n in to_load], self.journal)
+                            [self.plan.target_names[n] for n in to_load], self.journal)
         self.result["changed"] = True
         stage = load.Load(
+            plan=self.plan,
+            created_columns={n: self._column_ddl(n) for n in to_load if self.plan.actions[n] == "create"},
             pool=self.pool, pg=self.pg, conninfo=self.conninfo, schema=self.schema, jobs=self.jobs,
             source=self.source, baseline=self.baseline, source_id=self.source_id,
-            source_timezone=self.source_timezone, order=self.order, tables=self.tables, actions=self.actions,
-            target_names=self.target_names, column_names=self.column_names, notnull=self.notnull,
-            profiles=self.profiles, sizes=self.sizes, highest=self.highest, column_ddl=self._column_ddl,
-            journal=self.journal, entries=self.result["tables"], progress=self.progress, counters=counters,
-            note=self._note, start_checks=self._start_checks_beside_the_load, lease=self.lease)
+            source_timezone=self.source_timezone, journal=self.journal, entries=self.result["tables"],
+            progress=self.progress, counters=counters, note=self._note,
+            start_checks=self._start_checks_beside_the_load, lease=self.lease)
         return stage.run(to_load)
 
     def _post_data_plan(self):
         """The post-data steps and notes (keys.plan) for the tables in the target, or that the load creates."""
-        present = [n for n in self.order if self.existing[n] is not None or not self.check_mode]
-        tables = [{"source": self.tables[n], "name": self.target_names[n], "columns": self.column_names[n],
-                   "exists": n in present} for n in self.order]
-        return keys.plan(self.pg, self.schema, tables, [self.target_names[n] for n in present])
+        present = [n for n in self.plan.order if self.plan.existing[n] is not None or not self.check_mode]
+        tables = [{"source": self.plan.tables[n], "name": self.plan.target_names[n],
+                   "columns": self.plan.column_names[n], "exists": n in present} for n in self.plan.order]
+        return keys.plan(self.pg, self.schema, tables, [self.plan.target_names[n] for n in present])
 
     def _post_data(self):
         if not self.post_data:
@@ -288,7 +289,7 @@ class Run(Plan, Checks):
             return
         self._await_background()
         self.result["changed"] = True
-        created = {self.target_names[n] for n in self.order if self.actions[n] == "create"}
+        created = {self.plan.target_names[n] for n in self.plan.order if self.plan.actions[n] == "create"}
         keys.build(self.conninfo, self.schema, self.jobs, steps, self.journal, self.result["post_data"],
                    self.progress, created)
 
@@ -300,13 +301,13 @@ class Run(Plan, Checks):
         if not names:
             return
         with self.pg.cursor() as cursor:
-            for step in sequence_steps(cursor, self.schema, [self.target_names[n] for n in names]):
+            for step in sequence_steps(cursor, self.schema, [self.plan.target_names[n] for n in names]):
                 cursor.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(sql.SQL(step.name)))
                 self.journal.sequences.append((step.name, *cursor.fetchone()))
         self.pg.commit()
         futures = {self.pool.submit(_record_task, self.src, self.conninfo, self.schema, name, self.source_timezone,
                                     self.source_id, self.source_name): ("record", name)
-                   for name in sorted(names, key=lambda n: -self.sizes[n])}
+                   for name in sorted(names, key=lambda n: -self.plan.sizes[n])}
         for _kind, _name, _changed in self._gather(futures):
             pass
 
@@ -321,14 +322,14 @@ class Run(Plan, Checks):
     def _finish_check(self):
         steps, notes = self._post_data_plan() if self.post_data else ([], [])
         self.result["profile"]["notes"] += notes
-        pending = [n for n in self.order if self.actions[n] in ("load", "create")]
-        to_sync = [n for n in self.order if self.actions[n] == "sync"]
+        pending = [n for n in self.plan.order if self.plan.actions[n] in ("load", "create")]
+        to_sync = [n for n in self.plan.order if self.plan.actions[n] == "sync"]
         self._summarize()
         self.result["changed"] = bool(pending or steps or to_sync)
         self.result["post_data"] = [{"table": s.table, "kind": s.kind, "name": s.name} for s in steps]
         self.result["status"] = "completed"
-        rows = sum(self.profiles[n].rows for n in pending)
-        self.result["msg"] = (f"check mode: would load {len(pending)} of {len(self.order)} tables ({rows} rows)"
+        rows = sum(self.plan.profiles[n].rows for n in pending)
+        self.result["msg"] = (f"check mode: would load {len(pending)} of {len(self.plan.order)} tables ({rows} rows)"
                               + (f" and build {len(steps)} keys, indexes and sequences" if steps else "")
                               + (f", and sync {', '.join(to_sync)} (they hold an earlier snapshot of this source)"
                                  if to_sync else "")
@@ -338,13 +339,13 @@ class Run(Plan, Checks):
     def _finish(self):
         self._summarize()
         self.result["status"] = "completed"
-        loaded = [n for n in self.order if self.result["tables"][n]["action"] == "loaded"]
+        loaded = [n for n in self.plan.order if self.result["tables"][n]["action"] == "loaded"]
         rows = sum(self.result["tables"][n]["migrated"] for n in loaded)
-        rejected = sum(self.result["tables"][n]["rejected"] for n in self.order)
-        synced = [n for n in self.order if self.result["tables"][n]["action"] == "synced"]
+        rejected = sum(self.result["tables"][n]["rejected"] for n in self.plan.order)
+        synced = [n for n in self.plan.order if self.result["tables"][n]["action"] == "synced"]
         parts = []
         if loaded or self.result["post_data"]:
-            parts.append(f"loaded {len(loaded)} of {len(self.order)} tables ({rows} rows)"
+            parts.append(f"loaded {len(loaded)} of {len(self.plan.order)} tables ({rows} rows)"
                          + (f", {rejected} rows rejected to {self.reject_file}" if rejected else "")
                          + (f"; built {len(self.result['post_data'])} keys, indexes and sequences"
                             if self.result["post_data"] else ""))
@@ -359,10 +360,11 @@ class Run(Plan, Checks):
             self.result["changed"] = self.result["changed"] or self.synced["changed"]
         if parts:
             self.result["msg"] = "; ".join(parts)
-        elif not self.order:
+        elif not self.plan.order:
             self.result["msg"] = f"source {self.source.path} has no tables to migrate; nothing to do"
         else:
-            self.result["msg"] = f"all {len(self.order)} tables were already loaded from this source; nothing to do"
+            self.result["msg"] = (f"all {len(self.plan.order)} tables were already loaded from this source; "
+                                  "nothing to do")
         self.progress.phase = "done"
         self.progress.write(force=True)
         return self.result

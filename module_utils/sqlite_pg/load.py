@@ -63,23 +63,20 @@ def prepare_target(pg, schema, schema_present, source_id, targets, journal):
 class Load:
     """The tables' loads dispatched to the workers, parents first, largest first (stage 3 of engine.Run).
 
-    Everything it reads or writes comes in as an argument: the run's session ``pg`` and worker ``pool``; the
-    plan (``order``, per table ``tables``, ``actions``, ``target_names``, ``column_names``, ``notnull``,
-    ``profiles``, ``sizes``, ``highest``, and ``column_ddl(name)`` for a table it creates); where it reports
-    (``entries``: the result's table entries, updated as tables start and end; ``progress`` and its
-    ``counters``; ``note(text)``) and what it writes into (``journal``). ``start_checks()`` queues the checks
-    beside the load behind the loads dispatched so far; ``lease``, when lost, stops the load.
+    Everything it reads or writes comes in as an argument: ``plan`` (plan.TablesPlan: per table its source, target
+    name and columns, profile, size and action) and ``created_columns`` ({table: its column definitions} of the
+    tables it creates); the run's session ``pg`` and worker ``pool``; where it reports (``entries``: the result's
+    table entries, updated as tables start and end; ``progress`` and its ``counters``; ``note(text)``) and what it
+    writes into (``journal``). ``start_checks()`` queues the checks beside the load behind the loads dispatched so
+    far; ``lease``, when lost, stops the load.
     """
 
-    def __init__(self, *, pool, pg, conninfo, schema, jobs, source, baseline, source_id, source_timezone, order,
-                 tables, actions, target_names, column_names, notnull, profiles, sizes, highest, column_ddl, journal,
-                 entries, progress, counters, note, start_checks, lease):
+    def __init__(self, *, plan, created_columns, pool, pg, conninfo, schema, jobs, source, baseline, source_id,
+                 source_timezone, journal, entries, progress, counters, note, start_checks, lease):
+        self.plan, self.created_columns = plan, created_columns
         self.pool, self.pg, self.conninfo, self.schema, self.jobs = pool, pg, conninfo, schema, jobs
         self.source, self.baseline, self.source_id = source, baseline, source_id
         self.source_timezone = source_timezone
-        self.order, self.tables, self.actions, self.target_names = order, tables, actions, target_names
-        self.column_names, self.notnull, self.profiles = column_names, notnull, profiles
-        self.sizes, self.highest, self.column_ddl = sizes, highest, column_ddl
         self.journal, self.entries, self.progress, self.counters = journal, entries, progress, counters
         self.note, self.start_checks, self.lease = note, start_checks, lease
         # Tables loading in ranges, until decided: their pieces, the ranges' outcomes, how many still run.
@@ -91,25 +88,27 @@ class Load:
         done = self._stream(to_load)
         return [name for name in to_load if name in done]
 
-    def _plan(self, name):
+    def _load_plan(self, name):
         create = ""
-        if self.actions[name] == "create":
-            create = create_table_sql(self.schema, self.target_names[name], self.column_ddl(name)).as_string(self.pg)
-        profile = self.profiles[name]
-        return load_plan(index=self.order.index(name), name=name, target_table=self.target_names[name],
-                         schema=self.schema, source=self.tables[name], profile=profile,
-                         column_names=self.column_names[name], create_sql=create,
+        if name in self.created_columns:
+            create = create_table_sql(self.schema, self.plan.target_names[name],
+                                      self.created_columns[name]).as_string(self.pg)
+        profile = self.plan.profiles[name]
+        return load_plan(index=self.plan.order.index(name), name=name, target_table=self.plan.target_names[name],
+                         schema=self.schema, source=self.plan.tables[name], profile=profile,
+                         column_names=self.plan.column_names[name], create_sql=create,
                          source_timezone=self.source_timezone, source_id=self.source_id,
                          streamed=profile.columns[0].conversion == "streamed" if profile.columns else False,
-                         notnull=self.notnull[name])
+                         notnull=self.plan.notnull[name])
 
     def _ranged(self, to_load, plans):
         """{table: its range LoadPlans} for the tables worth splitting (ranges.RANGE_MIN_ROWS, RANGE_DOMINANCE),
         and how many range transactions may be prepared at once."""
-        total = sum(self.sizes[n] for n in to_load)
-        candidates = [n for n in to_load if self.jobs > 1 and self.actions[n] == "load" and self.tables[n].rowid
-                      and plans[n].expected_rows is None and self.highest[n] >= ranges.RANGE_MIN_ROWS
-                      and self.sizes[n] * self.jobs > ranges.RANGE_DOMINANCE * total]
+        total = sum(self.plan.sizes[n] for n in to_load)
+        candidates = [n for n in to_load if self.jobs > 1 and self.plan.actions[n] == "load"
+                      and self.plan.tables[n].rowid
+                      and plans[n].expected_rows is None and self.plan.highest[n] >= ranges.RANGE_MIN_ROWS
+                      and self.plan.sizes[n] * self.jobs > ranges.RANGE_DOMINANCE * total]
         if not candidates:
             return {}, 0
         free, limit = ranges.prepared_slots(self.pg)
@@ -124,13 +123,13 @@ class Load:
         try:
             split = {}
             for name in candidates:
-                table = self.tables[name]
+                table = self.plan.tables[name]
                 low = lite.execute(f"SELECT min({table.rowid}) FROM {plans[name].table_sql}").fetchone()[0]  # noqa: S608
-                if low is None or self.highest[name] - low + 1 < ranges.RANGE_MIN_ROWS:
+                if low is None or self.plan.highest[name] - low + 1 < ranges.RANGE_MIN_ROWS:
                     continue
-                index = self.order.index(name)
-                slots = [len(self.order) + index * self.jobs + k for k in range(self.jobs)]
-                split[name] = ranges.split(plans[name], table.rowid, low, self.highest[name], self.jobs, slots,
+                index = self.plan.order.index(name)
+                slots = [len(self.plan.order) + index * self.jobs + k for k in range(self.jobs)]
+                split[name] = ranges.split(plans[name], table.rowid, low, self.plan.highest[name], self.jobs, slots,
                                            self.journal.prefix)
         finally:
             lite.close()
@@ -145,24 +144,24 @@ class Load:
             raise MigrationError(mixed)
         rows = sum(o["rows"] for o in outcomes.values())
         with self.pg.cursor() as cursor:
-            record_load(cursor, self.schema, self.source_id, self.target_names[name], name, self.source.name, rows,
+            record_load(cursor, self.schema, self.source_id, self.plan.target_names[name], name, self.source.name, rows,
                         0, started_at, time.monotonic() - started, prepared_gids=gids)
         # Journaled before the decision commits: if the commit's outcome is unknown (a lost connection), the
         # undo resolves the ranges by the state row and then empties the table either way.
-        self.journal.loaded(self.target_names[name], created=False)
+        self.journal.loaded(self.plan.target_names[name], created=False)
         self.pg.commit()
         ranges.finish(self.pg, gids, commit=True)
         return {"rows": rows, "seconds": time.monotonic() - started}
 
     def _stream(self, to_load):
-        plans = {name: self._plan(name) for name in to_load}
+        plans = {name: self._load_plan(name) for name in to_load}
         split, prepared_free = self._ranged(to_load, plans)
         waits_for = self._existing_dependencies(to_load)
         parents = self._earlier_parents(to_load)
         futures, done, submitted, first_error = {}, set(), set(), None
         ranged = self._ranged_tables
         # Parents before children (FK order), larger tables first among those free to go.
-        queue = sorted(to_load, key=lambda n: -self.sizes[n])
+        queue = sorted(to_load, key=lambda n: -self.plan.sizes[n])
         while queue or futures:
             moved = True
             while moved and first_error is None:
@@ -225,12 +224,12 @@ class Load:
                     entry["status"] = "pending" if future.cancelled() else entry["status"]
                     continue
                 else:
-                    self.journal.loaded(self.target_names[name], created=self.actions[name] == "create")
+                    self.journal.loaded(self.plan.target_names[name], created=self.plan.actions[name] == "create")
                 done.add(name)
                 seconds = outcome["seconds"]
                 streamed = plans[name].expected_rows is None
                 entry.update(migrated=outcome["rows"], total_rows=outcome["rows"] if streamed else entry["total_rows"],
-                             rejected=0 if streamed else self.profiles[name].rows - outcome["rows"],
+                             rejected=0 if streamed else self.plan.profiles[name].rows - outcome["rows"],
                              status="completed", action="loaded", seconds=round(seconds, 3),
                              rows_per_second=round(outcome["rows"] / seconds, 1) if seconds > 0 else 0.0)
                 if name in split:
@@ -269,11 +268,11 @@ class Load:
 
     def _earlier_parents(self, to_load):
         """{table: its foreign-key parents among to_load that come before it in FK order (cycles broken)}."""
-        position = {name: index for index, name in enumerate(self.order)}
+        position = {name: index for index, name in enumerate(self.plan.order)}
         by_lower = {name.lower(): name for name in to_load}
         parents = {}
         for name in to_load:
-            found = {by_lower.get(fk.parent.lower()) for fk in self.tables[name].foreign_keys}
+            found = {by_lower.get(fk.parent.lower()) for fk in self.plan.tables[name].foreign_keys}
             parents[name] = {p for p in found if p and position[p] < position[name]}
         return parents
 
@@ -281,7 +280,7 @@ class Load:
         """{table: parents it must wait for}: only where the target already has a foreign key between them,
         since COPY into the child would check it against the parent's committed rows."""
         waits = {name: set() for name in to_load}
-        by_target = {self.target_names[n]: n for n in to_load}
+        by_target = {self.plan.target_names[n]: n for n in to_load}
         with self.pg.cursor() as cursor:
             cursor.execute(
                 "SELECT c.relname, p.relname FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid "

@@ -5,6 +5,7 @@ nothing behind. Per table the decision is skip (already loaded from this
 source), load (empty), create (missing), or a one-line refusal.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,8 +37,27 @@ FINDINGS_SHOWN = 5  # a failed run lists this many of its findings, one line eac
 LOCK_NAMESPACE = "sqlite_to_postgres:"
 
 
+@dataclasses.dataclass
+class TablesPlan:
+    """What the plan decided, handed on to the load and the keys: the tables in foreign-key order and, per source
+    table, what it is and becomes. Filled in the order the run learns it: the source's schema, the target's
+    tables, the profiles (checks.py), then the actions."""
+
+    order: list  # the selected source tables, parents first
+    tables: dict  # {table: source.SourceTable}
+    target_names: dict  # {table: its name in PostgreSQL}
+    highest: dict  # {table: max(rowid)}, of every source table: rows, roughly, without reading them
+    sizes: dict  # {table: highest * columns}, the dispatch order's weight
+    existing: dict = dataclasses.field(default_factory=dict)  # {table: target.TargetTable or None (missing)}
+    targets: dict = dataclasses.field(default_factory=dict)  # {table: {column: TargetType, or None to choose}}
+    notnull: dict = dataclasses.field(default_factory=dict)  # {table: source columns loaded NOT NULL}
+    column_names: dict = dataclasses.field(default_factory=dict)  # {table: {source column: target column}}
+    profiles: dict = dataclasses.field(default_factory=dict)  # {table: profile.TableProfile}
+    actions: dict = dataclasses.field(default_factory=dict)  # {table: skip, load, create or sync}
+
+
 class Plan:
-    """Reading the source and the target, and deciding per table (a stage of engine.Run)."""
+    """Reading the source and the target, and deciding per table (a stage of engine.Run): ``self.plan``."""
 
     def _validate_options(self):
         if self.on_invalid not in ("fail", "reject"):
@@ -65,8 +85,7 @@ class Plan:
             # Foreign keys of a selected table may reference any table of the source.
             self.rowid_aliases = {t.name: t.rowid_alias for t in tables if t.rowid and t.rowid_alias}
             # Row totals for progress and the dispatch order, without reading the tables.
-            self.highest = {t.name: _highest_rowid(connection, t) for t in tables}
-            self.sizes = {t.name: self.highest[t.name] * len(t.columns) for t in tables}
+            highest = {t.name: _highest_rowid(connection, t) for t in tables}
         except Exception as error:  # sqlite3 raises DatabaseError and friends for corrupt schemas
             raise MigrationError(f"source {self.source.path} cannot be read: {error}") from None
         finally:
@@ -88,12 +107,13 @@ class Plan:
                     selected.append(match)
         else:
             selected = tables
-        self.tables = {t.name: t for t in selected}
-        self.order, order_notes = foreign_key_order(selected)
+        order, order_notes = foreign_key_order(selected)
         self.notes += order_notes
-        self.target_names = {name: pg_name(name) for name in self.order}
+        self.plan = TablesPlan(order=order, tables={t.name: t for t in selected},
+                               target_names={name: pg_name(name) for name in order}, highest=highest,
+                               sizes={t.name: highest[t.name] * len(t.columns) for t in tables})
         seen = {}
-        for name, target in self.target_names.items():
+        for name, target in self.plan.target_names.items():
             if target in seen:
                 raise MigrationError(f"tables {seen[target]} and {name} both become {target} in PostgreSQL "
                                      "(names are cut to 63 bytes)")
@@ -102,10 +122,10 @@ class Plan:
             seen[target] = name
             if target != name:
                 self.notes.append(f"table {name} becomes {target} in PostgreSQL (names are cut to 63 bytes)")
-            if len(self.tables[name].columns) > MAX_COLUMNS:
-                raise MigrationError(f"table {name} has {len(self.tables[name].columns)} columns; PostgreSQL allows "
-                                     f"at most {MAX_COLUMNS:,} per table: split it before migrating; nothing was "
-                                     "written")
+            if len(self.plan.tables[name].columns) > MAX_COLUMNS:
+                raise MigrationError(f"table {name} has {len(self.plan.tables[name].columns)} columns; PostgreSQL "
+                                     f"allows at most {MAX_COLUMNS:,} per table: split it before migrating; nothing "
+                                     "was written")
 
     def _lock(self):
         # One run per target schema at a time (session-level advisory lock, released when the session ends).
@@ -119,7 +139,6 @@ class Plan:
         self.pg.commit()
 
     def _read_target(self):
-        self.existing, self.targets, self.notnull, self.column_names = {}, {}, {}, {}
         problems = []
         with self.pg.cursor() as cursor:
             self.schema_present = schema_exists(cursor, self.schema)
@@ -127,19 +146,19 @@ class Plan:
             if not self.schema_present and not self.create_tables and not self._uses_target_ddl():
                 raise MigrationError(f"schema {self.schema} does not exist in the target database "
                                      "(and create_tables is false)")
-            for name in self.order:
-                found = read_table(cursor, self.schema, self.target_names[name]) if self.schema_present else None
-                self.existing[name] = found
+            for name in self.plan.order:
+                found = read_table(cursor, self.schema, self.plan.target_names[name]) if self.schema_present else None
+                self.plan.existing[name] = found
         self.pg.commit()
         planned = self._planned_tables()
-        for name in self.order:
-            existing = self.existing[name] or planned.get(name)
+        for name in self.plan.order:
+            existing = self.plan.existing[name] or planned.get(name)
             if existing is None and not self.create_tables:
-                raise MigrationError(f"target table {self.schema}.{self.target_names[name]} does not exist "
+                raise MigrationError(f"target table {self.schema}.{self.plan.target_names[name]} does not exist "
                                      "(and create_tables is false)")
-            problems += self._match_columns(self.tables[name], existing)
+            problems += self._match_columns(self.plan.tables[name], existing)
             for column in self.datetime_formats.get(name, {}):
-                target = self.targets[name].get(column)
+                target = self.plan.targets[name].get(column)
                 if target is not None and target.category not in DATE_CATEGORIES:
                     problems.append(f"datetime_formats: {name}.{column} becomes {target.sql}, not a date or "
                                     "timestamp, so a date representation does not apply to it")
@@ -167,9 +186,9 @@ class Plan:
         """Empty tables tied by a foreign key of the target to a table being synced (either way, or through
         other such tables) are loaded inside the sync, in one transaction with it: loaded before it, a child
         would refer to parent rows not synced yet; after it, the sync would wait on the child."""
-        if "sync" not in self.actions.values():
+        if "sync" not in self.plan.actions.values():
             return
-        by_target = {self.target_names[n]: n for n in self.order}
+        by_target = {self.plan.target_names[n]: n for n in self.plan.order}
         cursor.execute(
             "SELECT c.relname, p.relname FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid "
             "JOIN pg_class p ON p.oid = k.confrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
@@ -181,8 +200,8 @@ class Plan:
             moved = False
             for pair in ties:
                 for one, other in (pair, pair[::-1]):
-                    if self.actions[one] == "load" and self.actions[other] == "sync":
-                        self.actions[one] = "sync"
+                    if self.plan.actions[one] == "load" and self.plan.actions[other] == "sync":
+                        self.plan.actions[one] = "sync"
                         self.result["tables"][one]["action"] = "sync"
                         moved = True
 
@@ -195,11 +214,12 @@ class Plan:
         The real run loads into the tables the schema stage makes from that SQL, so the profile
         must check the values against those types, not the ones this engine would pick.
         """
-        missing = [self.target_names[name] for name in self.order if self.existing[name] is None]
+        missing = [self.plan.target_names[name] for name in self.plan.order if self.plan.existing[name] is None]
         if not (self._uses_target_ddl() and missing):
             return {}
         found = planned_tables(self.pg, self.schema, self.target_ddl, missing)
-        return {name: found[self.target_names[name]] for name in self.order if self.target_names[name] in found}
+        return {name: found[self.plan.target_names[name]] for name in self.plan.order
+                if self.plan.target_names[name] in found}
 
     def _match_columns(self, source, existing):
         """Fill targets/notnull/column_names for one table; return problems (one line each)."""
@@ -240,7 +260,8 @@ class Plan:
                 if column.name not in loaded and column.notnull and not column.has_default and not column.generated:
                     problems.append(f"table {source.name}: target column {existing.name}.{column.name} is NOT NULL "
                                     "without a default and has no source column")
-        self.targets[source.name], self.notnull[source.name], self.column_names[source.name] = targets, notnull, names
+        self.plan.targets[source.name], self.plan.notnull[source.name] = targets, notnull
+        self.plan.column_names[source.name] = names
         return problems
 
     def _decide(self):
@@ -249,29 +270,28 @@ class Plan:
             raise MigrationError(f"source {self.source.path} fails PRAGMA {self._pragma()}: "
                                  f"{self.integrity_problems[0]}" + self._more(len(self.integrity_problems) - 1,
                                                                              "problem"))
-        problems = [p for name in self.order for p in self.profiles[name].problems]
+        problems = [p for name in self.plan.order for p in self.plan.profiles[name].problems]
         if problems:
             self.result["findings"] = problems[:FINDINGS_SHOWN]
             raise MigrationError(problems[0] + self._more(len(problems) - 1, "problem") + "; nothing was written")
-        bad = [(name, b) for name in self.order for b in self.profiles[name].bad_values]
-        rejected = sum(self.profiles[name].rejected_rows for name in self.order)
+        bad = [(name, b) for name in self.plan.order for b in self.plan.profiles[name].bad_values]
+        rejected = sum(self.plan.profiles[name].rejected_rows for name in self.plan.order)
         if bad and (self.on_invalid == "fail" or rejected > self.max_rejects):
             self.result["findings"] = [self._bad_message(name, b) for name, b in bad[:FINDINGS_SHOWN]]
         if bad and self.on_invalid == "fail":
             name, first = bad[0]
-            total_invalid = sum(c.invalid for p in self.profiles.values() for c in p.columns) or len(bad)
+            total_invalid = sum(c.invalid for p in self.plan.profiles.values() for c in p.columns) or len(bad)
             raise MigrationError(self._bad_message(name, first) + self._more(total_invalid - 1, "invalid value")
                                  + "; nothing was written")
         if rejected > self.max_rejects:
             name, first = bad[0]
             raise MigrationError(f"{rejected} rows are invalid, more than max_rejects ({self.max_rejects}); "
                                  f"first: {self._bad_message(name, first)}; nothing was written")
-        self.actions = {}
         problems = []
         with self.pg.cursor() as cursor:
             recorded = state_rows(cursor, self.schema) if self.schema_present else {}
-            for name in self.order:
-                problem = self._decide_table(cursor, name, recorded.get(self.target_names[name], []))
+            for name in self.plan.order:
+                problem = self._decide_table(cursor, name, recorded.get(self.plan.target_names[name], []))
                 if problem:
                     problems.append(problem)
             if not problems:
@@ -283,13 +303,13 @@ class Plan:
             self._write_rejects()
 
     def _decide_table(self, cursor, name, recorded):
-        target = self.target_names[name]
+        target = self.plan.target_names[name]
         mine = [r for r in recorded if r[0] == self.source_id]
-        entry = {"total_rows": self.profiles[name].rows, "migrated": 0, "rejected": 0, "status": "pending",
+        entry = {"total_rows": self.plan.profiles[name].rows, "migrated": 0, "rejected": 0, "status": "pending",
                  "seconds": 0.0, "rows_per_second": 0.0, "action": "load"}
         self.result["tables"][name] = entry
-        if self.existing[name] is None:
-            self.actions[name] = "create"
+        if self.plan.existing[name] is None:
+            self.plan.actions[name] = "create"
             return ""
         present = count_rows(cursor, self.schema, target) if mine else None
         if mine:
@@ -298,7 +318,7 @@ class Plan:
                 # Nothing of it can differ from this snapshot: a validation after it compares no key.
                 entry.update(migrated=present, rejected=rejected, status="completed", action="skipped",
                              validated=validated, changed_keys={"since": self.source_id, "keys": ""})
-                self.actions[name] = "skip"
+                self.plan.actions[name] = "skip"
                 self.progress.finish(name, "skipped", present)
                 return ""
             if present:
@@ -309,17 +329,17 @@ class Plan:
             if other and other[1] == self.source.name:
                 # An earlier snapshot of this very file: bring it up to date (sync.py) instead of refusing.
                 entry["action"] = "sync"
-                self.actions[name] = "sync"
+                self.plan.actions[name] = "sync"
                 return ""
             origin = (f"loaded from another source ({other[1]}, snapshot {other[0][:12]}, {other[4]:%Y-%m-%d %H:%M})"
                       if other else "not loaded by this module")
             return (f"target table {self.schema}.{target} already holds rows {origin}; "
                     "empty it or choose another schema")
-        self.actions[name] = "load"
+        self.plan.actions[name] = "load"
         return ""
 
     def _bad_message(self, name, bad):
-        profile = self.profiles[name]
+        profile = self.plan.profiles[name]
         where = f"table {name}"
         if bad.column:
             where += f", column {bad.column}"
@@ -337,22 +357,23 @@ class Plan:
     def _write_rejects(self):
         temporary = self.reject_file + ".partial"
         with open(temporary, "w", encoding="utf-8") as stream:
-            for name in self.order:
-                profile = self.profiles[name]
+            for name in self.plan.order:
+                profile = self.plan.profiles[name]
                 for bad in profile.bad_values:
                     stream.write(json.dumps(bad.record(name, profile.key_columns), ensure_ascii=False,
                                             default=repr) + "\n")
         os.replace(temporary, self.reject_file)
 
     def _column_ddl(self, name):
-        source, profile = self.tables[name], self.profiles[name]
+        source, profile = self.plan.tables[name], self.plan.profiles[name]
         columns = []
         for column, column_profile in zip(source.columns, profile.columns):
             target = column_profile.target
             default = None
             if column.default is not None and not target.identity:
                 default = self._default(name, column, target)
-            columns.append((self.column_names[name][column.name], target, column.name in self.notnull[name], default))
+            columns.append((self.plan.column_names[name][column.name], target, column.name in self.plan.notnull[name],
+                            default))
         return columns
 
     def _default(self, table, column, target):
