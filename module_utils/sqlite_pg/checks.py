@@ -12,21 +12,33 @@ from concurrent.futures import FIRST_COMPLETED, wait
 
 from .copyplan import STORAGE_CLASSES, streamed_profile
 from .errors import MigrationError
-from .plan import FINDINGS_SHOWN
 from .profile import foreign_key_findings, integrity_check, profile_table
 
 
 class Checks:
-    """The source's checks in the worker processes (a stage of engine.Run)."""
+    """The source's checks in the worker processes (stage 2 of engine.Run).
 
-    def _profile(self):
-        """The source id (sha256), the integrity check, and per table the profile or a streamed stand-in.
+    ``run()`` returns what the checks before the first write found: the source's id (its sha256), per table of
+    ``plan`` its profile (or a streamed stand-in), and the integrity check's problems. Without preflight only the
+    tables the run creates are profiled there (their types come from their values); the integrity check starts
+    beside the load, and ``start_beside_the_load()`` queues the foreign keys' check in SQLite behind the loads;
+    ``findings_beside_the_load()`` waits for both and returns what they found.
+    """
 
-        Without preflight only the tables this run creates are profiled (their types come from their
-        values); the integrity check and the foreign keys' check in SQLite then run beside the load.
-        """
+    def __init__(self, *, pool, source, baseline, plan, preflight, integrity, post_data, on_invalid, max_rejects,
+                 source_timezone, rowid_aliases, datetime_formats, progress):
+        self.pool, self.source, self.baseline, self.plan = pool, source, baseline, plan
+        self.preflight, self.integrity, self.post_data = preflight, integrity, post_data
+        self.options = {"on_invalid": on_invalid, "max_rejects": max_rejects, "rowid_aliases": rowid_aliases,
+                        "source_timezone": source_timezone}
+        self.rowid_aliases, self.datetime_formats, self.progress = rowid_aliases, datetime_formats, progress
+        self._beside_the_load = {}  # {future: (kind, table)}
+        self._started = False
+
+    def run(self):
+        """(source id, {table: profile}, integrity problems found before the first write)."""
         if not self.preflight:
-            return self._profile_for_stream()
+            return self._for_stream()
         futures = {}
 
         def integrity():
@@ -41,66 +53,59 @@ class Checks:
         if self.integrity == "quick":
             integrity()
         futures[self.pool.submit(_identity_task, self.source, self.baseline)] = ("identity", None)
-        self.plan.profiles, self.integrity_problems = {}, []
-        for kind, name, value in self._gather(futures):
+        source_id, profiles, problems = None, {}, []
+        for kind, name, value in gather(futures, self.progress):
             if kind == "identity":
-                self.source_id = value
+                source_id = value
             elif kind == "integrity":
-                self.integrity_problems = value
+                problems = value
             else:
-                self.plan.profiles[name] = value
+                profiles[name] = value
                 self.progress.set_total(name, value.rows)
-        self.result["source_id"] = self.source_id
-        self.result["profile"] = self._profile_summary()
-        self.progress.write(force=True)
+        return source_id, profiles, problems
 
     def _submit_profiles(self, futures, names):
         """Profile ``names`` in the workers, largest first, into ``futures`` ({future: ("profile", table)})."""
-        options = {"on_invalid": self.on_invalid, "max_rejects": self.max_rejects, "rowid_aliases": self.rowid_aliases,
-                   "source_timezone": self.source_timezone}
         for name in sorted(names, key=lambda n: -self.plan.sizes[n]):
-            table_options = dict(options, notnull=self.plan.notnull[name],
+            table_options = dict(self.options, notnull=self.plan.notnull[name],
                                  datetime_formats=self.datetime_formats.get(name, {}))
             futures[self.pool.submit(_table_task, self.source, self.plan.tables[name], self.baseline, profile_table,
                                      self.plan.targets[name], table_options)] = ("profile", name)
 
-    def _profile_for_stream(self):
+    def _for_stream(self):
         futures = {self.pool.submit(_identity_task, self.source, self.baseline): ("identity", None)}
         created = [n for n in self.plan.order if self.plan.existing[n] is None]
         self._submit_profiles(futures, created)
         # Beside the sha256, which the loads wait for: the other worker would be idle.
-        self.background[self.pool.submit(_integrity_task, self.source, self.integrity == "quick",
-                                         self.baseline)] = ("integrity", None)
-        self.plan.profiles, self.integrity_problems = {}, []
-        for kind, name, value in self._gather(futures):
+        self._beside_the_load[self.pool.submit(_integrity_task, self.source, self.integrity == "quick",
+                                               self.baseline)] = ("integrity", None)
+        source_id, profiles = None, {}
+        for kind, name, value in gather(futures, self.progress):
             if kind == "identity":
-                self.source_id = value
+                source_id = value
             else:
-                self.plan.profiles[name] = value
+                profiles[name] = value
         for name in self.plan.order:
-            if name not in self.plan.profiles:
-                self.plan.profiles[name] = streamed_profile(self.plan.tables[name], self.plan.targets[name],
-                                                            self.plan.highest[name],
-                                                            self.datetime_formats.get(name, {}))
-            self.progress.set_total(name, self.plan.profiles[name].rows)
-        self.result["source_id"] = self.source_id
-        self.result["profile"] = self._profile_summary()
-        self.progress.write(force=True)
+            if name not in profiles:
+                profiles[name] = streamed_profile(self.plan.tables[name], self.plan.targets[name],
+                                                  self.plan.highest[name], self.datetime_formats.get(name, {}))
+            self.progress.set_total(name, profiles[name].rows)
+        return source_id, profiles, []
 
-    def _start_checks_beside_the_load(self):
+    def start_beside_the_load(self):
         """Once, without a profile: SQLite's foreign-key check of the streamed tables whose keys PostgreSQL will
         not check, queued behind the loads so that it runs while the last loads and the sync's scan leave a
         worker idle (the workers take tasks in the order they come). A table the run syncs needs none: its
         target has its keys, checked at every commit."""
-        if self.preflight or self.checks_started:
+        if self.preflight or self._started:
             return
-        self.checks_started = True
+        self._started = True
         for name in self.plan.order:
             if self.plan.actions[name] == "load" and self._checks_foreign_keys_in_sqlite(name):
                 storage = {c.name: STORAGE_CLASSES for c in self.plan.tables[name].columns}
-                self.background[self.pool.submit(_table_task, self.source, self.plan.tables[name], self.baseline,
-                                                 foreign_key_findings, storage, self.rowid_aliases)] = (
-                    "foreign keys", name)
+                self._beside_the_load[self.pool.submit(_table_task, self.source, self.plan.tables[name],
+                                                       self.baseline, foreign_key_findings, storage,
+                                                       self.rowid_aliases)] = ("foreign keys", name)
 
     def _checks_foreign_keys_in_sqlite(self, name):
         """Whether a streamed table's foreign keys need SQLite's check: PostgreSQL checks them only when
@@ -109,50 +114,37 @@ class Checks:
         return any(not self.post_data or fk.parent.lower() not in migrated
                    for fk in self.plan.tables[name].foreign_keys)
 
-    def _await_background(self):
-        """The checks that ran beside the load (integrity, foreign keys in SQLite): any finding fails the run."""
-        problems = []
-        for kind, _table, value in self._gather(self.background):
-            if kind == "integrity" and value:
-                self.integrity_problems = value
-                self.result["profile"]["source"]["integrity_check"] = "; ".join(value)
-                problems.append(f"source {self.source.path} fails PRAGMA {self._pragma()}: {value[0]}"
-                                + self._more(len(value) - 1, "problem"))
-            elif kind == "foreign keys":
-                problems += value
-        self.background = {}
-        if problems:
-            self.result["findings"] = problems[:FINDINGS_SHOWN]
-            raise MigrationError(problems[0] + self._more(len(problems) - 1, "problem"))
+    def findings_beside_the_load(self):
+        """Waits for the checks that ran beside the load: (the integrity check's problems, the foreign keys'
+        findings); both empty when there were none, or when they were already returned."""
+        integrity, foreign_keys = [], []
+        for kind, _table, value in gather(self._beside_the_load, self.progress):
+            if kind == "integrity":
+                integrity = value
+            else:
+                foreign_keys += value
+        self._beside_the_load = {}
+        return integrity, foreign_keys
 
-    def _gather(self, futures):
-        """Yield (kind, name, result) as tasks finish, writing the progress file meanwhile."""
-        pending = set(futures)
-        first_error = None
-        while pending:
-            done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
-            for future in done:
-                kind, name = futures[future]
-                try:
-                    value = future.result()
-                except MigrationError as error:
-                    first_error = first_error or error
-                    continue
-                yield kind, name, value
-            self.progress.write()
-        if first_error:
-            raise first_error
 
-    def _profile_summary(self):
-        return {
-            "source": {"path": self.source.path, "bytes": self.source.size, "sha256": self.source_id,
-                       "journal": "wal" if self.source.wal_mode else "rollback", "open": self.source.open_mode,
-                       "integrity_check": "; ".join(self.integrity_problems) or "ok",
-                       "integrity_mode": self.integrity},
-            "tables": {name: self.plan.profiles[name].summary() for name in self.plan.order
-                       if name in self.plan.profiles},
-            "notes": self.notes + [n for p in self.plan.profiles.values() for n in p.notes],
-        }
+def gather(futures, progress):
+    """Yield (kind, name, result) of ``futures`` ({future: (kind, name)}) as they finish, writing the progress
+    file meanwhile; the first failure is raised once all ended."""
+    pending = set(futures)
+    first_error = None
+    while pending:
+        done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+        for future in done:
+            kind, name = futures[future]
+            try:
+                value = future.result()
+            except MigrationError as error:
+                first_error = first_error or error
+                continue
+            yield kind, name, value
+        progress.write()
+    if first_error:
+        raise first_error
 
 
 def _verify_unchanged(source, baseline):

@@ -20,11 +20,11 @@ import psycopg2
 from psycopg2 import sql
 
 from . import keys, load, loader
-from .checks import Checks
+from .checks import Checks, gather
 from .errors import MigrationError
 from .lease import Lease
 from .loader import LOST_CAUSES, become_worker
-from .plan import Plan
+from .plan import FINDINGS_SHOWN, Plan
 from .progress import Progress
 from .source import Source
 from .sync import sync
@@ -78,12 +78,12 @@ def migrate(src, conninfo, schema="public", tables=None, create_tables=True, job
     return run.execute()
 
 
-class Run(Plan, Checks):
+class Run(Plan):
     """One run, its stages in the order execute() calls them: plan, checks, load, keys; finish or undo.
 
-    The plan and the checks are mixins sharing this object's fields; what they decide per table is one object,
-    ``self.plan`` (plan.TablesPlan), which the load (load.Load) and the keys (keys.plan, keys.build) are handed
-    with the rest of what they need as arguments; they return what they produced."""
+    The plan is a mixin sharing this object's fields; what it decides per table is one object, ``self.plan``
+    (plan.TablesPlan), which the checks (checks.Checks), the load (load.Load) and the keys (keys.plan, keys.build)
+    are handed with the rest of what they need as arguments; they return what they produced."""
 
     def __init__(self, src, conninfo, schema, tables, create_tables, jobs, on_invalid, max_rejects, reject_file,
                  source_timezone, progress_file, post_data, integrity, check_mode, lease=None, target_ddl=None,
@@ -104,8 +104,8 @@ class Run(Plan, Checks):
         self.preflight = check_mode or on_invalid == "reject" or bool(preflight)
         self.journal = None  # what this run wrote (undo.py), from the first write on
         self.synced = None  # sync()'s result once it ran, or its failure's
-        self.background = {}  # checks that run beside the load: {future: (kind, table)}
-        self.checks_started = False
+        self.checks = None  # checks.Checks, once the workers exist
+        self.integrity_problems = []  # what the source's PRAGMA quick_check or integrity_check found
         self.progress = Progress(None if check_mode else progress_file, {})
         self.result = {"changed": False, "status": "failed", "msg": "", "total_tables": 0, "total_rows": 0,
                        "tables": {}, "profile": {}, "post_data": [], "source_id": "", "findings": [],
@@ -140,13 +140,13 @@ class Run(Plan, Checks):
                 with ProcessPoolExecutor(max_workers=self.jobs, mp_context=multiprocessing.get_context("fork"),
                                          initializer=become_worker) as pool:
                     self.pool = pool
-                    self._profile()
+                    self._check_source()
                     self._decide()
                     if self.check_mode:
                         return self._finish_check()
                     self.journal = Journal(self.conninfo, self.schema, self.source_id)
                     loaded = self._load(counters)
-                    self._start_checks_beside_the_load()  # when no table loaded (the load starts them)
+                    self.checks.start_beside_the_load()  # when no table loaded (the load starts them)
                     # The checks beside the load go on beside the sync, post-data and the records: each waits for
                     # them before its first write, and the run does not end before they passed. The sync comes
                     # first: a new table's foreign keys are validated against parents already synced.
@@ -224,6 +224,30 @@ class Run(Plan, Checks):
             pass
         raise MigrationError(message, self.result) from None
 
+    def _check_source(self):
+        """Stage 2 (checks.py): the source's id, the profiles, and the checks due before the first write."""
+        self.checks = Checks(pool=self.pool, source=self.source, baseline=self.baseline, plan=self.plan,
+                             preflight=self.preflight, integrity=self.integrity, post_data=self.post_data,
+                             on_invalid=self.on_invalid, max_rejects=self.max_rejects,
+                             source_timezone=self.source_timezone, rowid_aliases=self.rowid_aliases,
+                             datetime_formats=self.datetime_formats, progress=self.progress)
+        self.source_id, self.plan.profiles, self.integrity_problems = self.checks.run()
+        self.result["source_id"] = self.source_id
+        self.result["profile"] = self._profile_summary()
+        self.progress.write(force=True)
+
+    def _await_background(self):
+        """The checks that ran beside the load (integrity, foreign keys in SQLite): any finding fails the run."""
+        integrity, problems = self.checks.findings_beside_the_load()
+        if integrity:
+            self.integrity_problems = integrity
+            self.result["profile"]["source"]["integrity_check"] = "; ".join(integrity)
+            problems = [f"source {self.source.path} fails PRAGMA {self._pragma()}: {integrity[0]}"
+                        + self._more(len(integrity) - 1, "problem"), *problems]
+        if problems:
+            self.result["findings"] = problems[:FINDINGS_SHOWN]
+            raise MigrationError(problems[0] + self._more(len(problems) - 1, "problem"))
+
     def _sync(self):
         """Tables holding an earlier snapshot of this file are brought up to date (sync.py), and the empty ones
         tied to them by foreign keys loaded with them."""
@@ -268,7 +292,7 @@ class Run(Plan, Checks):
             source=self.source, baseline=self.baseline, source_id=self.source_id,
             source_timezone=self.source_timezone, journal=self.journal, entries=self.result["tables"],
             progress=self.progress, counters=counters, note=self._note,
-            start_checks=self._start_checks_beside_the_load, lease=self.lease)
+            start_checks=self.checks.start_beside_the_load, lease=self.lease)
         return stage.run(to_load)
 
     def _post_data_plan(self):
@@ -308,10 +332,21 @@ class Run(Plan, Checks):
         futures = {self.pool.submit(_record_task, self.src, self.conninfo, self.schema, name, self.source_timezone,
                                     self.source_id, self.source_name): ("record", name)
                    for name in sorted(names, key=lambda n: -self.plan.sizes[n])}
-        for _kind, _name, _changed in self._gather(futures):
+        for _kind, _name, _changed in gather(futures, self.progress):
             pass
 
     # Results --------------------------------------------------------------------------
+
+    def _profile_summary(self):
+        return {
+            "source": {"path": self.source.path, "bytes": self.source.size, "sha256": self.source_id,
+                       "journal": "wal" if self.source.wal_mode else "rollback", "open": self.source.open_mode,
+                       "integrity_check": "; ".join(self.integrity_problems) or "ok",
+                       "integrity_mode": self.integrity},
+            "tables": {name: self.plan.profiles[name].summary() for name in self.plan.order
+                       if name in self.plan.profiles},
+            "notes": self.notes + [n for p in self.plan.profiles.values() for n in p.notes],
+        }
 
     def _summarize(self):
         tables = self.result["tables"]
