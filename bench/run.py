@@ -29,6 +29,7 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -406,6 +407,26 @@ def sample_script_default_seed() -> int:
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     return script.DEFAULT_SEED
+
+
+def engine_and_sample_arguments(parser: argparse.ArgumentParser, files: int):
+    """The options the measuring tools beside this benchmark share (bench/stream_cpu.py, bench/validate_cpu.py)."""
+    parser.add_argument("--files", type=int, default=files)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--data-dir", type=Path, default=REPO / "bench" / "data")
+    parser.add_argument("--engine", type=Path, default=REPO / "module_utils",
+                        help="the module_utils directory whose sqlite_pg is measured")
+
+
+def engine_and_sample(args: argparse.Namespace, tool: str) -> tuple[Sample, Server]:
+    """For such a tool: its engine importable as sqlite_pg, the sample built, and a server of its own to start
+    (in a new directory ``<tool>-...`` under the data directory, its log beside it)."""
+    sys.path.insert(0, str(args.engine.resolve()))
+    seed = sample_script_default_seed() if args.seed is None else args.seed
+    sample = build_sample(args.data_dir, args.files, seed)
+    directory = Path(tempfile.mkdtemp(prefix=f"{tool}-", dir=args.data_dir))
+    directory.rmdir()
+    return sample, Server(Path(DEFAULT_PG_BIN), directory, args.data_dir / f"{directory.name}.log")
 
 
 def build_sample(data_dir: Path, files: int, seed: int) -> Sample:

@@ -21,7 +21,6 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -114,23 +113,14 @@ def one_run(engine, sample, server, database, preflight):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--files", type=int, default=100000)
-    parser.add_argument("--seed", type=int, default=None)
+    run.engine_and_sample_arguments(parser, files=100000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=3, help="per-column queries: best of this many")
     parser.add_argument("--no-runs", action="store_true")
     parser.add_argument("--no-columns", action="store_true")
-    parser.add_argument("--data-dir", type=Path, default=HERE / "data")
-    parser.add_argument("--engine", type=Path, default=HERE.parent / "module_utils",
-                        help="the module_utils directory whose sqlite_pg is measured")
     args = parser.parse_args()
-    sys.path.insert(0, str(args.engine.resolve()))
+    sample, server = run.engine_and_sample(args, "stream-cpu")
     from sqlite_pg.source import Source
-    seed = run.sample_script_default_seed() if args.seed is None else args.seed
-    sample = run.build_sample(args.data_dir, args.files, seed)
-    directory = Path(tempfile.mkdtemp(prefix="stream-cpu-", dir=args.data_dir))
-    directory.rmdir()
-    server = run.Server(Path(run.DEFAULT_PG_BIN), directory, args.data_dir / f"{directory.name}.log")
     result = {"engine": str(args.engine), "files": args.files, "rows": sample.rows, "loadavg_before": os.getloadavg()}
     try:
         server.start()

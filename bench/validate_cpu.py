@@ -23,7 +23,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -120,19 +119,10 @@ def account(sample_path, connection, rounds):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--files", type=int, default=100000)
-    parser.add_argument("--seed", type=int, default=None)
+    run.engine_and_sample_arguments(parser, files=100000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--data-dir", type=Path, default=HERE / "data")
-    parser.add_argument("--engine", type=Path, default=HERE.parent / "module_utils",
-                        help="the module_utils directory whose sqlite_pg is measured")
     args = parser.parse_args()
-    sys.path.insert(0, str(args.engine.resolve()))
-    seed = run.sample_script_default_seed() if args.seed is None else args.seed
-    sample = run.build_sample(args.data_dir, args.files, seed)
-    directory = Path(tempfile.mkdtemp(prefix="validate-cpu-", dir=args.data_dir))
-    directory.rmdir()
-    server = run.Server(Path(run.DEFAULT_PG_BIN), directory, args.data_dir / f"{directory.name}.log")
+    sample, server = run.engine_and_sample(args, "validate-cpu")
     result = {"engine": str(args.engine), "files": args.files, "rows": sample.rows, "rounds": args.rounds,
               "loadavg_before": os.getloadavg()}
     try:
