@@ -39,9 +39,9 @@ LOCK_NAMESPACE = "sqlite_to_postgres:"
 
 @dataclasses.dataclass
 class TablesPlan:
-    """What the plan decided, handed on to the load and the keys: the tables in foreign-key order and, per source
-    table, what it is and becomes. Filled in the order the run learns it: the source's schema, the target's
-    tables, the profiles (checks.py), then the actions."""
+    """What the plan decided, handed on to the checks, the load and the keys: the tables in foreign-key order and,
+    per source table, what it is and becomes. Filled in the order the run learns it: the source's schema, the
+    target's tables, the profiles (checks.py), then the actions."""
 
     order: list  # the selected source tables, parents first
     tables: dict  # {table: source.SourceTable}
@@ -57,7 +57,8 @@ class TablesPlan:
 
 
 class Plan:
-    """Reading the source and the target, and deciding per table (a stage of engine.Run): ``self.plan``."""
+    """Reading the source and the target, and deciding per table (stage 1 of engine.Run, a mixin of it): it fills
+    ``self.plan``, a TablesPlan."""
 
     def _validate_options(self):
         if self.on_invalid not in ("fail", "reject"):
