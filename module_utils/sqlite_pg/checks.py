@@ -29,8 +29,8 @@ class Checks:
                  source_timezone, rowid_aliases, datetime_formats, progress):
         self.pool, self.source, self.baseline, self.plan = pool, source, baseline, plan
         self.preflight, self.integrity, self.post_data = preflight, integrity, post_data
-        self.options = {"on_invalid": on_invalid, "max_rejects": max_rejects, "rowid_aliases": rowid_aliases,
-                        "source_timezone": source_timezone}
+        self.profile_options = {"on_invalid": on_invalid, "max_rejects": max_rejects,
+                                "source_timezone": source_timezone}
         self.rowid_aliases, self.datetime_formats, self.progress = rowid_aliases, datetime_formats, progress
         self._beside_the_load = {}  # {future: (kind, table)}
         self._started = False
@@ -67,8 +67,8 @@ class Checks:
     def _submit_profiles(self, futures, names):
         """Profile ``names`` in the workers, largest first, into ``futures`` ({future: ("profile", table)})."""
         for name in sorted(names, key=lambda n: -self.plan.sizes[n]):
-            table_options = dict(self.options, notnull=self.plan.notnull[name],
-                                 datetime_formats=self.datetime_formats.get(name, {}))
+            table_options = dict(self.profile_options, rowid_aliases=self.rowid_aliases,
+                                 notnull=self.plan.notnull[name], datetime_formats=self.datetime_formats.get(name, {}))
             futures[self.pool.submit(_table_task, self.source, self.plan.tables[name], self.baseline, profile_table,
                                      self.plan.targets[name], table_options)] = ("profile", name)
 
