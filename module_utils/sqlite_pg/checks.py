@@ -26,12 +26,12 @@ class Checks:
     """
 
     def __init__(self, *, pool, source, baseline, plan, preflight, integrity, post_data, on_invalid, max_rejects,
-                 source_timezone, rowid_aliases, datetime_formats, progress):
+                 source_timezone, progress):
         self.pool, self.source, self.baseline, self.plan = pool, source, baseline, plan
         self.preflight, self.integrity, self.post_data = preflight, integrity, post_data
         self.profile_options = {"on_invalid": on_invalid, "max_rejects": max_rejects,
                                 "source_timezone": source_timezone}
-        self.rowid_aliases, self.datetime_formats, self.progress = rowid_aliases, datetime_formats, progress
+        self.progress = progress
         self._beside_the_load = {}  # {future: (kind, table)}
         self._started = False
 
@@ -67,8 +67,9 @@ class Checks:
     def _submit_profiles(self, futures, names):
         """Profile ``names`` in the workers, largest first, into ``futures`` ({future: ("profile", table)})."""
         for name in sorted(names, key=lambda n: -self.plan.sizes[n]):
-            table_options = dict(self.profile_options, rowid_aliases=self.rowid_aliases,
-                                 notnull=self.plan.notnull[name], datetime_formats=self.datetime_formats.get(name, {}))
+            table_options = dict(self.profile_options, rowid_aliases=self.plan.rowid_aliases,
+                                 notnull=self.plan.notnull[name],
+                                 datetime_formats=self.plan.datetime_formats.get(name, {}))
             futures[self.pool.submit(_table_task, self.source, self.plan.tables[name], self.baseline, profile_table,
                                      self.plan.targets[name], table_options)] = ("profile", name)
 
@@ -88,7 +89,7 @@ class Checks:
         for name in self.plan.order:
             if name not in profiles:
                 profiles[name] = streamed_profile(self.plan.tables[name], self.plan.targets[name],
-                                                  self.plan.highest[name], self.datetime_formats.get(name, {}))
+                                                  self.plan.highest[name], self.plan.datetime_formats.get(name, {}))
             self.progress.set_total(name, profiles[name].rows)
         return source_id, profiles, []
 
@@ -105,7 +106,7 @@ class Checks:
                 storage = {c.name: STORAGE_CLASSES for c in self.plan.tables[name].columns}
                 self._beside_the_load[self.pool.submit(_table_task, self.source, self.plan.tables[name],
                                                        self.baseline, foreign_key_findings, storage,
-                                                       self.rowid_aliases)] = ("foreign keys", name)
+                                                       self.plan.rowid_aliases)] = ("foreign keys", name)
 
     def _checks_foreign_keys_in_sqlite(self, name):
         """Whether a streamed table's foreign keys need SQLite's check: PostgreSQL checks them only when

@@ -24,7 +24,7 @@ from .checks import Checks, gather
 from .errors import MigrationError
 from .lease import Lease
 from .loader import LOST_CAUSES, become_worker
-from .plan import FINDINGS_SHOWN, Plan
+from .plan import FINDINGS_SHOWN, Planner, lock, more, pragma_name, validate_options
 from .progress import Progress
 from .source import Source
 from .sync import sync
@@ -78,12 +78,12 @@ def migrate(src, conninfo, schema="public", tables=None, create_tables=True, job
     return run.execute()
 
 
-class Run(Plan):
+class Run:
     """One run, its stages in the order execute() calls them: plan, checks, load, keys; finish or undo.
 
-    The plan is a mixin sharing this object's fields; what it decides per table is one object, ``self.plan``
-    (plan.TablesPlan), which the checks (checks.Checks), the load (load.Load) and the keys (keys.plan, keys.build)
-    are handed with the rest of what they need as arguments; they return what they produced."""
+    Each stage is handed what it needs as arguments and returns what it produced. What the plan (plan.Planner)
+    decides per table is one object, ``self.plan`` (plan.TablesPlan), which the checks (checks.Checks), the load
+    (load.Load) and the keys (keys.plan, keys.build) are handed."""
 
     def __init__(self, src, conninfo, schema, tables, create_tables, jobs, on_invalid, max_rejects, reject_file,
                  source_timezone, progress_file, post_data, integrity, check_mode, lease=None, target_ddl=None,
@@ -104,31 +104,41 @@ class Run(Plan):
         self.preflight = check_mode or on_invalid == "reject" or bool(preflight)
         self.journal = None  # what this run wrote (undo.py), from the first write on
         self.synced = None  # sync()'s result once it ran, or its failure's
+        self.planner = None  # plan.Planner, once the options passed
+        self.plan = None  # plan.TablesPlan: what the planner decided per table
         self.checks = None  # checks.Checks, once the workers exist
         self.integrity_problems = []  # what the source's PRAGMA quick_check or integrity_check found
         self.progress = Progress(None if check_mode else progress_file, {})
         self.result = {"changed": False, "status": "failed", "msg": "", "total_tables": 0, "total_rows": 0,
                        "tables": {}, "profile": {}, "post_data": [], "source_id": "", "findings": [],
                        "sync_notes": [], "dropped_tables": []}
-        self.notes = []
+        self.notes = []  # the run's own notes; the planner's come first
 
     # The run ---------------------------------------------------------------------------
 
     def execute(self):
         try:
-            self._validate_options()
+            validate_options(on_invalid=self.on_invalid, reject_file=self.reject_file, jobs=self.jobs,
+                             max_rejects=self.max_rejects, integrity=self.integrity,
+                             source_timezone=self.source_timezone, progress_file=self.progress.path)
             self.source = Source(self.src, self.source_name)
             self.baseline = self.source.fingerprint()
-            self._read_source_schema()
+            self.planner = Planner(
+                source=self.source, schema=self.schema, requested=self.requested, create_tables=self.create_tables,
+                check_mode=self.check_mode, target_ddl=self.target_ddl, keep_dropped=self.keep_dropped,
+                datetime_option=self.datetime_option, source_timezone=self.source_timezone, integrity=self.integrity,
+                on_invalid=self.on_invalid, max_rejects=self.max_rejects, reject_file=self.reject_file,
+                progress=self.progress, result=self.result)
+            self.plan = self.planner.read_source()
             self.pg = connect(self.conninfo, read_only=self.check_mode)
             try:
                 if self.lease:
                     self.lease.start()
                     if self.lease.lost:
                         raise MigrationError(self.lease.lost)
-                self._lock()
+                lock(self.pg, self.schema)
                 self.notes += load.resolve_interrupted(self.pg, self.schema, self.check_mode)
-                self._read_target()
+                self.planner.read_target(self.pg)
                 # One slot per table, then one per range of a table loaded in ranges (load.py).
                 counters = multiprocessing.get_context("fork").Array("q", len(self.plan.order) * (1 + self.jobs),
                                                                      lock=False)
@@ -141,7 +151,7 @@ class Run(Plan):
                                          initializer=become_worker) as pool:
                     self.pool = pool
                     self._check_source()
-                    self._decide()
+                    self.planner.decide(self.pg, self.source_id, self.integrity_problems)
                     if self.check_mode:
                         return self._finish_check()
                     self.journal = Journal(self.conninfo, self.schema, self.source_id)
@@ -229,8 +239,7 @@ class Run(Plan):
         self.checks = Checks(pool=self.pool, source=self.source, baseline=self.baseline, plan=self.plan,
                              preflight=self.preflight, integrity=self.integrity, post_data=self.post_data,
                              on_invalid=self.on_invalid, max_rejects=self.max_rejects,
-                             source_timezone=self.source_timezone, rowid_aliases=self.rowid_aliases,
-                             datetime_formats=self.datetime_formats, progress=self.progress)
+                             source_timezone=self.source_timezone, progress=self.progress)
         self.source_id, self.plan.profiles, self.integrity_problems = self.checks.run()
         self.result["source_id"] = self.source_id
         self.result["profile"] = self._profile_summary()
@@ -242,24 +251,24 @@ class Run(Plan):
         if integrity:
             self.integrity_problems = integrity
             self.result["profile"]["source"]["integrity_check"] = "; ".join(integrity)
-            problems = [f"source {self.source.path} fails PRAGMA {self._pragma()}: {integrity[0]}"
-                        + self._more(len(integrity) - 1, "problem"), *problems]
+            problems = [f"source {self.source.path} fails PRAGMA {pragma_name(self.integrity)}: {integrity[0]}"
+                        + more(len(integrity) - 1, "problem"), *problems]
         if problems:
             self.result["findings"] = problems[:FINDINGS_SHOWN]
-            raise MigrationError(problems[0] + self._more(len(problems) - 1, "problem"))
+            raise MigrationError(problems[0] + more(len(problems) - 1, "problem"))
 
     def _sync(self):
         """Tables holding an earlier snapshot of this file are brought up to date (sync.py), and the empty ones
         tied to them by foreign keys loaded with them."""
         to_sync = [n for n in self.plan.order if self.plan.actions[n] == "sync"]
-        if not to_sync and not self.kept_dropped:
+        if not to_sync and not self.plan.kept_dropped:
             return
         self.progress.phase = "sync"
         self.progress.write(force=True)
         try:
             # The tables it keeps although the source dropped them are named too: the sync says so, and names them
             # when one of their foreign keys stops it.
-            self.synced = sync(self.src, self.conninfo, self.schema, to_sync + self.kept_dropped, self.jobs,
+            self.synced = sync(self.src, self.conninfo, self.schema, to_sync + self.plan.kept_dropped, self.jobs,
                                self.source_timezone, hold_lock=False, source_id=self.source_id,
                                source_name=self.source_name, before_writes=self._await_background,
                                keep_dropped_tables=self.keep_dropped)
@@ -282,12 +291,16 @@ class Run(Plan):
         to_load = [name for name in self.plan.order if self.plan.actions[name] in ("load", "create")]
         if not to_load:
             return []
-        load.prepare_target(self.pg, self.schema, self.schema_present, self.source_id,
+        load.prepare_target(self.pg, self.schema, self.plan.schema_present, self.source_id,
                             [self.plan.target_names[n] for n in to_load], self.journal)
         self.result["changed"] = True
+        created_columns = {}
+        for name in to_load:
+            if self.plan.actions[name] == "create":
+                created_columns[name], notes = self.planner.column_definitions(name)
+                self.result["profile"]["notes"] += notes
         stage = load.Load(
-            plan=self.plan,
-            created_columns={n: self._column_ddl(n) for n in to_load if self.plan.actions[n] == "create"},
+            plan=self.plan, created_columns=created_columns,
             pool=self.pool, pg=self.pg, conninfo=self.conninfo, schema=self.schema, jobs=self.jobs,
             source=self.source, baseline=self.baseline, source_id=self.source_id,
             source_timezone=self.source_timezone, journal=self.journal, entries=self.result["tables"],
@@ -335,6 +348,9 @@ class Run(Plan):
         for _kind, _name, _changed in gather(futures, self.progress):
             pass
 
+    def _note(self, text):
+        self.result["profile"]["notes"].append(text)
+
     # Results --------------------------------------------------------------------------
 
     def _profile_summary(self):
@@ -345,7 +361,7 @@ class Run(Plan):
                        "integrity_mode": self.integrity},
             "tables": {name: self.plan.profiles[name].summary() for name in self.plan.order
                        if name in self.plan.profiles},
-            "notes": self.notes + [n for p in self.plan.profiles.values() for n in p.notes],
+            "notes": self.planner.notes + self.notes + [n for p in self.plan.profiles.values() for n in p.notes],
         }
 
     def _summarize(self):

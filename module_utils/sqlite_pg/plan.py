@@ -48,6 +48,10 @@ class TablesPlan:
     target_names: dict  # {table: its name in PostgreSQL}
     highest: dict  # {table: max(rowid)}, of every source table: rows, roughly, without reading them
     sizes: dict  # {table: highest * columns}, the dispatch order's weight
+    rowid_aliases: dict  # {table: its INTEGER PRIMARY KEY column}, of every source table (foreign keys reach any)
+    datetime_formats: dict  # {table: {column: how a date column reads numbers}} (rules.DATETIME_FORMATS)
+    schema_present: bool = False  # whether the target schema exists
+    kept_dropped: list = dataclasses.field(default_factory=list)  # tables the source dropped, kept as they are
     existing: dict = dataclasses.field(default_factory=dict)  # {table: target.TargetTable or None (missing)}
     targets: dict = dataclasses.field(default_factory=dict)  # {table: {column: TargetType, or None to choose}}
     notnull: dict = dataclasses.field(default_factory=dict)  # {table: source columns loaded NOT NULL}
@@ -56,35 +60,75 @@ class TablesPlan:
     actions: dict = dataclasses.field(default_factory=dict)  # {table: skip, load, create or sync}
 
 
-class Plan:
-    """Reading the source and the target, and deciding per table (stage 1 of engine.Run, a mixin of it): it fills
-    ``self.plan``, a TablesPlan."""
+def validate_options(*, on_invalid, reject_file, jobs, max_rejects, integrity, source_timezone, progress_file):
+    """The run's options, each refused in one line before anything is read."""
+    if on_invalid not in ("fail", "reject"):
+        raise MigrationError(f"on_invalid must be 'fail' or 'reject', not {on_invalid!r}")
+    if on_invalid == "reject" and not reject_file:
+        raise MigrationError("on_invalid: reject needs reject_file (where rejected rows are written)")
+    if not isinstance(jobs, int) or jobs < 1:
+        raise MigrationError(f"jobs must be a whole number of at least 1, not {jobs!r}")
+    if not isinstance(max_rejects, int) or max_rejects < 0:
+        raise MigrationError(f"max_rejects must be 0 or more, not {max_rejects!r}")
+    if integrity not in ("full", "quick"):
+        raise MigrationError(f"integrity_check must be 'full' or 'quick', not {integrity!r}")
+    try:
+        check_timezone(source_timezone)
+    except ValueError as error:
+        raise MigrationError(f"source_timezone: {error}") from None
+    for option, path in (("reject_file", reject_file), ("progress_file", progress_file)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise MigrationError(f"{option}: directory {os.path.dirname(os.path.abspath(path))} does not exist")
 
-    def _validate_options(self):
-        if self.on_invalid not in ("fail", "reject"):
-            raise MigrationError(f"on_invalid must be 'fail' or 'reject', not {self.on_invalid!r}")
-        if self.on_invalid == "reject" and not self.reject_file:
-            raise MigrationError("on_invalid: reject needs reject_file (where rejected rows are written)")
-        if not isinstance(self.jobs, int) or self.jobs < 1:
-            raise MigrationError(f"jobs must be a whole number of at least 1, not {self.jobs!r}")
-        if not isinstance(self.max_rejects, int) or self.max_rejects < 0:
-            raise MigrationError(f"max_rejects must be 0 or more, not {self.max_rejects!r}")
-        if self.integrity not in ("full", "quick"):
-            raise MigrationError(f"integrity_check must be 'full' or 'quick', not {self.integrity!r}")
-        try:
-            check_timezone(self.source_timezone)
-        except ValueError as error:
-            raise MigrationError(f"source_timezone: {error}") from None
-        for option, path in (("reject_file", self.reject_file), ("progress_file", self.progress.path)):
-            if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-                raise MigrationError(f"{option}: directory {os.path.dirname(os.path.abspath(path))} does not exist")
 
-    def _read_source_schema(self):
+def lock(pg, schema):
+    """One run per target schema at a time (a session-level advisory lock, released when the session ends)."""
+    digest = hashlib.sha256((LOCK_NAMESPACE + schema).encode()).digest()
+    key = int.from_bytes(digest[:8], "big", signed=True)
+    with pg.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+        if not cursor.fetchone()[0]:
+            raise MigrationError(f"another sqlite_to_postgres run is loading schema {schema} "
+                                 "of this database; wait for it to finish")
+    pg.commit()
+
+
+def more(count, what):
+    """' (and 3 more problems)': what a one-line message leaves out."""
+    return f" (and {count} more {what}{'s' if count != 1 else ''})" if count > 0 else ""
+
+
+def pragma_name(integrity):
+    """The PRAGMA the integrity option runs."""
+    return "quick_check" if integrity == "quick" else "integrity_check"
+
+
+class Planner:
+    """Reading the source and the target, and deciding per table (stage 1 of engine.Run), before any write.
+
+    ``read_source()`` returns the TablesPlan; ``read_target(pg)`` adds what the target holds and the types each
+    column becomes; once the checks added the profiles, ``decide(pg, source_id, integrity_problems)`` refuses what
+    cannot be loaded and adds each table's action. The run's ``result`` is handed in: the plan fills its table
+    entries, findings and the notes on dropped tables and defaults; ``progress`` marks the tables it skips.
+    """
+
+    def __init__(self, *, source, schema, requested, create_tables, check_mode, target_ddl, keep_dropped,
+                 datetime_option, source_timezone, integrity, on_invalid, max_rejects, reject_file, progress, result):
+        self.source, self.schema, self.requested, self.create_tables = source, schema, requested, create_tables
+        self.check_mode, self.target_ddl, self.keep_dropped = check_mode, target_ddl, keep_dropped
+        self.datetime_option, self.source_timezone, self.integrity = datetime_option, source_timezone, integrity
+        self.on_invalid, self.max_rejects, self.reject_file = on_invalid, max_rejects, reject_file
+        self.progress, self.result = progress, result
+        self.plan = None
+        self.notes = []  # what the plan found worth saying: renamed tables and columns, foreign-key cycles
+
+    def read_source(self):
+        """The TablesPlan of the selected tables, from the source's schema."""
         connection = self.source.connect()
         try:
             tables, notes = read_schema(connection)
             # Foreign keys of a selected table may reference any table of the source.
-            self.rowid_aliases = {t.name: t.rowid_alias for t in tables if t.rowid and t.rowid_alias}
+            rowid_aliases = {t.name: t.rowid_alias for t in tables if t.rowid and t.rowid_alias}
             # Row totals for progress and the dispatch order, without reading the tables.
             highest = {t.name: _highest_rowid(connection, t) for t in tables}
         except Exception as error:  # sqlite3 raises DatabaseError and friends for corrupt schemas
@@ -92,17 +136,16 @@ class Plan:
         finally:
             connection.close()
         self.notes += notes
-        self.datetime_formats = resolve_datetime_formats(self.datetime_option, tables)
         by_name = {t.name: t for t in tables}
-        self.source_targets = {pg_name(t.name) for t in tables}
-        self.missing = []  # requested tables the source lacks: dropped since they were migrated, or unknown
-        self.available = ", ".join(sorted(by_name)) or "none"
+        self._source_targets = {pg_name(t.name) for t in tables}
+        self._missing = []  # requested tables the source lacks: dropped since they were migrated, or unknown
+        self._available = ", ".join(sorted(by_name)) or "none"
         if self.requested:
             selected = []
             for name in self.requested:
                 match = by_name.get(name) or next((t for t in tables if t.name.lower() == str(name).lower()), None)
                 if match is None:
-                    self.missing.append(str(name))
+                    self._missing.append(str(name))
                     continue
                 if match not in selected:
                     selected.append(match)
@@ -112,7 +155,9 @@ class Plan:
         self.notes += order_notes
         self.plan = TablesPlan(order=order, tables={t.name: t for t in selected},
                                target_names={name: pg_name(name) for name in order}, highest=highest,
-                               sizes={t.name: highest[t.name] * len(t.columns) for t in tables})
+                               sizes={t.name: highest[t.name] * len(t.columns) for t in tables},
+                               rowid_aliases=rowid_aliases,
+                               datetime_formats=resolve_datetime_formats(self.datetime_option, tables))
         seen = {}
         for name, target in self.plan.target_names.items():
             if target in seen:
@@ -127,60 +172,51 @@ class Plan:
                 raise MigrationError(f"table {name} has {len(self.plan.tables[name].columns)} columns; PostgreSQL "
                                      f"allows at most {MAX_COLUMNS:,} per table: split it before migrating; nothing "
                                      "was written")
+        return self.plan
 
-    def _lock(self):
-        # One run per target schema at a time (session-level advisory lock, released when the session ends).
-        digest = hashlib.sha256((LOCK_NAMESPACE + self.schema).encode()).digest()
-        key = int.from_bytes(digest[:8], "big", signed=True)
-        with self.pg.cursor() as cursor:
-            cursor.execute("SELECT pg_try_advisory_lock(%s)", (key,))
-            if not cursor.fetchone()[0]:
-                raise MigrationError(f"another sqlite_to_postgres run is loading schema {self.schema} "
-                                     "of this database; wait for it to finish")
-        self.pg.commit()
-
-    def _read_target(self):
+    def read_target(self, pg):
+        """Adds to the plan what the target holds: its tables, and per column its type and name there."""
         problems = []
-        with self.pg.cursor() as cursor:
-            self.schema_present = schema_exists(cursor, self.schema)
+        with pg.cursor() as cursor:
+            self.plan.schema_present = schema_exists(cursor, self.schema)
             self._dropped(cursor)
-            if not self.schema_present and not self.create_tables and not self._uses_target_ddl():
+            if not self.plan.schema_present and not self.create_tables and not self._uses_target_ddl():
                 raise MigrationError(f"schema {self.schema} does not exist in the target database "
                                      "(and create_tables is false)")
             for name in self.plan.order:
-                found = read_table(cursor, self.schema, self.plan.target_names[name]) if self.schema_present else None
-                self.plan.existing[name] = found
-        self.pg.commit()
-        planned = self._planned_tables()
+                self.plan.existing[name] = read_table(cursor, self.schema, self.plan.target_names[name]) \
+                    if self.plan.schema_present else None
+        pg.commit()
+        planned = self._planned_tables(pg)
         for name in self.plan.order:
             existing = self.plan.existing[name] or planned.get(name)
             if existing is None and not self.create_tables:
                 raise MigrationError(f"target table {self.schema}.{self.plan.target_names[name]} does not exist "
                                      "(and create_tables is false)")
             problems += self._match_columns(self.plan.tables[name], existing)
-            for column in self.datetime_formats.get(name, {}):
+            for column in self.plan.datetime_formats.get(name, {}):
                 target = self.plan.targets[name].get(column)
                 if target is not None and target.category not in DATE_CATEGORIES:
                     problems.append(f"datetime_formats: {name}.{column} becomes {target.sql}, not a date or "
                                     "timestamp, so a date representation does not apply to it")
         if problems:
-            raise MigrationError(problems[0] + self._more(len(problems) - 1, "problem"))
+            raise MigrationError(problems[0] + more(len(problems) - 1, "problem"))
 
     def _dropped(self, cursor):
         """Tables migrated from this source that it no longer has (among those requested, when tables are named):
         refused before anything is written, unless keep_dropped_tables keeps them as they are."""
-        found = dropped_tables(cursor, self.schema, self.source.name, self.source_targets) \
-            if self.schema_present else []
+        found = dropped_tables(cursor, self.schema, self.source.name, self._source_targets) \
+            if self.plan.schema_present else []
         if self.requested:
-            named = {pg_name(n) for n in self.missing}
+            named = {pg_name(n) for n in self._missing}
             found = [(table, rows) for table, rows in found if table in named]
-            unknown = [n for n in self.missing if pg_name(n) not in {table for table, _rows in found}]
+            unknown = [n for n in self._missing if pg_name(n) not in {table for table, _rows in found}]
             if unknown:
                 raise MigrationError(f"table {unknown[0]} does not exist in source {self.source.path} "
-                                     f"(its tables: {self.available})")
+                                     f"(its tables: {self._available})")
         if found and not self.keep_dropped:
             raise MigrationError(dropped_refusal(self.schema, self.source.path, found))
-        self.kept_dropped = self.result["dropped_tables"] = [table for table, _rows in found]
+        self.plan.kept_dropped = self.result["dropped_tables"] = [table for table, _rows in found]
         self.result["sync_notes"] = [dropped_note(self.schema, table, rows) for table, rows in found]
 
     def _load_with_the_sync(self, cursor):
@@ -209,7 +245,7 @@ class Plan:
     def _uses_target_ddl(self):
         return self.check_mode and bool(self.target_ddl)
 
-    def _planned_tables(self):
+    def _planned_tables(self, pg):
         """Check mode: {source table: TargetTable} of the missing tables as target_ddl creates them.
 
         The real run loads into the tables the schema stage makes from that SQL, so the profile
@@ -218,7 +254,7 @@ class Plan:
         missing = [self.plan.target_names[name] for name in self.plan.order if self.plan.existing[name] is None]
         if not (self._uses_target_ddl() and missing):
             return {}
-        found = planned_tables(self.pg, self.schema, self.target_ddl, missing)
+        found = planned_tables(pg, self.schema, self.target_ddl, missing)
         return {name: found[self.plan.target_names[name]] for name in self.plan.order
                 if self.plan.target_names[name] in found}
 
@@ -265,16 +301,17 @@ class Plan:
         self.plan.column_names[source.name] = names
         return problems
 
-    def _decide(self):
-        if self.integrity_problems:
-            self.result["findings"] = self.integrity_problems[:FINDINGS_SHOWN]
-            raise MigrationError(f"source {self.source.path} fails PRAGMA {self._pragma()}: "
-                                 f"{self.integrity_problems[0]}" + self._more(len(self.integrity_problems) - 1,
-                                                                             "problem"))
+    def decide(self, pg, source_id, integrity_problems):
+        """Refuses what the checks found or the target cannot take (one line, nothing written), else adds each
+        table's action to the plan and its entry to the result; writes the reject file when rows are rejected."""
+        if integrity_problems:
+            self.result["findings"] = integrity_problems[:FINDINGS_SHOWN]
+            raise MigrationError(f"source {self.source.path} fails PRAGMA {pragma_name(self.integrity)}: "
+                                 f"{integrity_problems[0]}" + more(len(integrity_problems) - 1, "problem"))
         problems = [p for name in self.plan.order for p in self.plan.profiles[name].problems]
         if problems:
             self.result["findings"] = problems[:FINDINGS_SHOWN]
-            raise MigrationError(problems[0] + self._more(len(problems) - 1, "problem") + "; nothing was written")
+            raise MigrationError(problems[0] + more(len(problems) - 1, "problem") + "; nothing was written")
         bad = [(name, b) for name in self.plan.order for b in self.plan.profiles[name].bad_values]
         rejected = sum(self.plan.profiles[name].rejected_rows for name in self.plan.order)
         if bad and (self.on_invalid == "fail" or rejected > self.max_rejects):
@@ -282,30 +319,30 @@ class Plan:
         if bad and self.on_invalid == "fail":
             name, first = bad[0]
             total_invalid = sum(c.invalid for p in self.plan.profiles.values() for c in p.columns) or len(bad)
-            raise MigrationError(self._bad_message(name, first) + self._more(total_invalid - 1, "invalid value")
+            raise MigrationError(self._bad_message(name, first) + more(total_invalid - 1, "invalid value")
                                  + "; nothing was written")
         if rejected > self.max_rejects:
             name, first = bad[0]
             raise MigrationError(f"{rejected} rows are invalid, more than max_rejects ({self.max_rejects}); "
                                  f"first: {self._bad_message(name, first)}; nothing was written")
         problems = []
-        with self.pg.cursor() as cursor:
-            recorded = state_rows(cursor, self.schema) if self.schema_present else {}
+        with pg.cursor() as cursor:
+            recorded = state_rows(cursor, self.schema) if self.plan.schema_present else {}
             for name in self.plan.order:
-                problem = self._decide_table(cursor, name, recorded.get(self.plan.target_names[name], []))
+                problem = self._decide_table(cursor, name, recorded.get(self.plan.target_names[name], []), source_id)
                 if problem:
                     problems.append(problem)
             if not problems:
                 self._load_with_the_sync(cursor)
-        self.pg.commit()
+        pg.commit()
         if problems:
-            raise MigrationError(problems[0] + self._more(len(problems) - 1, "problem") + "; nothing was written")
+            raise MigrationError(problems[0] + more(len(problems) - 1, "problem") + "; nothing was written")
         if rejected and not self.check_mode:
             self._write_rejects()
 
-    def _decide_table(self, cursor, name, recorded):
+    def _decide_table(self, cursor, name, recorded, source_id):
         target = self.plan.target_names[name]
-        mine = [r for r in recorded if r[0] == self.source_id]
+        mine = [r for r in recorded if r[0] == source_id]
         entry = {"total_rows": self.plan.profiles[name].rows, "migrated": 0, "rejected": 0, "status": "pending",
                  "seconds": 0.0, "rows_per_second": 0.0, "action": "load"}
         self.result["tables"][name] = entry
@@ -318,7 +355,7 @@ class Plan:
             if present == loaded:
                 # Nothing of it can differ from this snapshot: a validation after it compares no key.
                 entry.update(migrated=present, rejected=rejected, status="completed", action="skipped",
-                             validated=validated, changed_keys={"since": self.source_id, "keys": ""})
+                             validated=validated, changed_keys={"since": source_id, "keys": ""})
                 self.plan.actions[name] = "skip"
                 self.progress.finish(name, "skipped", present)
                 return ""
@@ -348,13 +385,6 @@ class Plan:
         shown = f"value {display(bad.value)} " if bad.value is not None else ""
         return f"{where}: {shown}{bad.reason}"
 
-    @staticmethod
-    def _more(count, what):
-        return f" (and {count} more {what}{'s' if count != 1 else ''})" if count > 0 else ""
-
-    def _pragma(self):
-        return "quick_check" if self.integrity == "quick" else "integrity_check"
-
     def _write_rejects(self):
         temporary = self.reject_file + ".partial"
         with open(temporary, "w", encoding="utf-8") as stream:
@@ -365,42 +395,40 @@ class Plan:
                                             default=repr) + "\n")
         os.replace(temporary, self.reject_file)
 
-    def _column_ddl(self, name):
+    def column_definitions(self, name):
+        """([(target column, TargetType, NOT NULL, default or None)], notes on the defaults dropped) of a table the
+        load creates."""
         source, profile = self.plan.tables[name], self.plan.profiles[name]
-        columns = []
+        columns, notes = [], []
         for column, column_profile in zip(source.columns, profile.columns):
             target = column_profile.target
             default = None
             if column.default is not None and not target.identity:
-                default = self._default(name, column, target)
+                default, dropped = self._default(name, column, target)
+                notes += dropped
             columns.append((self.plan.column_names[name][column.name], target, column.name in self.plan.notnull[name],
                             default))
-        return columns
+        return columns, notes
 
     def _default(self, table, column, target):
+        """(the column's default in PostgreSQL or None, [a note when SQLite's default was dropped])."""
         kind, value = parse_default(column.default)
         where = f"{table}.{column.name}"
         if kind == "clock":
             keyword = clock_default(value, target)
             if keyword:
-                return sql.SQL(keyword)
-            self._note(f"{where}: default {column.default} dropped (no equivalent for {target.sql})")
-            return None
+                return sql.SQL(keyword), []
+            return None, [f"{where}: default {column.default} dropped (no equivalent for {target.sql})"]
         if kind == "expression":
-            self._note(f"{where}: default {column.default} is SQLite SQL and was dropped")
-            return None
+            return None, [f"{where}: default {column.default} is SQLite SQL and was dropped"]
         if value is None:
-            return None
+            return None, []
         try:
-            datetime_format = self.datetime_formats.get(table, {}).get(column.name, "auto")
+            datetime_format = self.plan.datetime_formats.get(table, {}).get(column.name, "auto")
             text = rule_for(target, self.source_timezone, datetime_format).convert(storage_class_of(value), value)
         except Invalid as error:
-            self._note(f"{where}: default {column.default} dropped: it {error}")
-            return None
-        return default_literal(_unescape_copy(text), target)
-
-    def _note(self, text):
-        self.result["profile"].setdefault("notes", []).append(text)
+            return None, [f"{where}: default {column.default} dropped: it {error}"]
+        return default_literal(_unescape_copy(text), target), []
 
 
 def _highest_rowid(connection, table):
