@@ -109,7 +109,7 @@ class Planner:
     ``read_source()`` returns the TablesPlan; ``read_target(pg)`` adds what the target holds and the types each
     column becomes; once the checks added the profiles, ``decide(pg, source_id, integrity_problems)`` refuses what
     cannot be loaded and adds each table's action. The run's ``result`` is handed in: the plan fills its table
-    entries, findings and the notes on dropped tables and defaults; ``progress`` marks the tables it skips.
+    entries, its findings and its notes on dropped tables; ``progress`` marks the tables it skips.
     """
 
     def __init__(self, *, source, schema, requested, create_tables, check_mode, target_ddl, keep_dropped,
@@ -121,6 +121,10 @@ class Planner:
         self.progress, self.result = progress, result
         self.plan = None
         self.notes = []  # what the plan found worth saying: renamed tables and columns, foreign-key cycles
+        # From the source's schema, for the dropped tables' check against the target.
+        self._source_targets = set()  # every source table's name in PostgreSQL
+        self._missing = []  # requested tables the source lacks: dropped since they were migrated, or unknown
+        self._available = "none"  # the source's tables, for the message naming an unknown one
 
     def read_source(self):
         """The TablesPlan of the selected tables, from the source's schema."""
@@ -138,7 +142,6 @@ class Planner:
         self.notes += notes
         by_name = {t.name: t for t in tables}
         self._source_targets = {pg_name(t.name) for t in tables}
-        self._missing = []  # requested tables the source lacks: dropped since they were migrated, or unknown
         self._available = ", ".join(sorted(by_name)) or "none"
         if self.requested:
             selected = []
