@@ -298,7 +298,7 @@ class Run:
         for name in to_load:
             if self.plan.actions[name] == "create":
                 created_columns[name], notes = self.planner.column_definitions(name)
-                self.result["profile"]["notes"] += notes
+                self._note(*notes)
         stage = load.Load(
             plan=self.plan, created_columns=created_columns,
             pool=self.pool, pg=self.pg, conninfo=self.conninfo, schema=self.schema, jobs=self.jobs,
@@ -321,7 +321,7 @@ class Run:
         self.progress.phase = "post_data"
         self.progress.write(force=True)
         steps, notes = self._post_data_plan()
-        self.result["profile"]["notes"] += notes
+        self._note(*notes)
         if not steps:
             return
         self._await_background()
@@ -348,8 +348,9 @@ class Run:
         for _kind, _name, _changed in gather(futures, self.progress):
             pass
 
-    def _note(self, text):
-        self.result["profile"]["notes"].append(text)
+    def _note(self, *texts):
+        """Notes found once the profile was summed up (the load's, the post-data plan's) follow its own."""
+        self.result["profile"]["notes"].extend(texts)
 
     # Results --------------------------------------------------------------------------
 
@@ -372,7 +373,7 @@ class Run:
 
     def _finish_check(self):
         steps, notes = self._post_data_plan() if self.post_data else ([], [])
-        self.result["profile"]["notes"] += notes
+        self._note(*notes)
         pending = [n for n in self.plan.order if self.plan.actions[n] in ("load", "create")]
         to_sync = [n for n in self.plan.order if self.plan.actions[n] == "sync"]
         self._summarize()
