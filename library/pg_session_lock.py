@@ -226,8 +226,9 @@ def find_playbook_process():
 
 def hold(params, watch_pid, report_fd):
     """Body of the detached holder: take the lock, report, wait, exit."""
-    released = []
-    signal.signal(signal.SIGTERM, lambda *_: released.append(True))
+    # SIGTERM (the release) stays pending until the wait below takes it, which
+    # then ends at once rather than at the next poll.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     watch_started = process_start_time(watch_pid)
     try:
         conn = connect(params)
@@ -245,7 +246,7 @@ def hold(params, watch_pid, report_fd):
         os._exit(0)
     deadline = time.monotonic() + params["max_hold_seconds"]
     last_ping = time.monotonic()
-    while not released and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
         if process_start_time(watch_pid) != watch_started:
             break
         if time.monotonic() - last_ping > 30:
@@ -254,7 +255,8 @@ def hold(params, watch_pid, report_fd):
             except psycopg2.Error:
                 break
             last_ping = time.monotonic()
-        time.sleep(0.5)
+        if signal.sigtimedwait({signal.SIGTERM}, 0.5):
+            break
     try:
         conn.close()
     finally:
