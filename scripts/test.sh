@@ -10,7 +10,10 @@ source .venv/bin/activate
 echo "== yamllint"; yamllint --strict .
 echo "== ansible-lint"; ansible-lint
 echo "== ruff"; ruff check .
-echo "== pytest"; pytest
+# Two test files at a time, each whole on one worker (a file's lab and fixtures
+# are its own, on ports of its own): most of a lab test's time is one
+# ansible-playbook process, which keeps one core busy, so this halves the wait.
+echo "== pytest"; pytest --numprocesses 2 --dist loadfile
 for scenario in default rollback failover; do
   echo "== molecule test -s $scenario"
   molecule test --scenario-name "$scenario"

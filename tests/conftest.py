@@ -8,6 +8,7 @@ Set PG_BIN to use another PostgreSQL installation's binaries.
 """
 
 import contextlib
+import fcntl
 import glob
 import os
 import pwd
@@ -200,6 +201,25 @@ def migrate_into_typed_schema(src, conninfo):
     pre_data = SCHEMA_SQL.read_text().split("-- section: post-data")[0].split("-- section: pre-data")[1]
     execute(conninfo, pre_data)
     migrate(str(src), conninfo, create_tables=False, jobs=2)
+
+
+def processes_with(argument, environment=None):
+    """Pids whose command line holds argument (and whose environment holds the entry environment, if given).
+
+    The suite runs its files in parallel, so a test that signals or counts processes by name picks its own
+    by what only they hold (a path of its own, a variable of its lab), never every such process on the machine.
+    """
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if argument.encode() in (entry / "cmdline").read_bytes() and (
+                    environment is None or environment.encode() in (entry / "environ").read_bytes().split(b"\0")):
+                found.append(int(entry.name))
+        except OSError:  # the process ended while it was read
+            continue
+    return found
 
 
 def wait_until(predicate, timeout=30.0, interval=0.02):
@@ -419,6 +439,13 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def _write_reliability_section(title, text):
+    # Each parallel worker writes the sections of its own files: the lock keeps one from losing another's.
+    with open(RELIABILITY, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _replace_reliability_section(title, text)
+
+
+def _replace_reliability_section(title, text):
     head = ["# Reliability: the lab suites' results", "",
             "Each section is written by its suite (part of `bash scripts/test.sh`) from that suite's last complete "
             "run;", "a partial run (`-k`, `-x`, a failure in setup) leaves it as it was.", ""]

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import processes_with
 
 REPO = Path(__file__).resolve().parent.parent
 HARNESS = REPO / "bench" / "run.py"
@@ -35,18 +36,6 @@ def bench(data_dir, results_dir, *args, **kwargs):
     return subprocess.run([sys.executable, str(HARNESS), "--data-dir", str(data_dir),
                            "--results-dir", str(results_dir), *args],
                           capture_output=True, text=True, timeout=900, **kwargs)
-
-
-def processes_mentioning(text):
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +136,7 @@ def test_pgloader_loads_every_row(report):
 def test_run_prints_a_table_and_leaves_no_server_behind(report, data_dir):
     _, run = report
     assert "pipeline" in run.stdout and "peak RSS MB" in run.stdout
-    assert processes_mentioning(str(data_dir)) == []
+    assert processes_with(str(data_dir)) == []
     assert list(data_dir.glob("run-*")) == []
 
 
@@ -200,11 +189,11 @@ def test_interrupt_stops_the_server(data_dir, tmp_path):
     data_dir = data_dir / "interrupted"
 
     def server_running():
-        assert processes_mentioning(str(data_dir)), "the server should be running while loading"
+        assert processes_with(str(data_dir)), "the server should be running while loading"
 
     rest = interrupted_at_load(data_dir, tmp_path, 1, "--files", "20000", while_loading=server_running)
     assert "interrupted" in rest
-    assert processes_mentioning(str(data_dir)) == []
+    assert processes_with(str(data_dir)) == []
     assert list(data_dir.glob("run-*")) == []
     assert list(tmp_path.glob("*.json")) == []
 
@@ -271,7 +260,7 @@ def test_an_unexpected_error_in_one_system_fails_its_round_and_the_run_goes_on(d
     assert entries["broken"]["error"].startswith("FileNotFoundError: [Errno 2] No such file or directory")
     assert [run["status"] for run in entries["broken"]["runs"]] == ["failed", "failed"]
     assert entries["pipeline"]["status"] == "passed" and len(entries["pipeline"]["runs"]) == 2
-    assert processes_mentioning(str(data_dir)) == []  # the server stopped all the same
+    assert processes_with(str(data_dir)) == []  # the server stopped all the same
 
 
 def test_runbook_row_is_opt_in():

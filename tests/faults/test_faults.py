@@ -19,6 +19,7 @@ import sys
 import time
 
 import pytest
+from conftest import processes_with
 
 from faults.lab import ROOT, SAMPLE_FILES, sha256, wait_until
 
@@ -187,7 +188,8 @@ def test_stale_lock_after_kill_9_of_its_holder(lab, big_source):
     source, counts = big_source
     run = start_and_wait_for(lab, source, lambda: lab.loading("files"))
     run.signal_group(signal.SIGKILL)
-    subprocess.run(["pkill", "-9", "-f", "AnsiballZ_pg_session_lock"], check=False)
+    for pid in processes_with("AnsiballZ_pg_session_lock", f"PGPASSFILE={lab.pgpass}"):  # this lab's holder only
+        os.kill(pid, signal.SIGKILL)
     run.wait(timeout=60)
     rerun = lab.assert_completes(source, counts)
     assert "another" not in rerun.output.split("Take the migration lock", 1)[-1][:2000]
