@@ -191,20 +191,31 @@ def where_of(params):
     return f"{params['login_host'] or 'local socket'}:{params['login_port']}/{params['login_db']}"
 
 
-def process_start_time(pid):
+def stat_fields(pid):
+    """The fields of /proc/<pid>/stat after the command name (state, parent, ...), or None once it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[19]
+            return stat.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
 
 
+def process_start_time(pid):
+    fields = stat_fields(pid)
+    return fields[19] if fields else None
+
+
+def has_exited(pid):
+    """Gone, or a zombie: a zombie holds no session and runs nothing, but stays
+    listed until its parent (for a detached holder: init) reaps it, seconds later
+    on some machines."""
+    fields = stat_fields(pid)
+    return fields is None or fields[0] in ("Z", "X")
+
+
 def parent_of(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return int(stat.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
+    fields = stat_fields(pid)
+    return int(fields[1]) if fields else 0
 
 
 def find_playbook_process():
@@ -247,7 +258,7 @@ def hold(params, watch_pid, report_fd):
     deadline = time.monotonic() + params["max_hold_seconds"]
     last_ping = time.monotonic()
     while time.monotonic() < deadline:
-        if process_start_time(watch_pid) != watch_started:
+        if has_exited(watch_pid) or process_start_time(watch_pid) != watch_started:
             break
         if time.monotonic() - last_ping > 30:
             try:
@@ -318,7 +329,7 @@ def release(module):
     if alive and not module.check_mode:
         os.kill(pid, signal.SIGTERM)
         for _ in range(40):
-            if process_start_time(pid) is None:
+            if has_exited(pid):
                 break
             time.sleep(0.25)
         else:
