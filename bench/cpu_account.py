@@ -210,7 +210,6 @@ def main():
         names.append(other)
         engines[other] = args.also_engine.resolve()
     seed = run.sample_script_default_seed() if args.seed is None else args.seed
-    args.data_dir.mkdir(parents=True, exist_ok=True)
     sample = run.build_sample(args.data_dir.resolve(), args.files, seed)
     run_dir = Path(tempfile.mkdtemp(prefix="cpu-account-", dir=args.data_dir))
     run_dir.chmod(0o755)

@@ -433,6 +433,7 @@ def build_sample(data_dir: Path, files: int, seed: int) -> Sample:
     """The sample database, built once per (files, seed) and reused afterwards."""
     path = data_dir / f"sample-{files}-seed{seed}.db"
     if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
         progress(f"building the sample: {files:,} files -> {path}")
         result = subprocess.run([sys.executable, str(SAMPLE_SCRIPT), "--files", str(files), "--seed", str(seed),
                                  "--out", str(path)], stdout=subprocess.DEVNULL)
@@ -1608,7 +1609,6 @@ def main(argv=None) -> int:
     try:
         preflight(args)
         pre_data, post_data = schema_sections()
-        args.data_dir.mkdir(parents=True, exist_ok=True)
         args.results_dir.mkdir(parents=True, exist_ok=True)
         machine = machine_info()
         samples = [build_sample(args.data_dir, files, args.seed) for files in args.files]
