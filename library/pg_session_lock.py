@@ -200,17 +200,12 @@ def stat_fields(pid):
         return None
 
 
-def process_start_time(pid):
+def running_since(pid):
+    """The process's start time (which tells a reused pid apart), or None once it has exited: gone, or a
+    zombie, which holds no session and runs nothing but stays listed until its parent (for a detached
+    holder: init) reaps it, seconds later on some machines."""
     fields = stat_fields(pid)
-    return fields[19] if fields else None
-
-
-def has_exited(pid):
-    """Gone, or a zombie: a zombie holds no session and runs nothing, but stays
-    listed until its parent (for a detached holder: init) reaps it, seconds later
-    on some machines."""
-    fields = stat_fields(pid)
-    return fields is None or fields[0] in ("Z", "X")
+    return fields[19] if fields and fields[0] not in ("Z", "X") else None
 
 
 def parent_of(pid):
@@ -240,7 +235,7 @@ def hold(params, watch_pid, report_fd):
     # SIGTERM (the release) stays pending until the wait below takes it, which
     # then ends at once rather than at the next poll.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    watch_started = process_start_time(watch_pid)
+    watch_started = running_since(watch_pid)
     try:
         conn = connect(params)
         cursor = conn.cursor()
@@ -258,7 +253,7 @@ def hold(params, watch_pid, report_fd):
     deadline = time.monotonic() + params["max_hold_seconds"]
     last_ping = time.monotonic()
     while time.monotonic() < deadline:
-        if has_exited(watch_pid) or process_start_time(watch_pid) != watch_started:
+        if watch_started is None or running_since(watch_pid) != watch_started:
             break
         if time.monotonic() - last_ping > 30:
             try:
@@ -329,7 +324,7 @@ def release(module):
     if alive and not module.check_mode:
         os.kill(pid, signal.SIGTERM)
         for _ in range(40):
-            if has_exited(pid):
+            if running_since(pid) is None:
                 break
             time.sleep(0.25)
         else:
