@@ -1445,6 +1445,9 @@ def parse_args(argv):
     parser.add_argument("--lab-root", type=Path, default=None,
                         help="runbook: the lab's directory, which must not exist "
                              "(default /var/tmp/fileshare-bench-lab-<pid>)")
+    parser.add_argument("--keep-logs", action="store_true",
+                        help="keep the run's directory with its logs (runbook.log, cutover.log, ...) when every "
+                             "system passed too; a failed run's is always kept")
     args = parser.parse_args(argv)
     args.data_dir, args.results_dir = args.data_dir.resolve(), args.results_dir.resolve()
     if args.seed is None:
@@ -1605,7 +1608,7 @@ def main(argv=None) -> int:
     # SIGTERM stops the run like Ctrl-C does: through the finally that stops the server.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     server = run_dir = lab = None
-    keep_logs = False
+    failed = False
     try:
         preflight(args)
         pre_data, post_data = schema_sections()
@@ -1631,10 +1634,10 @@ def main(argv=None) -> int:
             # Each size's report as soon as it is measured: a larger size that fails keeps the smaller's.
             machine["load_average_after"] = os.getloadavg()
             write_report(args, stamp, machine, sample, results[sample.files])
-        keep_logs = any(r["status"] == "failed" for size in results.values() for r in size)
+        failed = any(r["status"] == "failed" for size in results.values() for r in size)
     except (BenchError, psycopg2.Error) as error:
         print(f"bench: error: {one_line(error)}", file=sys.stderr)
-        keep_logs = True
+        failed = True
         return 1
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
@@ -1648,15 +1651,15 @@ def main(argv=None) -> int:
                 stop()
             except BenchError as error:
                 print(f"bench: error: {one_line(error)}", file=sys.stderr)
-                keep_logs = True
+                failed = True
         if run_dir is not None:
-            if keep_logs:
+            if failed or args.keep_logs:
                 print(f"bench: logs kept in {run_dir}", file=sys.stderr)
             else:
                 shutil.rmtree(run_dir, ignore_errors=True)
     if len(samples) > 1:
         write_scaling(args, stamp, samples, results)
-    return 1 if keep_logs else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

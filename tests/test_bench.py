@@ -140,6 +140,20 @@ def test_run_prints_a_table_and_leaves_no_server_behind(report, data_dir):
     assert list(data_dir.glob("run-*")) == []
 
 
+def test_keep_logs_keeps_a_passed_runs_directory_and_stops_its_server(data_dir, tmp_path):
+    run = bench(data_dir, tmp_path, "--files", "200", "--systems", "pipeline", "--keep-logs")
+    kept = list(data_dir.glob("run-*"))
+    try:
+        assert run.returncode == 0, run.stderr
+        assert len(kept) == 1 and f"logs kept in {kept[0]}" in run.stderr
+        assert (kept[0] / "pipeline.log").exists()
+        assert "ready to accept connections" in (kept[0] / "server.log").read_text()
+        assert processes_with(str(data_dir)) == []
+    finally:
+        for directory in kept:
+            shutil.rmtree(directory)
+
+
 def test_two_sample_sizes_report_how_time_and_memory_grow(data_dir, tmp_path):
     run = bench(data_dir, tmp_path, "--files", "400,200", "--systems", "pipeline")
     assert run.returncode == 0, run.stderr
