@@ -4,6 +4,7 @@ their results to docs/RELIABILITY.md."""
 import sqlite3
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -35,7 +36,10 @@ def big_source(tmp_path_factory):
 
 @pytest.fixture
 def lab(fault_lab):
-    """The fault lab, healthy, with an empty target, before each case."""
+    """The fault lab, healthy, with an empty target, before each case; after it, nothing of its runs running."""
     fault_lab.wait_healthy()
     fault_lab.reset()
-    return fault_lab
+    yield fault_lab
+    killed = fault_lab.end_leftover_runs()
+    if killed:
+        warnings.warn(f"the case left {len(killed)} processes of its runs running, killed: {killed}", stacklevel=1)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import psycopg2
 import yaml
+from conftest import processes_with
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_PLAYBOOK = str(Path(sys.executable).with_name("ansible-playbook"))
@@ -33,6 +35,9 @@ PORT_OFFSET = 300
 SAMPLE_FILES = 80_000
 DATABASE = "fileshare"
 MIGRATION_TABLES = ("storage_nodes", "files", "tasks", "replication_logs", "sqlite_to_postgres_state")
+# Every process a case's run starts inherits this variable, the background load and the lock holder too
+# (they leave the run's process group), so what a failed case left running can be found and ended.
+RUN_VARIABLE = "FILESHARE_FAULT_RUN"
 GUIDE_VARIABLES = ("DATABASE_URL", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "POSTGRES_PORT", "SQLITE_PATH")
 
 
@@ -245,9 +250,30 @@ class Lab:
                    "-e", f"sqlite_path={source}", "-e", f"backup_dir={self.workdir / 'backups'}",
                    "-e", f"report_dir={self.workdir / 'reports'}", "-e", "replay_wait_timeout=60", *args]
         with open(log, "w") as stream:
-            process = subprocess.Popen(command, cwd=ROOT, env=self.environment(**(env or {})), stdout=stream,
+            process = subprocess.Popen(command, cwd=ROOT, env=self.environment(**{RUN_VARIABLE: str(self.root)},
+                                                                               **(env or {})), stdout=stream,
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         return Run(process, log)
+
+    def end_leftover_runs(self, timeout=60):
+        """Kill what this lab's runs left running and wait until the lock and the load's sessions are gone.
+
+        A run a case waits for is over when the case ends. A case that failed while its run hung (a controller
+        stuck after Ctrl-C) would otherwise leave the migration lock held, and every case after it would fail
+        at the lock, hiding the one real failure. Returns the command lines of what was killed.
+        """
+        killed = []
+        for pid in processes_with("", f"{RUN_VARIABLE}={self.root}"):
+            try:
+                command = Path("/proc", str(pid), "cmdline").read_bytes().replace(b"\0", b" ")
+                os.kill(pid, signal.SIGKILL)
+            except OSError:  # it ended meanwhile
+                continue
+            killed.append(command.decode(errors="replace").strip()[:200])
+        if killed:
+            assert wait_until(lambda: self.lock_holders() == 0 and self.migration_sessions() == 0, timeout, 0.5), (
+                "the lock or the load's sessions outlived the processes of the runs")
+        return killed
 
     def assert_completes(self, source, expected_counts, **kwargs):
         """A normal run after the fault: exit 0, every table validated, the counts of the source."""
