@@ -14,6 +14,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -220,6 +221,24 @@ def processes_with(argument, environment=None):
         except OSError:  # the process ended while it was read
             continue
     return found
+
+
+def kill_processes_with(environment):
+    """SIGKILL every process whose environment holds the entry ``environment``; their command lines.
+
+    A suite marks the runs a case starts with a variable of its lab: every process they start inherits it,
+    the ones that leave the run's process group too (the background load, the lock holder), so what a failed
+    case left running can be ended before it holds the next case's lock.
+    """
+    killed = []
+    for pid in processes_with("", environment):
+        try:
+            command = Path("/proc", str(pid), "cmdline").read_bytes().replace(b"\0", b" ")
+            os.kill(pid, signal.SIGKILL)
+        except OSError:  # it ended meanwhile
+            continue
+        killed.append(command.decode(errors="replace").strip()[:200])
+    return killed
 
 
 def wait_until(predicate, timeout=30.0, interval=0.02):

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import psycopg2
 import pytest
 import yaml
 from app_standin import missing_commits, postgresql_reader, sqlite_reader
+from conftest import kill_processes_with
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = Path(__file__).resolve().parent / "app_standin.py"
@@ -40,6 +42,12 @@ LAB_PORT_SHIFT = int(os.environ.get("CUTOVER_LAB_PORT_SHIFT", "1200"))
 LAB_PROGRAMS = ("/usr/bin/etcd", "/usr/bin/patroni", "/usr/sbin/pgbouncer", "/usr/lib/postgresql/15/bin/postgres")
 GUIDE_VARIABLES = ("DATABASE_URL", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "POSTGRES_PORT", "SQLITE_PATH")
 TABLES = ("storage_nodes", "files", "tasks", "replication_logs")
+# Every process a case starts (its playbooks, the hooks and lock holder they start, the stand-in) inherits this
+# variable and the lab's daemons do not, so what a failed case left running can be found and ended.
+RUN_VARIABLE = "FILESHARE_CUTOVER_RUN"
+# The sessions of a run: the load and the migration lock's holder.
+RUN_SESSIONS = ("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'sqlite_to_postgres%' "
+                "OR application_name LIKE 'fileshare-migration-lock%'")
 # Generous: the machine may be busy; every wait below ends as soon as its condition holds.
 WAIT = 120
 
@@ -101,19 +109,35 @@ class CutoverLab:
                    PWD=str(self.workdir), TMPDIR=str(self.tmp))
         return env
 
+    def run_environment(self):
+        """The environment of what a case starts: the lab's, marked with RUN_VARIABLE."""
+        return {**self.environment(), RUN_VARIABLE: str(self.root)}
+
+    def end_leftover_runs(self, timeout=WAIT):
+        """Kill what the case's runs left running and wait until their sessions are gone; what was killed.
+
+        A case that failed while its run or the stand-in hung would otherwise leave the migration lock held or
+        the stand-in writing, and every case after it would fail for that, hiding the one real failure.
+        """
+        killed = kill_processes_with(f"{RUN_VARIABLE}={self.root}")
+        if killed:
+            assert wait_until(lambda: self.sql(RUN_SESSIONS) == [(0,)], timeout, 0.5), (
+                "the load or the lock outlived the processes of the runs")
+        return killed
+
     def command(self, playbook, *extra):
         return [ANSIBLE_PLAYBOOK, "-i", str(self.inventory), str(ROOT / playbook), "-e", f"sqlite_path={self.source}",
                 "-e", f"backup_dir={self.backups}", "-e", f"report_dir={self.reports}", *extra]
 
     def playbook(self, playbook, *extra):
-        result = subprocess.run(self.command(playbook, *extra), cwd=self.workdir, env=self.environment(),
+        result = subprocess.run(self.command(playbook, *extra), cwd=self.workdir, env=self.run_environment(),
                                 capture_output=True, text=True, timeout=900)
         return result
 
     def start(self, playbook, *extra):
         """The playbook in a process group of its own, as an operator's shell starts it."""
         log = (self.workdir / f"{playbook}-{time.monotonic_ns()}.log").open("w")
-        return subprocess.Popen(self.command(playbook, *extra), cwd=self.workdir, env=self.environment(),
+        return subprocess.Popen(self.command(playbook, *extra), cwd=self.workdir, env=self.run_environment(),
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True), Path(log.name)
 
     def hook(self, *arguments):
@@ -224,11 +248,11 @@ class StandIn:
         self.lab = lab
         self.log = (lab.workdir / "standin.log").open("a")
         self.processes = [subprocess.Popen(lab.hook("run", "--sqlite", str(lab.source)), stdout=self.log,
-                                           stderr=subprocess.STDOUT, env=lab.environment())]
+                                           stderr=subprocess.STDOUT, env=lab.run_environment())]
         if serve:
             arguments = [word for path in answer_500 for word in ("--answer-500", path)]
             self.processes.append(subprocess.Popen(lab.hook("serve", *arguments), stdout=self.log,
-                                                   stderr=subprocess.STDOUT, env=lab.environment()))
+                                                   stderr=subprocess.STDOUT, env=lab.run_environment()))
             port = wait_until(lambda: (lab.state / "http_port").exists() and (lab.state / "http_port").read_text())
             assert port, "the stand-in's hook server did not start"
             self.base_url = f"http://127.0.0.1:{port}"
@@ -354,9 +378,12 @@ def lab(tmp_path_factory):
 
 @pytest.fixture
 def fresh(lab):
-    """The lab as the baseline left it, before each case."""
+    """The lab as the baseline left it, before each case; after it, nothing of its runs running."""
     lab.reset()
-    return lab
+    yield lab
+    killed = lab.end_leftover_runs()
+    if killed:
+        warnings.warn(f"the case left {len(killed)} processes of its runs running, killed: {killed}", stacklevel=1)
 
 
 def sqlite_counts(path):
@@ -601,9 +628,7 @@ def kill_in_the_final_sync(lab, app):
     process.wait(timeout=60)
     assert app.in_maintenance() and app.backend() == "sqlite"
     # The load it had started stops once the run's lock session is gone (its lease).
-    assert wait_until(lambda: lab.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
-                                      "'sqlite_to_postgres%' OR application_name LIKE 'fileshare-migration-lock%'")
-                      == [(0,)]), "the killed run's load or lock outlived it"
+    assert wait_until(lambda: lab.sql(RUN_SESSIONS) == [(0,)]), "the killed run's load or lock outlived it"
     recorded = lab.recorded()
     assert recorded["status"] == "in_progress" and recorded["stage"] == "final_sync"
     assert recorded["maintenance"] == "on" and recorded["application"] == "sqlite"

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import psycopg2
 import yaml
-from conftest import processes_with
+from conftest import kill_processes_with
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_PLAYBOOK = str(Path(sys.executable).with_name("ansible-playbook"))
@@ -262,14 +261,7 @@ class Lab:
         stuck after Ctrl-C) would otherwise leave the migration lock held, and every case after it would fail
         at the lock, hiding the one real failure. Returns the command lines of what was killed.
         """
-        killed = []
-        for pid in processes_with("", f"{RUN_VARIABLE}={self.root}"):
-            try:
-                command = Path("/proc", str(pid), "cmdline").read_bytes().replace(b"\0", b" ")
-                os.kill(pid, signal.SIGKILL)
-            except OSError:  # it ended meanwhile
-                continue
-            killed.append(command.decode(errors="replace").strip()[:200])
+        killed = kill_processes_with(f"{RUN_VARIABLE}={self.root}")
         if killed:
             assert wait_until(lambda: self.lock_holders() == 0 and self.migration_sessions() == 0, timeout, 0.5), (
                 "the lock or the load's sessions outlived the processes of the runs")
