@@ -400,6 +400,14 @@ def column(connection, query, parameters=()):
     return [row[0] for row in connection.execute(query, parameters)]
 
 
+def file_ids(connection):
+    return column(connection, "SELECT id FROM files ORDER BY id")
+
+
+def drawn_uuid(draw):
+    return str(uuid.UUID(int=draw.getrandbits(128), version=4))
+
+
 def rotate_share_tokens(connection, draw, step, notes):
     """Three files pass their share tokens round (a -> b -> c -> a): each value moves to another row."""
     rows = draw.sample(connection.execute("SELECT id, share_token FROM files WHERE share_token IS NOT NULL "
@@ -414,7 +422,7 @@ def requeue_a_task_by_its_uuid(connection, draw, step, notes):
     task_uuid = draw.choice(column(connection, "SELECT task_uuid FROM tasks ORDER BY id"))
     connection.execute("INSERT OR REPLACE INTO tasks (task_uuid, task_type, file_id, status, priority, created_at) "
                        "VALUES (?, 'checksum', ?, 'pending', 1, '2024-06-03 10:00:00')",
-                       (task_uuid, draw.choice(column(connection, "SELECT id FROM files ORDER BY id"))))
+                       (task_uuid, draw.choice(file_ids(connection))))
 
 
 def renumber_file(connection, old, new):
@@ -426,7 +434,7 @@ def renumber_file(connection, old, new):
 
 def swap_two_files_keys(connection, draw, step, notes):
     """Two files exchange their ids."""
-    first, second = draw.sample(column(connection, "SELECT id FROM files ORDER BY id"), 2)
+    first, second = draw.sample(file_ids(connection), 2)
     spare = connection.execute("SELECT max(id) + 1 FROM files").fetchone()[0]
     for old, new in ((first, spare), (second, first), (spare, second)):
         renumber_file(connection, old, new)
@@ -435,12 +443,12 @@ def swap_two_files_keys(connection, draw, step, notes):
 def renumber_files_past_the_last(connection, draw, step, notes):
     """Files moved to ids past the largest one."""
     last = connection.execute("SELECT max(id) FROM files").fetchone()[0]
-    for offset, key in enumerate(draw.sample(column(connection, "SELECT id FROM files ORDER BY id"), 3), 1):
+    for offset, key in enumerate(draw.sample(file_ids(connection), 3), 1):
         renumber_file(connection, key, last + offset)
 
 
 def purge_files_with_their_children(connection, draw, step, notes):
-    for key in draw.sample(column(connection, "SELECT id FROM files ORDER BY id"), 2):
+    for key in draw.sample(file_ids(connection), 2):
         connection.execute("DELETE FROM replication_logs WHERE file_id = ?", (key,))
         connection.execute("DELETE FROM tasks WHERE file_id = ?", (key,))
         connection.execute("DELETE FROM files WHERE id = ?", (key,))
@@ -448,12 +456,11 @@ def purge_files_with_their_children(connection, draw, step, notes):
 
 def new_file_with_a_task_under_it(connection, draw, step, notes):
     """A parent created a moment ago, a child under it in the same change."""
-    file_uuid = str(uuid.UUID(int=draw.getrandbits(128), version=4))
     file_id = connection.execute("INSERT INTO files (file_uuid, filename, size_bytes, is_deleted, created_at) "
-                                 "VALUES (?, 'new.txt', 3, 0, '2024-06-03 10:00:00')", (file_uuid,)).lastrowid
+                                 "VALUES (?, 'new.txt', 3, 0, '2024-06-03 10:00:00')", (drawn_uuid(draw),)).lastrowid
     connection.execute("INSERT INTO tasks (task_uuid, task_type, file_id, status, priority, created_at) "
                        "VALUES (?, 'thumbnail', ?, 'pending', 1, '2024-06-03 10:00:01')",
-                       (str(uuid.UUID(int=draw.getrandbits(128), version=4)), file_id))
+                       (drawn_uuid(draw), file_id))
 
 
 def move_a_folder_under_a_new_one(connection, draw, step, notes):
