@@ -19,7 +19,8 @@ EXCEPTION_NAME = re.compile(r"\b\w*(Error|Exception)\b|Traceback")
 
 
 def start_run(src, conninfo, output, tables=None):
-    """migrate() in a process of its own, which writes its outcome (or its MigrationError) to ``output`` as JSON."""
+    """migrate() in a process of its own, which writes its outcome (or its MigrationError) to ``output`` as JSON
+    and what it printed to stderr (the module's STDERR in Ansible's output) beside it."""
     options = {k: v for k, v in conninfo.items() if k != "password"}
     script = textwrap.dedent(f"""
         import json, sys
@@ -32,7 +33,13 @@ def start_run(src, conninfo, output, tables=None):
         with open({str(output)!r}, "w") as stream:
             json.dump({{"msg": result["msg"], "status": result["status"]}}, stream)
     """)
-    return subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, PGPASSWORD=conninfo["password"]))
+    with open(stderr_file(output), "wb") as stderr:
+        return subprocess.Popen([sys.executable, "-c", script], stderr=stderr,
+                                env=dict(os.environ, PGPASSWORD=conninfo["password"]))
+
+
+def stderr_file(output):
+    return output.with_suffix(".stderr")
 
 
 def interrupt(run, conninfo, who):
@@ -51,7 +58,13 @@ def interrupt(run, conninfo, who):
             run.kill()
 
 
-def check_message(message, conninfo):
+def check_outcome(output, conninfo):
+    """The run failed with one plain line, and printed no exception of its own or of psycopg2's to stderr."""
+    outcome = json.loads(output.read_text())
+    assert outcome["status"] == "failed"
+    printed = stderr_file(output).read_text()
+    assert not EXCEPTION_NAME.search(printed), printed
+    message = outcome["msg"]
     assert "\n" not in message and not EXCEPTION_NAME.search(message), message
     address = f"{conninfo['host']}:{conninfo['port']}"
     assert message.startswith(f"table zeta: the connection to {address} was lost while the table was loading "
@@ -67,10 +80,8 @@ def test_a_backend_terminated_mid_copy_gives_one_plain_line_naming_the_table(tmp
     run = start_run(src, pg_database, output)
     # "every session" is what a server restart or failover does: the run's own session goes too.
     interrupt(run, pg_database, f"pid IN ({STREAMING})" if victims == "loader" else EVERY_SESSION)
-    outcome = json.loads(output.read_text())
 
-    assert outcome["status"] == "failed"
-    check_message(outcome["msg"], pg_database)
+    check_outcome(output, pg_database)
     # alpha had committed before zeta's connection went: the undo (on a new session) took it back.
     assert query(pg_database, "SELECT to_regclass('public.zeta'), to_regclass('public.alpha'), "
                               f"to_regclass('public.{STATE_TABLE}')") == [(None, None, None)]
@@ -89,10 +100,8 @@ def test_every_session_lost_before_any_table_committed_still_ends_in_one_line(tm
     output = tmp_path / "outcome.json"
     run = start_run(src, pg_database, output, tables=["zeta"])
     interrupt(run, pg_database, EVERY_SESSION)
-    outcome = json.loads(output.read_text())
 
-    assert outcome["status"] == "failed"
-    check_message(outcome["msg"], pg_database)
+    check_outcome(output, pg_database)
     assert query(pg_database, "SELECT to_regclass('public.zeta')") == [(None,)]
 
     result = migrate(str(src), pg_database, tables=["zeta"], jobs=1)

@@ -22,7 +22,7 @@ from .names import sqlite_ident
 from .profile import describe_key, display
 from .rules import Invalid, rule_for
 from .source import mixed_dates
-from .target import connect, first_line, has_rows, record_load, server_address
+from .target import connect, copy_in, first_line, has_rows, record_load, server_address
 
 # What PostgreSQL reports when a lock wait ran out: in a range (ranges.RANGE_LOCK_WAIT), a key another range holds.
 LOCK_NOT_AVAILABLE = "55P03"
@@ -138,7 +138,7 @@ class NumberFormatter:
 
 
 class CopyStream:
-    """The file-like object copy_expert reads: each read() returns about CHUNK_BYTES of COPY text."""
+    """The file-like object COPY reads: each read() returns about CHUNK_BYTES of COPY text."""
 
     def __init__(self, cursor, plan, numbers=None):
         self.cursor = cursor
@@ -184,7 +184,7 @@ class CopyStream:
         return b"\n".join(lines) + b"\n"
 
     def read(self, size=-1):
-        # copy_expert turns an exception raised here into a PostgreSQL error carrying its class name;
+        # psycopg2 turns an exception raised here into a PostgreSQL error carrying its class name;
         # keep the exception itself, so the load reports it as it is.
         try:
             return self._read()
@@ -366,7 +366,7 @@ def load_table(source, conninfo, plan, fingerprint):
             stream = CopyStream(rows, plan, numbers)
             try:
                 try:
-                    cursor.copy_expert(copy.as_string(cursor), stream, size=CHUNK_BYTES)
+                    copy_in(cursor, copy.as_string(cursor), stream, size=CHUNK_BYTES)
                 except psycopg2.Error as error:
                     if stream.failure is not None and not pg.closed:
                         raise stream.failure from None

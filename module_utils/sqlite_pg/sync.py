@@ -65,6 +65,7 @@ from .target import (
     SPANS_TABLE,
     STATE_TABLE,
     connect,
+    copy_in,
     count_rows,
     dropped_tables,
     first_line,
@@ -540,7 +541,7 @@ class Sync:
                     if not sent:
                         continue
                     try:
-                        cursor.copy_expert(sql.SQL("COPY {} ({}) FROM STDIN").format(
+                        copy_in(cursor, sql.SQL("COPY {} ({}) FROM STDIN").format(
                             self._staging(plan), sql.SQL(", ").join(map(sql.Identifier, copy_columns)))
                             .as_string(cursor), io.BytesIO(data))
                     except psycopg2.DataError as error:
@@ -1070,8 +1071,8 @@ class SpanRows:
     def copy_into(self, cursor, table):
         self.file.write(struct.pack(">h", -1))
         self.file.seek(0)
-        cursor.copy_expert(sql.SQL("COPY {} (source_id, table_name, span, width, pages, cells) FROM STDIN "
-                                   "(FORMAT binary)").format(table).as_string(cursor), self.file)
+        copy_in(cursor, sql.SQL("COPY {} (source_id, table_name, span, width, pages, cells) FROM STDIN "
+                                "(FORMAT binary)").format(table).as_string(cursor), self.file)
 
     def close(self):
         self.file.close()

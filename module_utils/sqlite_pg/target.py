@@ -1,5 +1,8 @@
 """The PostgreSQL side: connections, the catalog, the state table, DDL and post-data."""
 
+import contextlib
+import io
+import sys
 from dataclasses import dataclass, field
 
 import psycopg2
@@ -50,6 +53,23 @@ def connect(conninfo, read_only=False):
             f"as {options.get('user', 'the default user')}: {first_line(error, conninfo)}"
         ) from None
     return connection
+
+
+def copy_in(cursor, statement, stream, size=8192):
+    """cursor.copy_expert(statement, stream, size), COPY ... FROM STDIN, with nothing printed when the connection goes.
+
+    When the server ends the session during a COPY, psycopg2 (2.9) raises for the second error result while the
+    first is still set, prints the resulting chain (the server's error, then a SystemError) to stderr itself and
+    raises OperationalError. The caller turns that exception into its one line; the printed chain would reach the
+    operator beside it as the module's STDERR, so it is dropped, and only when the connection is gone.
+    """
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):
+            cursor.copy_expert(statement, stream, size=size)
+    finally:
+        if not cursor.connection.closed:
+            sys.stderr.write(printed.getvalue())
 
 
 @dataclass
