@@ -242,14 +242,16 @@ def kill_processes_with(environment):
 
 
 def wait_until(predicate, timeout=30.0, interval=0.02):
-    """Poll ``predicate`` until it returns something true; that value, or None on timeout."""
+    """Poll ``predicate`` until it returns something true: that value, or None when it has not by ``timeout``
+    seconds (it is asked once more at the deadline)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         value = predicate()
         if value:
             return value
+        if time.monotonic() >= deadline:
+            return None
         time.sleep(interval)
-    return None
 
 
 # Helpers the tests share ---------------------------------------------------------------

@@ -32,7 +32,7 @@ import psycopg2
 import pytest
 import yaml
 from app_standin import missing_commits, postgresql_reader, sqlite_reader
-from conftest import kill_processes_with
+from conftest import kill_processes_with, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = Path(__file__).resolve().parent / "app_standin.py"
@@ -64,15 +64,6 @@ pytestmark = [
     pytest.mark.skipif(not all(Path(program).exists() for program in LAB_PROGRAMS),
                        reason="etcd, Patroni, PgBouncer or PostgreSQL 15 not installed"),
 ]
-
-
-def wait_until(predicate, timeout=WAIT, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
 
 
 class CutoverLab:
@@ -253,7 +244,8 @@ class StandIn:
             arguments = [word for path in answer_500 for word in ("--answer-500", path)]
             self.processes.append(subprocess.Popen(lab.hook("serve", *arguments), stdout=self.log,
                                                    stderr=subprocess.STDOUT, env=lab.run_environment()))
-            port = wait_until(lambda: (lab.state / "http_port").exists() and (lab.state / "http_port").read_text())
+            port = wait_until(lambda: (lab.state / "http_port").exists() and (lab.state / "http_port").read_text(),
+                              WAIT, 0.1)
             assert port, "the stand-in's hook server did not start"
             self.base_url = f"http://127.0.0.1:{port}"
 
@@ -270,7 +262,7 @@ class StandIn:
 
     def writing(self, backend, more_than=0):
         """Wait until the stand-in has written more than ``more_than`` changes to ``backend``."""
-        return wait_until(lambda: self.writes(backend) > more_than)
+        return wait_until(lambda: self.writes(backend) > more_than, WAIT, 0.1)
 
     def backend(self):
         path = self.lab.state / "backend"
@@ -628,7 +620,7 @@ def kill_in_the_final_sync(lab, app):
     process.wait(timeout=60)
     assert app.in_maintenance() and app.backend() == "sqlite"
     # The load it had started stops once the run's lock session is gone (its lease).
-    assert wait_until(lambda: lab.sql(RUN_SESSIONS) == [(0,)]), "the killed run's load or lock outlived it"
+    assert wait_until(lambda: lab.sql(RUN_SESSIONS) == [(0,)], WAIT, 0.1), "the killed run's load or lock outlived it"
     recorded = lab.recorded()
     assert recorded["status"] == "in_progress" and recorded["stage"] == "final_sync"
     assert recorded["maintenance"] == "on" and recorded["application"] == "sqlite"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psycopg2
 import yaml
-from conftest import kill_processes_with
+from conftest import kill_processes_with, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_PLAYBOOK = str(Path(sys.executable).with_name("ansible-playbook"))
@@ -38,18 +38,6 @@ MIGRATION_TABLES = ("storage_nodes", "files", "tasks", "replication_logs", "sqli
 # (they leave the run's process group), so what a failed case left running can be found and ended.
 RUN_VARIABLE = "FILESHARE_FAULT_RUN"
 GUIDE_VARIABLES = ("DATABASE_URL", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "POSTGRES_PORT", "SQLITE_PATH")
-
-
-def wait_until(predicate, timeout, interval=0.1):
-    """predicate()'s first true value within timeout seconds, else None."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(interval)
 
 
 @dataclass

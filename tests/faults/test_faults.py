@@ -19,9 +19,9 @@ import sys
 import time
 
 import pytest
-from conftest import processes_with
+from conftest import processes_with, wait_until
 
-from faults.lab import ROOT, SAMPLE_FILES, sha256, wait_until
+from faults.lab import ROOT, SAMPLE_FILES, sha256
 
 RELIABILITY_SECTION = (
     "migrate.yml under faults (tests/faults)",
