@@ -22,6 +22,7 @@ import pytest
 from conftest import SCHEMA_SQL, assert_same_content, build_sqlite, data_dump, execute, wait_until
 from sqlite_pg.engine import migrate
 from sqlite_pg.errors import MigrationError
+from sqlite_pg.source import Source
 from sqlite_pg.sync import sync
 from sqlite_pg.validate import validate
 
@@ -610,6 +611,44 @@ def test_a_writer_inside_its_transaction_is_read_past_and_a_hot_journal_refused(
     spilled.wait()
     message = refused(src, conninfo)
     assert f"source {src} has a hot journal" in message, message
+
+
+def test_a_writer_committing_between_the_journal_read_and_the_lock_question_is_not_taken_for_a_hot_journal(
+        app, tmp_path, monkeypatch):
+    """The run reads the journal's header, then asks whether a writer holds its lock: a writer that committed in
+    between deleted its journal and then let the lock go, so the journal is read again after the question, as
+    SQLite's own test for a hot journal does, and the sync goes on."""
+    src, conninfo = app
+    begun, commit, committed = (tmp_path / name for name in ("begun", "commit", "committed"))
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import pathlib, sqlite3, sys, time\n"
+        "begun, commit, committed = map(pathlib.Path, sys.argv[2:])\n"
+        "connection = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "connection.execute('PRAGMA cache_size = 1')\n"
+        "connection.execute('BEGIN')\n"
+        "connection.execute(\"UPDATE tasks SET error_message = hex(randomblob(600))\")\n"
+        "begun.touch()\n"
+        "while not commit.exists():\n"
+        "    time.sleep(0.01)\n"
+        "connection.execute('COMMIT')\n"
+        "committed.touch()\n"
+        "time.sleep(600)\n"), src, str(begun), str(commit), str(committed)])
+    ask = Source._reserved_by_a_writer
+
+    def commit_then_ask(source):
+        commit.touch()
+        assert wait_until(committed.exists, timeout=30)
+        return ask(source)
+
+    try:
+        assert wait_until(begun.exists, timeout=30)
+        assert Path(src + "-journal").stat().st_size
+        monkeypatch.setattr(Source, "_reserved_by_a_writer", commit_then_ask)
+        synced(src, conninfo)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert committed.exists(), "the run never asked for the writer's lock"
 
 
 def test_a_failure_after_the_sync_committed_says_the_sync_stays(app):

@@ -110,16 +110,19 @@ class Source:
                 f"source {self.path} is a WAL database with a -wal file but no -shm file: "
                 "open it once with sqlite3 (read-write) to recover it, or copy the -shm file along"
             )
-        if not self.wal_mode and os.path.exists(self.path + "-journal") and self._journal_has_a_header():
+        if not self.wal_mode and self._journal_has_a_header():
             # SQLite writes the header (zeros until then, unless synchronous is off) before the file changes:
             # until the writer's commit ends, or if it died, the file may hold a half-written transaction.
             if self._reserved_by_a_writer():
                 raise MigrationError(f"source {self.path} is being written: another process is committing a "
                                      "transaction (or holds one larger than its cache); run again once it ends")
-            raise MigrationError(
-                f"source {self.path} has a hot journal ({self.path}-journal): a writer stopped mid-transaction; "
-                "open it once with sqlite3 (read-write) to roll it back"
-            )
+            # Read again after the lock, as SQLite's own test for a hot journal does: a writer that committed
+            # since the first read deleted (or zeroed) its journal before it let its lock go.
+            if self._journal_has_a_header():
+                raise MigrationError(
+                    f"source {self.path} has a hot journal ({self.path}-journal): a writer stopped mid-transaction; "
+                    "open it once with sqlite3 (read-write) to roll it back"
+                )
         if not self.wal_mode:
             self.open_mode = "mode=ro"
         elif has_wal:
@@ -152,8 +155,11 @@ class Source:
     def _journal_has_a_header(self):
         """A journal whose header is still zero belongs to a transaction that has not touched the file yet (or
         never will): readers read past it, as SQLite does (fileformat2.html, "hot journal")."""
-        with open(self.path + "-journal", "rb") as handle:
-            return handle.read(8) not in (b"", b"\x00" * 8)
+        try:
+            with open(self.path + "-journal", "rb") as handle:
+                return handle.read(8) not in (b"", b"\x00" * 8)
+        except FileNotFoundError:  # none, or its writer's commit just deleted it
+            return False
 
     def _reserved_by_a_writer(self):
         """Whether a process holds SQLite's RESERVED lock on the file (a POSIX lock on byte RESERVED_BYTE). Asked
