@@ -37,7 +37,7 @@ STOP_SECONDS = 15
 
 def start_and_wait_for(lab, source, moment, *args, timeout=240):
     run = lab.migrate(source, *args)
-    reached = wait_until(lambda: moment() or run.process.poll() is not None, timeout)
+    reached = wait_until(lambda: moment() or run.process.poll() is not None, timeout, 0.1)
     assert reached and run.process.poll() is None, f"the run ended before the fault:\n{run.last_lines()}"
     return run
 
@@ -238,7 +238,7 @@ def test_standby_with_paused_replay(lab, big_source):
     try:
         # Patroni resumes a paused replay on its next loop unless the cluster is paused.
         assert lab.patroni(leader, "/config", "PATCH", {"pause": True})[0] == 200
-        assert wait_until(lambda: lab.cluster().get("pause"), 30)
+        assert wait_until(lambda: lab.cluster().get("pause"), 30, 0.1)
         lab.sql("SELECT pg_wal_replay_pause()", member=standby, dbname="postgres")
         run.wait()
     finally:
