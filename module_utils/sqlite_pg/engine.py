@@ -30,6 +30,7 @@ from .source import Source
 from .sync import sync
 from .target import (
     APPLICATION_NAME,
+    close_releasing_locks,
     connect,
     first_line,
     sequence_steps,
@@ -169,7 +170,7 @@ class Run:
                 if self.lease:
                     self.lease.stop()
                 self.session_lost = bool(self.pg.closed)  # before close(): did the server end the session?
-                self.pg.close()
+                close_releasing_locks(self.pg)
             return self._finish()
         except MigrationError as error:
             message = self._stopped_message() if self.lease and self.lease.lost else str(error)

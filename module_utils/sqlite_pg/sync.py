@@ -64,6 +64,7 @@ from .target import (
     DDL_LOCK_TIMEOUT,
     SPANS_TABLE,
     STATE_TABLE,
+    close_releasing_locks,
     connect,
     copy_in,
     count_rows,
@@ -193,7 +194,7 @@ class Sync:
                     self._write()
                     self._sequences()
                 finally:
-                    self.pg.close()
+                    close_releasing_locks(self.pg)
                     for plan in getattr(self, "plans", {}).values():
                         if plan.spill:
                             plan.spill.close()

@@ -55,6 +55,24 @@ def connect(conninfo, read_only=False):
     return connection
 
 
+def close_releasing_locks(connection):
+    """Close a run's session, its advisory locks released first when it is still open.
+
+    A backend lets its session's locks go only as it exits, a moment after close() returned: a run started right
+    after this one (the next step of a runbook) could find the lock still held and stop, saying another run is
+    loading. pg_advisory_unlock_all() releases them before the server answers.
+    """
+    if not connection.closed:
+        try:
+            connection.rollback()
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock_all()")
+            connection.commit()
+        except psycopg2.Error:
+            pass  # the session is gone, and its locks with it
+    connection.close()
+
+
 def copy_in(cursor, statement, stream, size=8192):
     """cursor.copy_expert(statement, stream, size), COPY ... FROM STDIN, with nothing printed when the connection goes.
 
