@@ -24,7 +24,7 @@ from .checks import Checks, gather
 from .errors import MigrationError
 from .lease import Lease
 from .loader import LOST_CAUSES, become_worker
-from .plan import FINDINGS_SHOWN, Planner, lock, more, pragma_name, validate_options
+from .plan import FINDINGS_SHOWN, Planner, more, pragma_name, validate_options
 from .progress import Progress
 from .source import Source
 from .sync import sync
@@ -33,6 +33,7 @@ from .target import (
     close_releasing_locks,
     connect,
     first_line,
+    lock_schema,
     sequence_steps,
     server_address,
 )
@@ -137,7 +138,7 @@ class Run:
                     self.lease.start()
                     if self.lease.lost:
                         raise MigrationError(self.lease.lost)
-                lock(self.pg, self.schema)
+                lock_schema(self.pg, self.schema)
                 self.notes += load.resolve_interrupted(self.pg, self.schema, self.check_mode)
                 self.planner.read_target(self.pg)
                 # One slot per table, then one per range of a table loaded in ranges (load.py).

@@ -6,7 +6,6 @@ source), load (empty), create (missing), or a one-line refusal.
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 
@@ -34,7 +33,6 @@ from .typemap import clock_default, parse_default
 
 MAX_COLUMNS = 1600  # PostgreSQL's limit per table
 FINDINGS_SHOWN = 5  # a failed run lists this many of its findings, one line each
-LOCK_NAMESPACE = "sqlite_to_postgres:"
 
 
 @dataclasses.dataclass
@@ -79,18 +77,6 @@ def validate_options(*, on_invalid, reject_file, jobs, max_rejects, integrity, s
     for option, path in (("reject_file", reject_file), ("progress_file", progress_file)):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise MigrationError(f"{option}: directory {os.path.dirname(os.path.abspath(path))} does not exist")
-
-
-def lock(pg, schema):
-    """One run per target schema at a time (a session-level advisory lock, released when the session ends)."""
-    digest = hashlib.sha256((LOCK_NAMESPACE + schema).encode()).digest()
-    key = int.from_bytes(digest[:8], "big", signed=True)
-    with pg.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_lock(%s)", (key,))
-        if not cursor.fetchone()[0]:
-            raise MigrationError(f"another sqlite_to_postgres run is loading schema {schema} "
-                                 "of this database; wait for it to finish")
-    pg.commit()
 
 
 def more(count, what):

@@ -28,7 +28,6 @@ commit (docs/sync.md, "Applying the changes"):
 import bisect
 import collections
 import datetime
-import hashlib
 import io
 import json
 import math
@@ -72,6 +71,7 @@ from .target import (
     first_line,
     foreign_keys_touching,
     has_rows,
+    lock_schema,
     read_table,
     record_load,
     sequence_steps,
@@ -84,7 +84,6 @@ from .target import (
 RANGE_KEYS = 65536  # rowids per span: one set of stored page checksums each
 MAX_RANGES = 1024  # a table's spans are widened (once, from its key bounds) to stay within this many
 FORMAT = 2  # of key_range_checksums and the span rows; another one is read as "no checksums"
-LOCK_NAMESPACE = "sqlite_to_postgres:"  # migrate()'s: one run per target schema, whichever it is
 ALL_CLASSES = frozenset({"integer", "real", "text", "blob"})
 ALL_KEYS = [-(1 << 63), (1 << 63) - 1]
 SPECIALS_GLOB = "*[\t\n\r\\]*"  # text holding what COPY must escape (real tab, newline, CR, backslash)
@@ -184,7 +183,8 @@ class Sync:
                 self._read_source_schema()
                 self.pg = connect(self.conninfo)
                 try:
-                    self._lock()
+                    if self.hold_lock:
+                        lock_schema(self.pg, self.schema)
                     self._read_target()
                     self.source_id = self.source_id or hashing.result()
                     self.result["source_id"] = self.source_id
@@ -232,17 +232,6 @@ class Sync:
             found = [by_name[n] for n in self.requested if n in by_name]
         self.order, _notes = foreign_key_order(found)
         self.tables = {t.name: t for t in found}
-
-    def _lock(self):
-        if not self.hold_lock:
-            return
-        digest = hashlib.sha256((LOCK_NAMESPACE + self.schema).encode()).digest()
-        with self.pg.cursor() as cursor:
-            cursor.execute("SELECT pg_try_advisory_lock(%s)", (int.from_bytes(digest[:8], "big", signed=True),))
-            if not cursor.fetchone()[0]:
-                raise MigrationError(f"another sqlite_to_postgres run is loading schema {self.schema} "
-                                     "of this database; wait for it to finish")
-        self.pg.commit()
 
     def _read_target(self):
         self.plans = {}

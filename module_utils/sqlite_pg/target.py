@@ -1,6 +1,7 @@
 """The PostgreSQL side: connections, the catalog, the state table, DDL and post-data."""
 
 import contextlib
+import hashlib
 import io
 import sys
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from .typemap import from_catalog
 STATE_TABLE = "sqlite_to_postgres_state"
 SPANS_TABLE = "sqlite_to_postgres_spans"  # the state's page and cell checksums, one row per span (sync.py)
 APPLICATION_NAME = "sqlite_to_postgres"
+LOCK_NAMESPACE = "sqlite_to_postgres:"  # the run's advisory lock: one run per target schema
 MAINTENANCE_WORK_MEM = "256MB"  # for this run's own index and foreign key builds only (SET, not ALTER SYSTEM)
 # target_ddl runs in check mode on the live target: bounded, so a lock held by the application
 # (or a slow catalog) makes the check fail quickly instead of queueing behind it.
@@ -53,6 +55,17 @@ def connect(conninfo, read_only=False):
             f"as {options.get('user', 'the default user')}: {first_line(error, conninfo)}"
         ) from None
     return connection
+
+
+def lock_schema(pg, schema):
+    """One run per target schema at a time (a session-level advisory lock, released when the session ends)."""
+    digest = hashlib.sha256((LOCK_NAMESPACE + schema).encode()).digest()
+    with pg.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", (int.from_bytes(digest[:8], "big", signed=True),))
+        if not cursor.fetchone()[0]:
+            raise MigrationError(f"another sqlite_to_postgres run is loading schema {schema} "
+                                 "of this database; wait for it to finish")
+    pg.commit()
 
 
 def close_releasing_locks(connection):
