@@ -141,6 +141,27 @@ def pg_database(postgres_server):
             admin.close()
 
 
+def run_as_postgres(args):
+    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    subprocess.run(prefix + [str(arg) for arg in args], check=True, capture_output=True, text=True)
+
+
+@pytest.fixture
+def standby(postgres_server):
+    """A streaming standby of the session's server (pg_basebackup), named validate-standby; its conninfo."""
+    directory = Path(postgres_server.directory)
+    data = directory / f"standby-{uuid.uuid4().hex[:8]}"
+    port = _free_port()
+    run_as_postgres([postgres_server.bin / "pg_basebackup", "-h", directory, "-p", postgres_server.port,
+                     "-U", "postgres", "-D", data, "-R", "-X", "stream", "--checkpoint=fast"])
+    run_as_postgres([postgres_server.bin / "pg_ctl", "-D", data, "-l", data / "log", "-w", "-o",
+                     f"-p {port} -k {directory} -c listen_addresses='' -c cluster_name=validate-standby", "start"])
+    try:
+        yield {"host": str(directory), "port": port, "user": "postgres", "dbname": "postgres"}
+    finally:
+        run_as_postgres([postgres_server.bin / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"])
+
+
 @pytest.fixture
 def pgpass_file(postgres_server, tmp_path):
     """A libpq password file for the session's server (pass it as PGPASSFILE)."""

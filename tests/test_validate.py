@@ -3,16 +3,14 @@
 The FileShareSystem sample is migrated by the engine into the runbook's typed
 schema; then PostgreSQL is changed the way a broken migration would leave it
 and validation must name exactly what differs. The standby tests attach a
-real streaming standby (pg_basebackup) to the session's server.
+real streaming standby (conftest's ``standby``) to the session's server.
 """
 
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -305,29 +303,6 @@ def test_problems_that_stop_validation_are_one_line(migrated, tmp_path):
 
 
 # --- Standbys -------------------------------------------------------------------------------------
-
-def run_as_postgres(args):
-    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    subprocess.run(prefix + [str(arg) for arg in args], check=True, capture_output=True, text=True)
-
-
-@pytest.fixture
-def standby(postgres_server):
-    """A streaming standby of the session's server, named validate-standby; its conninfo."""
-    directory = Path(postgres_server.directory)
-    data = directory / f"standby-{uuid.uuid4().hex[:8]}"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    run_as_postgres([postgres_server.bin / "pg_basebackup", "-h", directory, "-p", postgres_server.port,
-                     "-U", "postgres", "-D", data, "-R", "-X", "stream", "--checkpoint=fast"])
-    run_as_postgres([postgres_server.bin / "pg_ctl", "-D", data, "-l", data / "log", "-w", "-o",
-                     f"-p {port} -k {directory} -c listen_addresses='' -c cluster_name=validate-standby", "start"])
-    try:
-        yield {"host": str(directory), "port": port, "user": "postgres", "dbname": "postgres"}
-    finally:
-        run_as_postgres([postgres_server.bin / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"])
-
 
 def test_no_standbys_expected_passes_at_once(migrated):
     src, conninfo = migrated

@@ -17,10 +17,10 @@ import json
 import time
 
 import psycopg2
-from psycopg2 import sql
+from psycopg2 import errors, sql
 
 from . import ranges
-from .target import SPANS_TABLE, STATE_TABLE, connect
+from .target import SPANS_TABLE, STATE_TABLE, connect, first_line, server_address
 
 RECONNECT_SECONDS = 30  # how long the undo waits for a server that is restarting or failing over
 RECONNECT_INTERVAL = 1.0
@@ -88,10 +88,25 @@ class Journal:
                 if time.monotonic() >= deadline:
                     return " ".join(str(error).split())
                 time.sleep(RECONNECT_INTERVAL)
+            except errors.ReadOnlySqlTransaction as error:
+                return self._read_only(connection, error)
             except psycopg2.Error as error:
-                return " ".join(str(getattr(error, "pgerror", None) or error).split())
+                return first_line(error, self.conninfo)
             finally:
                 connection.close()
+
+    def _read_only(self, connection, error):
+        """Why the server refused to write: a standby now (the leader moved during the run), or read-only sessions."""
+        try:
+            connection.rollback()
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_is_in_recovery()")
+                standby = cursor.fetchone()[0]
+        except psycopg2.Error:
+            standby = False
+        if standby:
+            return f"{server_address(self.conninfo)} is a standby now: the leader moved during the run"
+        return first_line(error, self.conninfo)
 
     def _undo(self, connection):
         """One transaction: either everything is put back or nothing is (and the undo can be retried)."""
