@@ -237,6 +237,30 @@ def test_a_standalone_table_dropped(app):
     assert migrate(src, conninfo)["status"] == "completed"
 
 
+def test_a_table_re_created_with_a_column_declared_otherwise_is_synced_and_said_until_reloaded(app):
+    """SQLite changes a column's type only by re-creating its table. The sync writes the rows into the target's
+    column as it is, and says on every sync that the declared type moved since the load, naming the column, until
+    the operator changes the target column's type."""
+    src, conninfo = app
+    write(src, "CREATE TABLE audit_log (id INTEGER PRIMARY KEY, level VARCHAR(10))",
+          "INSERT INTO audit_log VALUES (1, 'info'), (2, 'warn')")
+    assert migrate(src, conninfo)["sync_notes"] == []
+    write(src, "ALTER TABLE audit_log RENAME TO audit_log_before",
+          "CREATE TABLE audit_log (id INTEGER PRIMARY KEY, level  text)",
+          "INSERT INTO audit_log SELECT * FROM audit_log_before", "DROP TABLE audit_log_before",
+          "INSERT INTO audit_log VALUES (3, 'error')")
+    said = ("table audit_log: column level is declared TEXT in the source now, VARCHAR(10) when the table was "
+            "loaded: the sync writes its values into public.audit_log.level as it is (character varying(10)); to "
+            "follow the source, change that column's type, or drop the table in the target and rerun to load it anew")
+    result = synced(src, conninfo)
+    assert result["tables"]["audit_log"]["inserted"] == 1 and said in result["sync_notes"], result["sync_notes"]
+    write(src, "UPDATE audit_log SET level = 'debug' WHERE id = 1")
+    assert said in synced(src, conninfo)["sync_notes"]  # the next sync's checksums keep what the load declared
+    execute(conninfo, "ALTER TABLE audit_log ALTER COLUMN level TYPE text")  # the operator follows the source
+    write(src, "UPDATE audit_log SET level = 'trace' WHERE id = 2")
+    assert synced(src, conninfo)["sync_notes"] == []
+
+
 def test_sequences_of_tables_whose_largest_id_is_0_or_negative(tmp_path, pg_database):
     """A settings singleton (CHECK (id = 0)) and a table of negative ids: in the first migration and after a sync."""
     src = build_sqlite(tmp_path / "settings.db",

@@ -107,6 +107,7 @@ class TablePlan:
     relation: int = 0  # the target table's oid
     records: dict = field(default_factory=dict)  # the stored key_range_checksums, {} when not usable
     older_format: bool = False  # the stored checksums are of an earlier version's format
+    declared: dict = None  # {SQLite column: its declared type} when the table was loaded, kept by every sync
     digest: int = 0  # tables compared as a whole: crc of all pages
     width: int = RANGE_KEYS
     # span -> its changed key intervals as intervals_text() writes them (a string: a tenth of a list's memory):
@@ -290,10 +291,16 @@ class Sync:
             cursor.execute(sql.SQL("SELECT key_range_checksums FROM {} WHERE source_id = %s AND table_name = %s")
                            .format(sql.Identifier(self.schema, STATE_TABLE)), (plan.state_id, target))
             stored = cursor.fetchone()[0] or {}
-            if stored.get("format") == FORMAT and stored.get("signature") == self._signature(plan):
+            same_target = stored.get("signature") == self._signature(plan)
+            plan.declared = stored.get("declared") if same_target else None  # else the target's types were changed
+            if stored.get("format") == FORMAT and same_target:
                 plan.records = stored
             plan.older_format = bool(stored) and stored.get("format") != FORMAT
         return plan
+
+    def _declared(self, plan):
+        """The table's columns as the source declares them now (SQLite changes a type only by re-creating it)."""
+        return {c.name: " ".join(c.declared.upper().split()) for c in self.tables[plan.name].columns}
 
     def _signature(self, plan):
         """What the stored checksums assume: the columns, their target types and the source's time zone."""
@@ -890,7 +897,7 @@ class Sync:
     def _document(self, plan):
         """What the stored checksums assume; the checksums themselves are the table's span rows."""
         document = {"format": FORMAT, "signature": self._signature(plan), "complete": True,
-                    "source": self._identity()}
+                    "source": self._identity(), "declared": plan.declared or self._declared(plan)}
         if not plan.key:
             return dict(document, whole=plan.digest)
         return dict(document, range_keys=plan.width)
@@ -929,6 +936,15 @@ class Sync:
                              "holds its rows")
         for name in self.order:
             plan = self.plans[name]
+            now = self._declared(plan)
+            for column, target, kind in plan.columns:
+                loaded = (plan.declared or {}).get(column)
+                if loaded is not None and loaded != now[column]:
+                    notes.append(f"table {name}: column {column} is declared {now[column] or 'without a type'} in "
+                                 f"the source now, {loaded or 'without a type'} when the table was loaded: the "
+                                 f"sync writes its values into {self.schema}.{plan.target}.{target} as it is "
+                                 f"({kind.sql}); to follow the source, change that column's type, or drop the "
+                                 "table in the target and rerun to load it anew")
             if plan.older_format and plan.fresh:
                 notes.append(f"table {name}: its page checksums were stored by an earlier version, in a format this "
                              "one does not read: its rows were compared in full once, and the checksums stored anew")

@@ -213,7 +213,8 @@ def state_table_ddl(schema):
     """One row per (source snapshot, target table) loaded, committed in the same transaction as the rows.
 
     key_range_checksums holds what the source's page checksums assume (their
-    format, column signature and span width); the checksums themselves are rows
+    format, column signature and span width) and the columns' declared types
+    when the table was loaded; the checksums themselves are rows
     of SPANS_TABLE (spans_table_ddl). A load stores them right after its tables
     are loaded, every sync replaces those of the spans that changed. content_checksum stays
     NULL (the validation computes content checksums afresh). validated_at is set by the runbook once the
