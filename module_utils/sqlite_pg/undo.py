@@ -86,7 +86,7 @@ class Journal:
                 return ""
             except psycopg2.OperationalError as error:
                 if time.monotonic() >= deadline:
-                    return " ".join(str(error).split())
+                    return first_line(error, self.conninfo)
                 time.sleep(RECONNECT_INTERVAL)
             except errors.ReadOnlySqlTransaction as error:
                 return self._read_only(connection, error)
