@@ -80,6 +80,7 @@ from .target import (
     state_rows,
     unique_column_sets,
 )
+from .typemap import declaration
 
 RANGE_KEYS = 65536  # rowids per span: one set of stored page checksums each
 MAX_RANGES = 1024  # a table's spans are widened (once, from its key bounds) to stay within this many
@@ -300,7 +301,7 @@ class Sync:
 
     def _declared(self, plan):
         """The table's columns as the source declares them now (SQLite changes a type only by re-creating it)."""
-        return {c.name: " ".join(c.declared.upper().split()) for c in self.tables[plan.name].columns}
+        return {c.name: declaration(c) for c in self.tables[plan.name].columns}
 
     def _signature(self, plan):
         """What the stored checksums assume: the columns, their target types and the source's time zone."""

@@ -87,13 +87,18 @@ def integer_width(declared_width, low, high):
     return "bigint"
 
 
+def declaration(column):
+    """A column's declared type as the type map reads it: upper case, words one space apart."""
+    return " ".join(column.declared.upper().split())
+
+
 def map_declared(column, rowid_alias, classes, int_range):
     """(TargetType, note) for a new table's column from its SQLite declaration.
 
     ``classes`` are the storage classes found in the column, ``int_range`` the
     (min, max) of its integer values (None when it has none).
     """
-    declared = " ".join(column.declared.upper().split())
+    declared = declaration(column)
     low, high = int_range if int_range else (None, None)
     if column.name == rowid_alias:
         return integer_type("bigint", identity=True), ""
