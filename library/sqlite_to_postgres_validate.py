@@ -141,6 +141,9 @@ extends_documentation_fragment:
   - community.postgresql.postgres
 notes:
   - The checksums and their canonical forms are described in docs/validation.md.
+  - A server that falls silent (its host dies or leaves the network) fails the run within minutes (keepalive probes
+    after 10 quiet seconds, 60 s for data it has not acknowledged, 10 s to connect); O(connect_params) overrides
+    these (C(keepalives_idle), C(tcp_user_timeout), C(connect_timeout), ...).
 requirements:
   - psycopg2
 author:

@@ -22,6 +22,14 @@ MAINTENANCE_WORK_MEM = "256MB"  # for this run's own index and foreign key build
 # (or a slow catalog) makes the check fail quickly instead of queueing behind it.
 DDL_STATEMENT_TIMEOUT = "30s"
 DDL_LOCK_TIMEOUT = "5s"
+# A server whose host dies or drops off the network sends no reset. Left to libpq's and the kernel's defaults,
+# a session waiting on it (a lock, an index build, a commit) errs after more than two hours, one sending to it (a
+# COPY, a query just sent) after about fifteen minutes, and a new connection after about two. Keepalive probes
+# after 10 quiet seconds, a limit of 60 s on data the server has neither acknowledged nor read, and 10 s to connect
+# end each within about a minute; a busy server's kernel still answers the probes, so a long statement runs on.
+# Over a Unix socket libpq ignores all but connect_timeout. The caller's conninfo overrides any of them.
+LIVENESS_OPTIONS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+                    "tcp_user_timeout": 60_000, "connect_timeout": 10}
 FK_ACTIONS = {"NO ACTION": "NO ACTION", "RESTRICT": "RESTRICT", "CASCADE": "CASCADE", "SET NULL": "SET NULL",
               "SET DEFAULT": "SET DEFAULT"}
 
@@ -42,7 +50,7 @@ def server_address(conninfo):
 
 def connect(conninfo, read_only=False):
     """A psycopg2 connection; read_only sessions (check mode) cannot write even by mistake."""
-    options = dict(conninfo)
+    options = dict(LIVENESS_OPTIONS, **conninfo)
     options.setdefault("application_name", APPLICATION_NAME)
     if read_only:
         options["options"] = (options.get("options", "") + " -c default_transaction_read_only=on").strip()
