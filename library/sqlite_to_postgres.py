@@ -209,7 +209,8 @@ notes:
 - Connect to the primary directly, not through PgBouncer in transaction mode (the run holds a session advisory lock).
 - A server that falls silent (its host dies or leaves the network) fails the run within minutes (keepalive probes after
   10 quiet seconds, 60 s for data it has not acknowledged, 10 s to connect); O(connect_params) overrides these
-  (C(keepalives_idle), C(tcp_user_timeout), C(connect_timeout), ...).
+  (C(keepalives_idle), C(tcp_user_timeout), C(connect_timeout), ...). The server ends the sessions of a run whose host
+  vanished, and lets their locks go, by the same limits.
 '''
 
 EXAMPLES = r'''

@@ -143,7 +143,8 @@ notes:
   - The checksums and their canonical forms are described in docs/validation.md.
   - A server that falls silent (its host dies or leaves the network) fails the run within minutes (keepalive probes
     after 10 quiet seconds, 60 s for data it has not acknowledged, 10 s to connect); O(connect_params) overrides
-    these (C(keepalives_idle), C(tcp_user_timeout), C(connect_timeout), ...).
+    these (C(keepalives_idle), C(tcp_user_timeout), C(connect_timeout), ...). The server ends the sessions of a
+    run whose host vanished by the same limits.
 requirements:
   - psycopg2
 author:

@@ -30,6 +30,16 @@ DDL_LOCK_TIMEOUT = "5s"
 # Over a Unix socket libpq ignores all but connect_timeout. The caller's conninfo overrides any of them.
 LIVENESS_OPTIONS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
                     "tcp_user_timeout": 60_000, "connect_timeout": 10}
+# The server's end of each session gets the same limits, and checks every 10 s during a statement that its client
+# is still there (settings any role may set as it connects): a run whose host vanished would otherwise leave its
+# sessions on the server for hours, holding the schema's lock, its tables' locks and an open load transaction in
+# the way of a rerun, the rollback and the application.
+SERVER_LIVENESS = " ".join(f"-c {setting}={value}" for setting, value in (
+    ("tcp_keepalives_idle", LIVENESS_OPTIONS["keepalives_idle"]),
+    ("tcp_keepalives_interval", LIVENESS_OPTIONS["keepalives_interval"]),
+    ("tcp_keepalives_count", LIVENESS_OPTIONS["keepalives_count"]),
+    ("tcp_user_timeout", LIVENESS_OPTIONS["tcp_user_timeout"]),
+    ("client_connection_check_interval", 10_000)))
 FK_ACTIONS = {"NO ACTION": "NO ACTION", "RESTRICT": "RESTRICT", "CASCADE": "CASCADE", "SET NULL": "SET NULL",
               "SET DEFAULT": "SET DEFAULT"}
 
@@ -52,8 +62,9 @@ def connect(conninfo, read_only=False):
     """A psycopg2 connection; read_only sessions (check mode) cannot write even by mistake."""
     options = dict(LIVENESS_OPTIONS, **conninfo)
     options.setdefault("application_name", APPLICATION_NAME)
-    if read_only:
-        options["options"] = (options.get("options", "") + " -c default_transaction_read_only=on").strip()
+    # The caller's settings come after the server's limits, so they win; read-only comes last, so nothing undoes it.
+    options["options"] = " ".join(filter(None, (SERVER_LIVENESS, options.get("options"),
+                                                "-c default_transaction_read_only=on" if read_only else None)))
     try:
         connection = psycopg2.connect(**options)
     except psycopg2.Error as error:
