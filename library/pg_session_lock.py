@@ -7,8 +7,8 @@ starts a small detached process that opens its own connection, takes the lock
 with pg_try_advisory_lock() and keeps the session open until it is told to
 release it (state=absent), until the ansible-playbook process that started it
 is gone (a crashed or killed run never leaves the lock behind), or until
-max_hold_seconds have passed. TCP keepalives make the server drop the session
-if the controller itself disappears.
+max_hold_seconds have passed. TCP keepalives on both ends make the server drop
+the session, and the lock with it, if the controller itself disappears.
 """
 
 from __future__ import annotations
@@ -158,11 +158,17 @@ def connect(params):
         "port": params["login_port"],
         "sslmode": params["ssl_mode"],
         "application_name": params["application_name"],
+        # The engine's limits for a silent peer (module_utils/sqlite_pg/target.py: LIVENESS_OPTIONS and
+        # SERVER_LIVENESS), which this module does not import the engine for. The server's end matters most here:
+        # a controller that vanishes sends nothing, and only the server's own probes let its lock go.
         "connect_timeout": 10,
         "keepalives": 1,
         "keepalives_idle": 10,
         "keepalives_interval": 5,
         "keepalives_count": 3,
+        "tcp_user_timeout": 60000,
+        "options": "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3 "
+                   "-c tcp_user_timeout=60000",
     }
     if params["login_host"]:
         kwargs["host"] = params["login_host"]
