@@ -77,7 +77,8 @@ def kill_controller(lab, big_source, moment, signum=signal.SIGKILL):
     stopped = assert_stopped_within_seconds(lab)
     left = assert_each_table_loaded_or_as_it_was(lab, counts)
     assert sha256(source) == source_sha
-    # The killed load's WAL may still be replaying on the replicas, and readiness refuses a lagging cluster.
+    # The killed load's WAL may still be replaying on the replicas: readiness would wait for it, but this case
+    # is about the rerun, not about that wait (test_run_started_while_the_standbys_still_replay).
     lab.wait_healthy()
     rerun = lab.assert_completes(source, counts)
     assert "no backup needed" not in rerun.output
@@ -249,6 +250,86 @@ def test_standby_with_paused_replay(lab, big_source):
     lab.wait_healthy()
     assert_failed_and_restored(lab, run, before, source, source_sha, rf"\b{standby}\b")
     assert "Validation status: completed" not in run.output
+
+
+# readiness's largest lag (group_vars: max_replication_lag_bytes)
+LAG_LIMIT = 16 * 1024 * 1024
+
+
+def replay_lags(lab):
+    """{standby: bytes of WAL the leader wrote that it has not replayed} (pg_stat_replication)."""
+    return dict(lab.sql("SELECT application_name, pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint "
+                        "FROM pg_stat_replication", dbname="postgres"))
+
+
+def set_apply_delay(lab, delay):
+    """recovery_min_apply_delay on the standbys, through Patroni's dynamic configuration (Patroni puts back
+    what ALTER SYSTEM sets); None: the default. Returns the standbys' names."""
+    leader = lab.leader()
+    standbys = [m for m in lab.members if m != leader]
+    body = {"postgresql": {"parameters": {"recovery_min_apply_delay": delay}}}
+    assert lab.patroni(leader, "/config", "PATCH", body)[0] == 200
+    expected = delay or "0"
+    assert wait_until(lambda: all(lab.sql("SHOW recovery_min_apply_delay", member=m, dbname="postgres")[0][0]
+                                  == expected for m in standbys), 60, 0.2), f"Patroni did not set {expected}"
+    return standbys
+
+
+def leave_replay_lag(lab):
+    """Leave the standbys more than readiness's largest lag behind, their replay held back at a commit: what
+    the WAL of a run stopped a moment ago leaves. Returns the standbys' names."""
+    standbys = set_apply_delay(lab, "1h")
+    lab.sql("CREATE TABLE IF NOT EXISTS lag_filler (t text)", dbname="postgres")
+    for _ in range(32):
+        lab.sql("INSERT INTO lag_filler SELECT repeat('x', 1000) FROM generate_series(1, 4000)", dbname="postgres")
+        if min(replay_lags(lab).values()) > 2 * LAG_LIMIT:
+            return standbys
+    pytest.fail(f"the standbys kept replaying: {replay_lags(lab)}")
+
+
+def release_replay(lab):
+    set_apply_delay(lab, None)
+    lab.sql("DROP TABLE IF EXISTS lag_filler", dbname="postgres")
+
+
+@pytest.mark.fault(done="a run started while the standbys are more than readiness's largest lag behind (their "
+                        "replay held back at a commit by recovery_min_apply_delay), their replay released once "
+                        "readiness waits",
+                   checked="readiness waits for the lag to drain instead of refusing at once; the run completes and "
+                           "validates")
+def test_run_started_while_the_standbys_still_replay(lab, big_source):
+    source, counts = big_source
+    try:
+        leave_replay_lag(lab)
+        run = lab.migrate(source)
+        assert wait_until(lambda: "RETRYING" in run.output or run.process.poll() is not None, 120, 0.2)
+        assert run.process.poll() is None, f"readiness did not wait:\n{run.last_lines()}"
+        assert "Standbys | Read which standbys stream from the leader" in run.output, run.last_lines()
+    finally:
+        release_replay(lab)
+    run.wait()
+    assert run.rc == 0 and "Validation status: completed" in run.output, run.last_lines()
+    assert lab.table_counts() == counts
+
+
+@pytest.mark.fault(done="a run started while the standbys' replay is held back and stays so",
+                   checked="readiness waits the time it is given (10 s), then refuses, naming the standbys, their "
+                           "lag and the wait; the target as it was, the source unchanged")
+def test_run_started_while_the_standbys_stay_behind(lab, big_source):
+    source, _ = big_source
+    source_sha = sha256(source)
+    before = lab.dump()
+    try:
+        standbys = leave_replay_lag(lab)
+        run = lab.migrate(source, "-e", "replication_lag_wait_seconds=10").wait()
+    finally:
+        release_replay(lab)
+    assert run.rc not in (0, None), run.last_lines()
+    refusal = re.search(rf"replay lag above {LAG_LIMIT} bytes \([^)]+\) on (.+) after waiting 10 s for it to drain",
+                        run.output)
+    assert refusal and sorted(refusal.group(1).split(", ")) == sorted(standbys), run.last_lines()
+    assert lab.dump() == before
+    assert sha256(source) == source_sha
 
 
 def files_written_since(bases, started):
