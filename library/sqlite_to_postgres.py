@@ -135,6 +135,8 @@ options:
     - While the task runs, this file is replaced about once a second with JSON progress
       (C(updated_at), C(phase), C(tables) with C(rows_done), C(rows_total), C(rows_per_second),
       C(eta_seconds), C(status) per table, and overall C(rows_done)/C(rows_total)). Not written in check mode.
+    - A table handed to the workers but not yet taken by one is C(queued); its rate and ETA count from when a
+      worker takes it.
     type: path
   post_data:
     description:

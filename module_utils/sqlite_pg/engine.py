@@ -142,9 +142,8 @@ class Run:
                 self.notes += load.resolve_interrupted(self.pg, self.schema, self.check_mode)
                 self.planner.read_target(self.pg)
                 # One slot per table, then one per range of a table loaded in ranges (load.py).
-                counters = multiprocessing.get_context("fork").Array("q", len(self.plan.order) * (1 + self.jobs),
-                                                                     lock=False)
-                loader.progress_counters = counters
+                slots = loader.ProgressSlots.create(len(self.plan.order) * (1 + self.jobs))
+                loader.progress_slots = slots
                 self.progress.add_tables(self.plan.order)
                 # Objects the workers inherit stay untouched by their garbage collector, so the pages
                 # holding them stay shared with this process instead of being copied into each worker.
@@ -157,7 +156,7 @@ class Run:
                     if self.check_mode:
                         return self._finish_check()
                     self.journal = Journal(self.conninfo, self.schema, self.source_id)
-                    loaded = self._load(counters)
+                    loaded = self._load(slots)
                     self.checks.start_beside_the_load()  # when no table loaded (the load starts them)
                     # The checks beside the load go on beside the sync, post-data and the records: each waits for
                     # them before its first write, and the run does not end before they passed. The sync comes
@@ -286,7 +285,7 @@ class Run:
                 status="completed", action="synced", migrated=counts["total_rows"], total_rows=counts["total_rows"])
             self.progress.finish(name, "synced", counts["total_rows"])
 
-    def _load(self, counters):
+    def _load(self, slots):
         """Stage 3 (load.py): the target made ready, then the tables to load streamed; returns those loaded."""
         self.progress.phase = "load"
         self.progress.write(force=True)
@@ -306,7 +305,7 @@ class Run:
             pool=self.pool, pg=self.pg, conninfo=self.conninfo, schema=self.schema, jobs=self.jobs,
             source=self.source, baseline=self.baseline, source_id=self.source_id,
             source_timezone=self.source_timezone, journal=self.journal, entries=self.result["tables"],
-            progress=self.progress, counters=counters, note=self._note,
+            progress=self.progress, slots=slots, note=self._note,
             start_checks=self.checks.start_beside_the_load, lease=self.lease)
         return stage.run(to_load)
 

@@ -66,18 +66,18 @@ class Load:
     Everything it reads or writes comes in as an argument: ``plan`` (plan.TablesPlan: per table its source, target
     name and columns, profile, size and action) and ``created_columns`` ({table: its column definitions} of the
     tables it creates); the run's session ``pg`` and worker ``pool``; where it reports (``entries``: the result's
-    table entries, updated as tables start and end; ``progress`` and its ``counters``; ``note(text)``) and what it
+    table entries, updated as tables start and end; ``progress`` and its shared ``slots``; ``note(text)``) and what it
     writes into (``journal``). ``start_checks()`` queues the checks beside the load behind the loads dispatched so
     far; ``lease``, when lost, stops the load.
     """
 
     def __init__(self, *, plan, created_columns, pool, pg, conninfo, schema, jobs, source, baseline, source_id,
-                 source_timezone, journal, entries, progress, counters, note, start_checks, lease):
+                 source_timezone, journal, entries, progress, slots, note, start_checks, lease):
         self.plan, self.created_columns = plan, created_columns
         self.pool, self.pg, self.conninfo, self.schema, self.jobs = pool, pg, conninfo, schema, jobs
         self.source, self.baseline, self.source_id = source, baseline, source_id
         self.source_timezone = source_timezone
-        self.journal, self.entries, self.progress, self.counters = journal, entries, progress, counters
+        self.journal, self.entries, self.progress, self.slots = journal, entries, progress, slots
         self.note, self.start_checks, self.lease = note, start_checks, lease
         # Tables loading in ranges, until decided: their pieces, the ranges' outcomes, how many still run.
         self._ranged_tables = {}
@@ -181,7 +181,7 @@ class Load:
                         ranged[name] = {"pieces": pieces, "outcomes": {}, "open": len(pieces), "failed": False,
                                         "started": time.monotonic(),
                                         "started_at": datetime.datetime.now(datetime.timezone.utc)}
-                    self.progress.start(name)
+                    self.progress.queue(name)
                     self.entries[name]["status"] = "loading"
                     moved = True
             if first_error is not None:
@@ -194,6 +194,8 @@ class Load:
                         f"in {self.schema}: drop those constraints before loading (post_data rebuilds them)")
                 break
             finished, _ = wait(set(futures), timeout=1.0, return_when=FIRST_COMPLETED)
+            for name in {name for name, _ in futures.values()}:
+                self._note_start(name, split.get(name, [plans[name]]))
             if self.lease and self.lease.lost and first_error is None:
                 # The run is gone: start nothing more (the lease ends the sessions of running loads).
                 first_error = MigrationError(self.lease.lost)
@@ -236,12 +238,19 @@ class Load:
                     entry["ranges"] = len(split[name])
                 self.progress.finish(name, "completed", outcome["rows"])
             for name, _ in set(futures.values()):
-                slots = [p.index for p in split.get(name, [plans[name]])]
-                self.progress.update(name, sum(self.counters[slot] for slot in slots))
+                pieces = split.get(name, [plans[name]])
+                self.progress.update(name, sum(self.slots.rows[piece.index] for piece in pieces))
             self.progress.write(force=bool(finished))  # a table's end shows at once
         if first_error is not None:
             raise first_error
         return done
+
+    def _note_start(self, name, pieces):
+        """A table submitted waits in the pool's queue until a worker takes one of its pieces: its rate and ETA
+        count from then."""
+        taken = [self.slots.started[piece.index] for piece in pieces if self.slots.started[piece.index]]
+        if taken:
+            self.progress.start(name, min(taken))
 
     def _range_done(self, name, number, outcome, first_error):
         """One range of ``name`` ended (outcome None: failed or cancelled). Once all have, the table is decided

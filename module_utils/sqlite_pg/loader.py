@@ -7,6 +7,7 @@ parallel on separate processes and connections.
 
 import ctypes
 import datetime
+import multiprocessing
 import os
 import signal
 import sqlite3
@@ -47,14 +48,28 @@ TOO_LARGE = ("invalid memory alloc request size", "out of memory")
 # Python, NULL (the field then 0x01) when the rule refuses it. Registered by each load on its own connection.
 NUMBER_FUNCTION = "sqlite_to_postgres_number"
 
-# Rows streamed per table, shared with the parent (which writes the progress file).
+
+@dataclass(frozen=True)
+class ProgressSlots:
+    """Shared with the parent, which writes the progress file: per slot (a table, or one range of it) the rows
+    streamed, and when a worker took it (``time.monotonic()``, 0.0 until then: it waits in the pool's queue)."""
+
+    rows: object
+    started: object
+
+    @classmethod
+    def create(cls, count):
+        fork = multiprocessing.get_context("fork")
+        return cls(fork.Array("q", count, lock=False), fork.Array("d", count, lock=False))
+
+
 # Set by the engine before the worker processes are forked.
-progress_counters = None
+progress_slots = None
 
 
 @dataclass
 class LoadPlan:
-    index: int  # slot in progress_counters
+    index: int  # slot in progress_slots
     source_table: str
     target_table: str
     schema: str
@@ -212,8 +227,8 @@ class CopyStream:
             total += len(data)
             self.rows += len(rows)
             self.batch = max(1, min(FETCH_ROWS, CHUNK_BYTES * len(rows) // (4 * len(data))))
-        if progress_counters is not None:
-            progress_counters[self.plan.index] = self.rows
+        if progress_slots is not None:
+            progress_slots.rows[self.plan.index] = self.rows
         return b"".join(parts)
 
     def _complete(self, rows):
@@ -330,6 +345,8 @@ def load_table(source, conninfo, plan, fingerprint):
     Returns dict(rows, seconds). Raises MigrationError; the transaction is then rolled back.
     """
     started = time.monotonic()
+    if progress_slots is not None:
+        progress_slots.started[plan.index] = started
     started_at = datetime.datetime.now(datetime.timezone.utc)
     lite = source.connect(text_as_bytes=True)
     numbers = NumberFormatter(plan)

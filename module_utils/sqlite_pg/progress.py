@@ -27,9 +27,15 @@ class Progress:
     def set_total(self, table, total):
         self.tables[table]["rows_total"] = total
 
-    def start(self, table):
+    def queue(self, table):
+        """Handed to the workers; it waits until one takes it."""
+        self.tables[table]["status"] = "queued"
+
+    def start(self, table, at):
+        """A worker took the queued ``table`` at ``at`` (time.monotonic()): its rate and ETA count from then."""
         entry = self.tables[table]
-        entry["status"], entry["started"] = "loading", time.monotonic()
+        if entry["status"] == "queued":
+            entry["status"], entry["started"] = "loading", at
 
     def finish(self, table, status, rows=None):
         entry = self.tables[table]
