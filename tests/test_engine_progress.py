@@ -1,4 +1,4 @@
-"""The progress file the runbook prints while a load runs: a table's rate and ETA count from when a worker took it."""
+"""The progress file the runbook prints while a load runs: what the run does now, and honest rates and ETAs."""
 
 import json
 import os
@@ -8,6 +8,7 @@ import textwrap
 
 import psycopg2
 from conftest import ROOT, build_sqlite, execute, wait_until
+from sqlite_pg import STATE_TABLE
 
 SOURCE = """
 CREATE TABLE big (id INTEGER PRIMARY KEY, label TEXT);
@@ -22,16 +23,12 @@ def progress_of(path):
         return None
 
 
-def test_a_table_waiting_for_a_worker_shows_as_queued_without_a_rate(tmp_path, pg_database):
-    """With one job, the smaller table waits behind the larger one. The larger one is held by a lock the test
-    takes on its target table, so its worker has taken it and waits: the smaller one is then queued, with no
-    rate and no ETA, where it used to show as loading, its rate counted from when it was handed to the pool."""
+def start_run(tmp_path, pg_database, progress):
+    """migrate() with one job in a process of its own, writing ``progress``."""
     src = build_sqlite(tmp_path / "source.db", SOURCE, {
         "big": [(i, f"big {i}") for i in range(1, 2001)],
         "small": [(i, f"small {i}") for i in range(1, 11)],
     })
-    execute(pg_database, "CREATE TABLE big (id bigint, label text)")
-    progress = tmp_path / "progress.json"
     conninfo = {k: v for k, v in pg_database.items() if k != "password"}
     script = textwrap.dedent(f"""
         import sys
@@ -40,18 +37,36 @@ def test_a_table_waiting_for_a_worker_shows_as_queued_without_a_rate(tmp_path, p
         result = migrate({src!r}, {conninfo!r}, jobs=1, post_data=False, progress_file={str(progress)!r})
         sys.exit(0 if result["status"] == "completed" else 1)
     """)
+    # The password reaches the child through the environment (libpq reads PGPASSWORD), never its argv.
+    return subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, PGPASSWORD=pg_database["password"]))
+
+
+def waiting_for_locks(pg_database, besides=None):
+    """How many lock requests wait, leaving out those on table ``besides``."""
+    return execute(pg_database, "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation IS DISTINCT FROM "
+                                "to_regclass(%s)", (besides,))[0][0]
+
+
+def final_tables(progress):
+    return {name: (table["status"], table["rows_done"]) for name, table in progress_of(progress)["tables"].items()}
+
+
+def test_a_table_waiting_for_a_worker_shows_as_queued_without_a_rate(tmp_path, pg_database):
+    """With one job, the smaller table waits behind the larger one. The larger one is held by a lock the test
+    takes on its target table, so its worker has taken it and waits: the smaller one is then queued, with no
+    rate and no ETA, where it used to show as loading, its rate counted from when it was handed to the pool."""
+    execute(pg_database, "CREATE TABLE big (id bigint, label text)")
+    progress = tmp_path / "progress.json"
     holder = psycopg2.connect(**pg_database)
     try:
         # SHARE lets the run read the table (its emptiness is checked) but not lock it to load it.
         holder.cursor().execute("LOCK TABLE big IN SHARE MODE")
-        run = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, PGPASSWORD=pg_database["password"]))
+        run = start_run(tmp_path, pg_database, progress)
         try:
             held = wait_until(lambda: (p := progress_of(progress)) and p["tables"].get("big", {}).get("status")
                               == "loading" and p, timeout=60)
             assert held, f"the run never showed table big loading; progress: {progress_of(progress)}"
-            blocked = execute(pg_database, "SELECT count(*) FROM pg_locks WHERE relation = 'big'::regclass "
-                                           "AND NOT granted")
-            assert blocked == [(1,)], "the worker loading big is not waiting for the test's lock"
+            assert waiting_for_locks(pg_database) == 1, "the worker loading big is not waiting for the test's lock"
         finally:
             holder.rollback()
             run.wait(timeout=120)
@@ -62,6 +77,38 @@ def test_a_table_waiting_for_a_worker_shows_as_queued_without_a_rate(tmp_path, p
                                        "eta_seconds": None, "status": "queued"}
     assert held["tables"]["big"]["rows_done"] == 0 and held["tables"]["big"]["eta_seconds"] is None
     assert run.returncode == 0
-    final = progress_of(progress)
-    assert {name: (table["status"], table["rows_done"]) for name, table in final["tables"].items()} == {
-        "big": ("completed", 2000), "small": ("completed", 10)}
+    assert final_tables(progress) == {"big": ("completed", 2000), "small": ("completed", 10)}
+
+
+def test_the_records_for_the_next_sync_show_as_their_own_phase(tmp_path, pg_database):
+    """Once every row is loaded, the run records the source's pages and rows for the next sync (a minute at
+    10M files), which the progress file names, instead of the load's phase at 100 %. The test holds table
+    small's load (as above) until it has locked big's state row, which recording big must update: the run then
+    waits in that phase."""
+    execute(pg_database, "CREATE TABLE small (id bigint, label text)")
+    progress = tmp_path / "progress.json"
+    holder, row_holder = psycopg2.connect(**pg_database), psycopg2.connect(**pg_database)
+    try:
+        holder.cursor().execute("LOCK TABLE small IN SHARE MODE")
+        run = start_run(tmp_path, pg_database, progress)
+        try:
+            assert wait_until(lambda: (p := progress_of(progress)) and p["tables"].get("big", {}).get("status")
+                              == "completed" and waiting_for_locks(pg_database), timeout=60), progress_of(progress)
+            row_holder.cursor().execute(f"SELECT 1 FROM {STATE_TABLE} WHERE table_name = 'big' FOR UPDATE")  # noqa: S608
+            holder.rollback()
+            # Recording big reads its pages first, then waits for the test's lock to update its state row.
+            recording = wait_until(lambda: waiting_for_locks(pg_database, besides="small")
+                                   and (p := progress_of(progress))["phase"] == "records" and p, timeout=60)
+            assert recording, f"the run never waited in the records phase; progress: {progress_of(progress)}"
+        finally:
+            holder.rollback()
+            row_holder.rollback()
+            run.wait(timeout=120)
+    finally:
+        holder.close()
+        row_holder.close()
+
+    assert recording["rows_done"] == recording["rows_total"] == 2010
+    assert run.returncode == 0
+    assert progress_of(progress)["phase"] == "done"
+    assert final_tables(progress) == {"big": ("completed", 2000), "small": ("completed", 10)}

@@ -338,6 +338,8 @@ class Run:
         The sequences those syncs move are journaled first, so that the undo sets them back too."""
         if not names:
             return
+        self.progress.phase = "records"
+        self.progress.write(force=True)
         with self.pg.cursor() as cursor:
             for step in sequence_steps(cursor, self.schema, [self.plan.target_names[n] for n in names]):
                 cursor.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(sql.SQL(step.name)))
