@@ -1,5 +1,6 @@
 """The progress file the runbook prints while a load runs: what the run does now, and honest rates and ETAs."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -23,12 +24,17 @@ def progress_of(path):
         return None
 
 
-def start_run(tmp_path, pg_database, progress):
-    """migrate() with one job in a process of its own, writing ``progress``."""
+@contextlib.contextmanager
+def run_held_at(tmp_path, pg_database, table):
+    """migrate() with one job in a process of its own, writing progress.json, while the test holds a SHARE lock
+    on ``table``, created in the target beforehand: the run can read it (its emptiness is checked) but not lock it
+    to load it. Yields (the process, the progress file, the lock's session, to roll back); on leaving, the lock is
+    let go and the run waited for."""
     src = build_sqlite(tmp_path / "source.db", SOURCE, {
         "big": [(i, f"big {i}") for i in range(1, 2001)],
         "small": [(i, f"small {i}") for i in range(1, 11)],
     })
+    progress = tmp_path / "progress.json"
     conninfo = {k: v for k, v in pg_database.items() if k != "password"}
     script = textwrap.dedent(f"""
         import sys
@@ -37,8 +43,26 @@ def start_run(tmp_path, pg_database, progress):
         result = migrate({src!r}, {conninfo!r}, jobs=1, post_data=False, progress_file={str(progress)!r})
         sys.exit(0 if result["status"] == "completed" else 1)
     """)
-    # The password reaches the child through the environment (libpq reads PGPASSWORD), never its argv.
-    return subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, PGPASSWORD=pg_database["password"]))
+    execute(pg_database, f"CREATE TABLE {table} (id bigint, label text)")
+    holder = psycopg2.connect(**pg_database)
+    try:
+        holder.cursor().execute(f"LOCK TABLE {table} IN SHARE MODE")
+        # The password reaches the child through the environment (libpq reads PGPASSWORD), never its argv.
+        run = subprocess.Popen([sys.executable, "-c", script],
+                               env=dict(os.environ, PGPASSWORD=pg_database["password"]))
+        try:
+            yield run, progress, holder
+        finally:
+            holder.rollback()
+            run.wait(timeout=120)
+    finally:
+        holder.close()
+
+
+def progress_with(progress, table, status):
+    """The progress file's content once it shows ``table`` with ``status``, else None."""
+    content = progress_of(progress)
+    return content if content and content["tables"].get(table, {}).get("status") == status else None
 
 
 def waiting_for_locks(pg_database, besides=None):
@@ -55,23 +79,10 @@ def test_a_table_waiting_for_a_worker_shows_as_queued_without_a_rate(tmp_path, p
     """With one job, the smaller table waits behind the larger one. The larger one is held by a lock the test
     takes on its target table, so its worker has taken it and waits: the smaller one is then queued, with no
     rate and no ETA, where it used to show as loading, its rate counted from when it was handed to the pool."""
-    execute(pg_database, "CREATE TABLE big (id bigint, label text)")
-    progress = tmp_path / "progress.json"
-    holder = psycopg2.connect(**pg_database)
-    try:
-        # SHARE lets the run read the table (its emptiness is checked) but not lock it to load it.
-        holder.cursor().execute("LOCK TABLE big IN SHARE MODE")
-        run = start_run(tmp_path, pg_database, progress)
-        try:
-            held = wait_until(lambda: (p := progress_of(progress)) and p["tables"].get("big", {}).get("status")
-                              == "loading" and p, timeout=60)
-            assert held, f"the run never showed table big loading; progress: {progress_of(progress)}"
-            assert waiting_for_locks(pg_database) == 1, "the worker loading big is not waiting for the test's lock"
-        finally:
-            holder.rollback()
-            run.wait(timeout=120)
-    finally:
-        holder.close()
+    with run_held_at(tmp_path, pg_database, "big") as (run, progress, _):
+        held = wait_until(lambda: progress_with(progress, "big", "loading"), timeout=60)
+        assert held, f"the run never showed table big loading; progress: {progress_of(progress)}"
+        assert waiting_for_locks(pg_database) == 1, "the worker loading big is not waiting for the test's lock"
 
     assert held["tables"]["small"] == {"rows_done": 0, "rows_total": 10, "rows_per_second": 0.0,
                                        "eta_seconds": None, "status": "queued"}
@@ -85,15 +96,11 @@ def test_the_records_for_the_next_sync_show_as_their_own_phase(tmp_path, pg_data
     10M files), which the progress file names, instead of the load's phase at 100 %. The test holds table
     small's load (as above) until it has locked big's state row, which recording big must update: the run then
     waits in that phase."""
-    execute(pg_database, "CREATE TABLE small (id bigint, label text)")
-    progress = tmp_path / "progress.json"
-    holder, row_holder = psycopg2.connect(**pg_database), psycopg2.connect(**pg_database)
-    try:
-        holder.cursor().execute("LOCK TABLE small IN SHARE MODE")
-        run = start_run(tmp_path, pg_database, progress)
+    with run_held_at(tmp_path, pg_database, "small") as (run, progress, holder):
+        row_holder = psycopg2.connect(**pg_database)
         try:
-            assert wait_until(lambda: (p := progress_of(progress)) and p["tables"].get("big", {}).get("status")
-                              == "completed" and waiting_for_locks(pg_database), timeout=60), progress_of(progress)
+            assert wait_until(lambda: progress_with(progress, "big", "completed") and waiting_for_locks(pg_database),
+                              timeout=60), progress_of(progress)
             row_holder.cursor().execute(f"SELECT 1 FROM {STATE_TABLE} WHERE table_name = 'big' FOR UPDATE")  # noqa: S608
             holder.rollback()
             # Recording big reads its pages first, then waits for the test's lock to update its state row.
@@ -101,12 +108,7 @@ def test_the_records_for_the_next_sync_show_as_their_own_phase(tmp_path, pg_data
                                    and (p := progress_of(progress))["phase"] == "records" and p, timeout=60)
             assert recording, f"the run never waited in the records phase; progress: {progress_of(progress)}"
         finally:
-            holder.rollback()
-            row_holder.rollback()
-            run.wait(timeout=120)
-    finally:
-        holder.close()
-        row_holder.close()
+            row_holder.close()  # its lock goes with it, before the run is waited for
 
     assert recording["rows_done"] == recording["rows_total"] == 2010
     assert run.returncode == 0
