@@ -134,6 +134,16 @@ options:
         the snapshot C(since); only tables whose C(since) is the baseline's
         C(source_id) are narrowed. Without O(baseline) it is not used.
     type: dict
+  progress_file:
+    description:
+      - While the task runs, this file is replaced about once a second with JSON progress, with C(updated_at);
+        C(phase), the step (C(reading the catalog), C(hashing the tables), C(locating differences),
+        C(checking foreign keys), C(checking sequences), C(running the queries), C(waiting for the standbys),
+        C(done)); C(tables) with C(rows_done), C(rows_total) and C(status) (C(pending), C(hashing),
+        C(completed)) per table; and overall C(rows_done), C(rows_total), C(rows_per_second) and
+        C(eta_seconds) of the hashing. Not written in check mode.
+      - A table's C(rows_done) are its rows hashed on the side that is behind (SQLite or PostgreSQL).
+    type: path
 attributes:
   check_mode:
     support: full
@@ -173,6 +183,15 @@ EXAMPLES = r"""
 - name: Show the placement of live files
   ansible.builtin.debug:
     var: validation.queries.files_per_node
+
+- name: Validate in the background; poll the job and read the progress file while it runs
+  sqlite_to_postgres_validate:
+    src: /var/backups/fileshare/fileshare.db
+    login_db: fileshare
+    progress_file: /var/tmp/validation-progress.json
+  async: 21600
+  poll: 0
+  register: validation_job
 """
 
 RETURN = r"""
@@ -330,6 +349,7 @@ def main():
         source_id=dict(type="str"),
         baseline=dict(type="dict"),
         changed_keys=dict(type="dict"),
+        progress_file=dict(type="path"),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     params = module.params
@@ -350,6 +370,7 @@ def main():
             max_differences=params["max_differences"], lsn=params["lsn"], reject_file=params["reject_file"],
             drift=params["drift"], baseline=params["baseline"], changed_keys=params["changed_keys"],
             source_id=params["source_id"],
+            progress_file=None if module.check_mode else params["progress_file"],
         )
     except MigrationError as error:
         module.fail_json(msg=_scrub(str(error), params), changed=False, status="failed")

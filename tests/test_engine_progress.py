@@ -1,4 +1,5 @@
-"""The progress file the runbook prints while a load runs: what the run does now, and honest rates and ETAs."""
+"""The progress files the runbook prints while a load or a validation runs: what the run does now, and honest
+rates and ETAs."""
 
 import contextlib
 import json
@@ -9,7 +10,7 @@ import textwrap
 
 import psycopg2
 from conftest import ROOT, build_sqlite, execute, wait_until
-from sqlite_pg import STATE_TABLE
+from sqlite_pg import STATE_TABLE, migrate
 
 SOURCE = """
 CREATE TABLE big (id INTEGER PRIMARY KEY, label TEXT);
@@ -24,39 +25,56 @@ def progress_of(path):
         return None
 
 
-@contextlib.contextmanager
-def run_held_at(tmp_path, pg_database, table):
-    """migrate() with one job in a process of its own, writing progress.json, while the test holds a SHARE lock
-    on ``table``, created in the target beforehand: the run can read it (its emptiness is checked) but not lock it
-    to load it. Yields (the process, the progress file, the lock's session, to roll back); on leaving, the lock is
-    let go and the run waited for."""
-    src = build_sqlite(tmp_path / "source.db", SOURCE, {
-        "big": [(i, f"big {i}") for i in range(1, 2001)],
-        "small": [(i, f"small {i}") for i in range(1, 11)],
-    })
-    progress = tmp_path / "progress.json"
-    conninfo = {k: v for k, v in pg_database.items() if k != "password"}
-    script = textwrap.dedent(f"""
+def engine_script(call):
+    """A Python program that runs ``call`` (migrate(...) or validate(...)) and exits 0 when it completed."""
+    return textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT / "module_utils")!r})
         from sqlite_pg import migrate
-        result = migrate({src!r}, {conninfo!r}, jobs=1, post_data=False, progress_file={str(progress)!r})
+        from sqlite_pg.validate import validate
+        result = {call}
         sys.exit(0 if result["status"] == "completed" else 1)
     """)
-    execute(pg_database, f"CREATE TABLE {table} (id bigint, label text)")
+
+
+@contextlib.contextmanager
+def running_while_held(pg_database, lock, script):
+    """``script`` in a process of its own while the test holds ``lock`` (a LOCK TABLE statement). Yields (the
+    process, the lock's session, to roll back); on leaving, the lock is let go and the process waited for."""
     holder = psycopg2.connect(**pg_database)
     try:
-        holder.cursor().execute(f"LOCK TABLE {table} IN SHARE MODE")
+        holder.cursor().execute(lock)
         # The password reaches the child through the environment (libpq reads PGPASSWORD), never its argv.
         run = subprocess.Popen([sys.executable, "-c", script],
                                env=dict(os.environ, PGPASSWORD=pg_database["password"]))
         try:
-            yield run, progress, holder
+            yield run, holder
         finally:
             holder.rollback()
             run.wait(timeout=120)
     finally:
         holder.close()
+
+
+def without_password(pg_database):
+    return {k: v for k, v in pg_database.items() if k != "password"}
+
+
+@contextlib.contextmanager
+def run_held_at(tmp_path, pg_database, table):
+    """migrate() with one job, writing progress.json, while the test holds a SHARE lock on ``table``, created in
+    the target beforehand: the run can read it (its emptiness is checked) but not lock it to load it. Yields (the
+    process, the progress file, the lock's session)."""
+    src = build_sqlite(tmp_path / "source.db", SOURCE, {
+        "big": [(i, f"big {i}") for i in range(1, 2001)],
+        "small": [(i, f"small {i}") for i in range(1, 11)],
+    })
+    progress = tmp_path / "progress.json"
+    execute(pg_database, f"CREATE TABLE {table} (id bigint, label text)")
+    call = (f"migrate({src!r}, {without_password(pg_database)!r}, jobs=1, post_data=False, "
+            f"progress_file={str(progress)!r})")
+    with running_while_held(pg_database, f"LOCK TABLE {table} IN SHARE MODE", engine_script(call)) as (run, holder):
+        yield run, progress, holder
 
 
 def progress_with(progress, table, status):
@@ -114,3 +132,34 @@ def test_the_records_for_the_next_sync_show_as_their_own_phase(tmp_path, pg_data
     assert run.returncode == 0
     assert progress_of(progress)["phase"] == "done"
     assert final_tables(progress) == {"big": ("completed", 2000), "small": ("completed", 10)}
+
+
+def test_a_validation_shows_its_step_and_the_rows_hashed_per_table(tmp_path, pg_database):
+    """Validation names its step and, while it hashes, the rows hashed per table on the side that is behind. The
+    test holds the PostgreSQL side of table unkeyed with an ACCESS EXCLUSIVE lock taken after the load: validation
+    plans a table without a key from SQLite alone, so it hashes big on both sides and unkeyed on SQLite's, then
+    waits, and the progress file shows it doing so."""
+    src = build_sqlite(tmp_path / "source.db", "CREATE TABLE big (id INTEGER PRIMARY KEY, label TEXT);"
+                                               "CREATE TABLE unkeyed (label TEXT);", {
+        "big": [(i, f"big {i}") for i in range(1, 2001)],
+        "unkeyed": [(f"unkeyed {i}",) for i in range(1, 11)],
+    })
+    assert migrate(str(src), pg_database)["status"] == "completed"
+    progress = tmp_path / "validation.json"
+    call = f"validate({str(src)!r}, {without_password(pg_database)!r}, jobs=2, progress_file={str(progress)!r})"
+    with running_while_held(pg_database, "LOCK TABLE unkeyed IN ACCESS EXCLUSIVE MODE", engine_script(call)) as (
+            run, _):
+        held = wait_until(lambda: progress_with(progress, "unkeyed", "hashing")
+                          and progress_with(progress, "big", "completed") and waiting_for_locks(pg_database)
+                          and progress_of(progress), timeout=60)
+        assert held, f"validation never waited on unkeyed with big hashed; progress: {progress_of(progress)}"
+
+    assert held["phase"] == "hashing the tables"
+    assert held["tables"] == {"big": {"rows_done": 2000, "rows_total": 2000, "status": "completed"},
+                              "unkeyed": {"rows_done": 0, "rows_total": 10, "status": "hashing"}}
+    assert (held["rows_done"], held["rows_total"]) == (2000, 2010)
+    assert held["rows_per_second"] > 0 and held["eta_seconds"] is not None
+    assert run.returncode == 0
+    done = progress_of(progress)
+    assert done["phase"] == "done" and done["eta_seconds"] is None
+    assert final_tables(progress) == {"big": ("completed", 2000), "unkeyed": ("completed", 10)}

@@ -25,7 +25,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
 import psycopg2
@@ -35,6 +35,7 @@ from .checksum import Checksum, Column, PostgresTable, SqliteTable, TableSpec, c
 from .errors import MigrationError, shorten
 from .loader import become_worker
 from .names import intervals_from_text, pg_name, sqlite_ident
+from .progress import HashProgress
 from .rules import check_timezone
 from .source import Source, read_schema
 from .target import connect, first_line
@@ -217,11 +218,12 @@ class _Plan:
         self.target_buckets = {}
         self.finished = 0.0  # seconds from the start of validation until both sides were hashed
         self.narrowed = None  # {target_rows, intervals} when only changed keys are compared
+        self.rows_to_hash = sqlite_rows  # on the SQLite side, for the progress file; estimated when narrowed
         self.bounds = (None, None)  # lowest and highest key of both sides
 
     def compare_all(self):
         """Back to comparing every row (the changed keys alone cannot tell where the difference is)."""
-        self.units, self.narrowed = self.all_units, None
+        self.units, self.narrowed, self.rows_to_hash = self.all_units, None, self.sqlite_rows
         self.source_buckets, self.target_buckets = {}, {}
 
 
@@ -268,7 +270,7 @@ def _narrow(plan: _Plan, keys: list, target: PostgresTable, snapshot: str):
         return
     if plan.spec.key is None:
         if not keys and not written:
-            plan.units, plan.narrowed = (), {"target_rows": target_rows, "intervals": 0}
+            plan.units, plan.narrowed, plan.rows_to_hash = (), {"target_rows": target_rows, "intervals": 0}, 0
         return
     low, high = plan.bounds
     intervals = _merged([[max(a, low), min(b, high)] for a, b in keys + [[k, k] for k in written]
@@ -282,6 +284,7 @@ def _narrow(plan: _Plan, keys: list, target: PostgresTable, snapshot: str):
             units.append(unit)
             unit, rows = [], 0.0
     plan.units = tuple(units + ([unit] if unit else []))
+    plan.rows_to_hash = round(sum((high - low + 1) * density for low, high in intervals))
     plan.narrowed = {"target_rows": target_rows, "intervals": len(intervals)}
 
 
@@ -302,38 +305,45 @@ def _merged(intervals: list) -> list:
     return merged
 
 
-def _run_units(plans, src, source_timezone, connection, schema, workers: _PostgresWorkers, jobs: int, started: float):
-    """Fill every plan's bucket checksums, both sides; in parallel unless jobs is 1."""
+def _run_units(plans, src, source_timezone, connection, schema, workers: _PostgresWorkers, jobs: int, started: float,
+               progress: HashProgress):
+    """Fill every plan's bucket checksums, both sides; in parallel unless jobs is 1. Each unit's rows go to
+    ``progress`` as the unit ends."""
     work = sorted(((plan, key_range) for plan in plans for key_range in plan.units),
                   key=lambda item: -item[0].sqlite_rows)
     remaining = {id(plan): 2 * len(plan.units) for plan in plans}
+    progress.hashing({plan.spec.source_name: (plan.rows_to_hash, len(plan.units)) for plan in plans})
 
     def finished(plan, buckets, side):
-        side.update(buckets)
+        (plan.source_buckets if side == "sqlite" else plan.target_buckets).update(buckets)
         remaining[id(plan)] -= 1
         if not remaining[id(plan)]:
             plan.finished = time.monotonic() - started
+        progress.hashed(plan.spec.source_name, side, sum(bucket.rows for bucket in buckets.values()),
+                        last=not remaining[id(plan)])
 
     if jobs == 1:
         for plan, key_range in work:
-            finished(plan, _sqlite_unit(src, plan.spec, source_timezone, plan.origin, plan.width, key_range),
-                     plan.source_buckets)
+            finished(plan, _sqlite_unit(src, plan.spec, source_timezone, plan.origin, plan.width, key_range), "sqlite")
             finished(plan, _postgres_unit(connection, schema, plan.spec, plan.origin, plan.width, key_range),
-                     plan.target_buckets)
+                     "postgresql")
         return
     # The SQLite workers are forked at the first submit, before any thread
     # exists: forking a process that runs threads is unsafe.
     fork = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(jobs, mp_context=fork, initializer=become_worker) as processes:
-        source_futures = [(plan, processes.submit(_sqlite_unit, src, plan.spec, source_timezone,
-                                                  plan.origin, plan.width, key_range)) for plan, key_range in work]
+        pending = {processes.submit(_sqlite_unit, src, plan.spec, source_timezone, plan.origin, plan.width,
+                                    key_range): (plan, "sqlite") for plan, key_range in work}
         with ThreadPoolExecutor(jobs) as threads:
-            target_futures = [(plan, threads.submit(workers.unit, plan.spec, plan.origin, plan.width, key_range))
-                              for plan, key_range in work]
-            for plan, future in target_futures:
-                finished(plan, future.result(), plan.target_buckets)
-        for plan, future in source_futures:
-            finished(plan, future.result(), plan.source_buckets)
+            pending.update({threads.submit(workers.unit, plan.spec, plan.origin, plan.width, key_range):
+                            (plan, "postgresql") for plan, key_range in work})
+            # As they end, whichever side: the progress file follows both.
+            while pending:
+                done, _ = wait(pending, timeout=progress.interval, return_when=FIRST_COMPLETED)
+                for future in done:
+                    plan, side = pending.pop(future)
+                    finished(plan, future.result(), side)
+                progress.write()
 
 
 # --- Differences -------------------------------------------------------------------------------
@@ -700,7 +710,7 @@ def validate(src: str, conninfo: dict, schema: str = "public", tables=None, sour
              jobs: int = 2, queries=None, expected_standbys: int = 0, standby_timeout: float = 300,
              max_differences: int = 10, lsn: str | None = None, reject_file: str | None = None,
              poll_interval: float = 1.0, drift: bool = False, baseline=None, changed_keys=None,
-             source_id: str | None = None) -> dict:
+             source_id: str | None = None, progress_file: str | None = None) -> dict:
     """Compare the SQLite file src with PostgreSQL; see the module docstring.
 
     conninfo: libpq keywords for psycopg2.connect (host, port, user, dbname,
@@ -718,6 +728,7 @@ def validate(src: str, conninfo: dict, schema: str = "public", tables=None, sour
     ``since`` is not the baseline's ``source_id`` (the source_id given to
     the earlier validation), when its keys are unknown, or when its counts
     differ. source_id: the sha256 of src, recorded in the ``baseline``.
+    progress_file: rewritten about once a second with the step and the rows hashed per table (HashProgress).
 
     Returns status (completed, drift or failed), msg, tables, drift (per
     table, see drift_of()), foreign_keys, sequences, queries, replication,
@@ -734,7 +745,8 @@ def validate(src: str, conninfo: dict, schema: str = "public", tables=None, sour
     rejected = read_rejects(reject_file) if reject_file else {}
     source = Source(src).connect()
     connection = None
-    step = "reading the catalog"
+    progress = HashProgress(progress_file)
+    progress.enter("reading the catalog")
     try:
         source_tables = _choose_tables(read_schema(source)[0], src, tables)
         connection = connect(conninfo)
@@ -752,7 +764,7 @@ def validate(src: str, conninfo: dict, schema: str = "public", tables=None, sour
             else:
                 compared.append((source_table, dataclasses.replace(
                     spec, rejected=tuple(rejected.get(source_table.name, ())))))
-        step = "hashing the tables"
+        progress.enter("hashing the tables")
         plans = [_plan_table(spec, source, connection, schema) for _, spec in compared]
         changed = changed_since(baseline, changed_keys)
         for plan in plans:
@@ -761,44 +773,45 @@ def validate(src: str, conninfo: dict, schema: str = "public", tables=None, sour
                         baseline["snapshot"])
         workers = _PostgresWorkers(conninfo, snapshot, schema)
         try:
-            _run_units(plans, src, source_timezone, connection, schema, workers, jobs, started)
+            _run_units(plans, src, source_timezone, connection, schema, workers, jobs, started, progress)
             # Equal changed keys but unequal counts: a row went outside them. Compare every row to say which.
             recount = [plan for plan in plans if plan.narrowed and _counts_differ(plan)]
             for plan in recount:
                 plan.compare_all()
             if recount:
-                    _run_units(recount, src, source_timezone, connection, schema, workers, jobs, started)
+                _run_units(recount, src, source_timezone, connection, schema, workers, jobs, started, progress)
         except BrokenProcessPool:
             raise MigrationError("validation: a SQLite worker process died (out of memory?); try fewer jobs") from None
         finally:
             workers.close()
-        step = "locating differences"
+        progress.enter("locating differences")
         for plan in plans:
             result, problem = _compare_table(plan, source, connection, schema, max_differences)
             table_results[plan.spec.source_name] = result
             if problem:
                 (drifted if drift else problems).append(problem)
-        step = "checking foreign keys"
+        progress.enter("checking foreign keys")
         foreign_keys = check_foreign_keys(connection, schema, compared, max_differences)
-        step = "checking sequences"
+        progress.enter("checking sequences")
         sequences = check_sequences(connection, schema, [spec.name for _, spec in compared])
-        step = "running the queries"
+        progress.enter("running the queries")
         query_results, query_problems = run_queries(connection, queries, conninfo)
         connection.rollback()
         problems += [item["problem"] for item in foreign_keys + sequences if item["problem"]] + query_problems
-        step = "waiting for the standbys"
+        progress.enter("waiting for the standbys")
         replication = wait_for_standbys(connection, expected_standbys, standby_timeout, lsn, poll_interval)
         if replication["problem"]:
             problems.append(replication["problem"])
     except psycopg2.Error as error:
         message = postgres_message(error, conninfo)
-        raise MigrationError(f"validation stopped while {step}: PostgreSQL: {message}") from None
+        raise MigrationError(f"validation stopped while {progress.phase}: PostgreSQL: {message}") from None
     except sqlite3.Error as error:
-        raise MigrationError(f"validation stopped while {step}: source {src}: {error}") from None
+        raise MigrationError(f"validation stopped while {progress.phase}: source {src}: {error}") from None
     finally:
         source.close()
         if connection is not None:
             connection.close()
+    progress.enter("done")
     seconds = time.monotonic() - started
     status = "failed" if problems else "drift" if drifted else "completed"
     return {
