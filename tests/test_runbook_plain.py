@@ -19,13 +19,14 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import psycopg2
 import psycopg2.sql
 import pytest
-from conftest import data_dump
+from conftest import data_dump, wait_until
 from conftest import execute as run_statement
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,12 +108,12 @@ class Workspace:
         self.backups = path / "backups"
         self.reports = path / "reports"
 
-    def run(self, *extra, wait=True):
+    def run(self, *extra, wait=True, playbook="migrate.yml"):
         env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), PWD=str(self.path), ANSIBLE_NOCOLOR="1")
         for name in GUIDE_VARIABLES:
             env.pop(name, None)
         args = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(self.inventory),
-                str(ROOT / "migrate.yml"), "-e", f"fileshare_db_name={self.db}", "-e", f"backup_dir={self.backups}",
+                str(ROOT / playbook), "-e", f"fileshare_db_name={self.db}", "-e", f"backup_dir={self.backups}",
                 "-e", f"report_dir={self.reports}", "-e", "sqlite_path=fileshare.db", *extra]
         if not wait:
             return subprocess.Popen(args, cwd=self.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -320,7 +321,9 @@ def test_broken_source_rolls_back_and_fails(workspace):
     result = workspace.run()
     assert result.returncode != 0
     assert "rollback: target restored from" in words(result.stdout)
-    assert re.search(r"Migration failed in stage \w+, task '[^']+': .*tasks", words(result.stdout))
+    # The task the operator is told failed: the background job's poll, named for what it follows.
+    assert re.search(r"Migration failed in stage migrate, task 'Poll \| Check the load': .*tasks",
+                     words(result.stdout)), words(result.stdout)[-3000:]
     assert workspace.snapshot() == before
     assert sha256(workspace.source) == digest
     [run_dir] = workspace.reports.iterdir()
@@ -435,3 +438,59 @@ def test_a_table_dropped_from_the_source_stops_the_run_until_the_operator_choose
     assert ("migrate: the sync says: table replication_logs was dropped from the source: kept in the target as it "
             "is (public.replication_logs, 27 rows), no longer synced (keep_dropped_tables)") in words(kept.stdout)
     assert workspace.query("SELECT count(*) FROM replication_logs") == [(27,)]
+
+
+def test_a_validation_in_the_background_prints_its_step_until_it_ends(workspace):
+    """Validation runs in the background and prints what it does on each poll, where it used to be silent until
+    it ended (five minutes at 10M files). `--tags validate` runs with one more of the guide's queries, on a table
+    the test holds with an ACCESS EXCLUSIVE lock (the stage before reads every migrated table): validation waits
+    on it while running the queries, and its progress line says so."""
+    first = workspace.run()
+    assert first.returncode == 0, first.stdout[-4000:]
+    workspace.query("CREATE TABLE held_by_test (id int)")
+    queries = {"row_counts": "SELECT 'files' AS table_name, count(*) AS row_count FROM public.files",
+               "file_distribution": "SELECT primary_node, count(*) AS file_count FROM public.files "
+                                    "GROUP BY primary_node ORDER BY primary_node",
+               "replication_status": "SELECT status, count(*) AS count FROM public.replication_logs GROUP BY status",
+               "held": "SELECT count(*) FROM public.held_by_test"}
+    progress = workspace.path / "validation-progress.json"
+    holder = psycopg2.connect(host="127.0.0.1", port=workspace.server["port"], user="postgres", password=PASSWORD,
+                              dbname=workspace.db)
+    lines = []
+    try:
+        holder.cursor().execute("LOCK TABLE held_by_test IN ACCESS EXCLUSIVE MODE")
+        extra = {"migration_progress_interval": 1, "validation_queries": queries,
+                 "validation_progress_file": str(progress)}
+        run = workspace.run("--tags", "validate", "-e", json.dumps(extra), wait=False)
+        reader = threading.Thread(target=lambda: lines.extend(run.stdout), daemon=True)
+        reader.start()
+        waiting = wait_until(lambda: any("validate: running the queries" in line for line in lines), timeout=120)
+        assert waiting, "".join(lines)[-4000:]
+        assert workspace.query("SELECT count(*) FROM pg_locks WHERE NOT granted "
+                               "AND relation = 'held_by_test'::regclass") == [(1,)]
+        assert json.loads(progress.read_text())["phase"] == "running the queries"
+    finally:
+        holder.close()
+    run.wait(timeout=600)
+    reader.join(timeout=60)
+    output = "".join(lines)
+    assert run.returncode == 0, output[-4000:]
+    assert "Validation status: completed" in printed_summary(output)
+    assert not progress.exists()
+
+
+def test_drift_in_check_mode_compares_in_the_background_and_writes_nothing(workspace):
+    """drift.yml --check still compares (the comparison only reads), now through the background job and its
+    polls, which must run in check mode too: it names the table that differs, exits non-zero, writes nothing."""
+    first = workspace.run()
+    assert first.returncode == 0, first.stdout[-4000:]
+    with sqlite3.connect(workspace.source) as connection:
+        connection.execute("UPDATE files SET size_bytes = size_bytes + 1 WHERE id = 7")
+    connection.close()
+    before = workspace.dump()
+    drift = workspace.run("--check", "-e", "migration_progress_interval=1", playbook="drift.yml")
+    assert drift.returncode != 0
+    printed = words(drift.stdout)
+    assert "drift: drift found in 1 of 4 tables: table files:" in printed, printed[-3000:]
+    assert "id 7 values differ (size_bytes: SQLite" in printed, printed[-3000:]
+    assert workspace.dump() == before
