@@ -107,9 +107,12 @@ class Workspace:
         self.inventory = inventory
         self.backups = path / "backups"
         self.reports = path / "reports"
+        self.async_dir = path / "async"
 
     def run(self, *extra, wait=True, playbook="migrate.yml"):
-        env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), PWD=str(self.path), ANSIBLE_NOCOLOR="1")
+        # The background jobs' result files go to the workspace, where a test can see what a run leaves.
+        env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), PWD=str(self.path), ANSIBLE_NOCOLOR="1",
+                   ANSIBLE_ASYNC_DIR=str(self.async_dir))
         for name in GUIDE_VARIABLES:
             env.pop(name, None)
         args = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(self.inventory),
@@ -240,6 +243,8 @@ def test_migrates_a_plain_postgresql_then_changes_nothing(workspace):
     for text in (first.stdout, first.stderr, (run_dir / "report.json").read_text(),
                  (run_dir / "report.md").read_text(), (backup / "manifest.json").read_text()):
         assert PASSWORD not in text
+    # The load and the validation ran in the background; their result files went with them.
+    assert workspace.async_dir.is_dir() and not list(workspace.async_dir.iterdir())
 
     second = workspace.run()
     assert second.returncode == 0, second.stdout[-4000:]
